@@ -44,7 +44,7 @@ def _git_sha() -> str:
                                capture_output=True, text=True, check=True).stdout.strip()
         return out + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return ENV.GIT_SHA.get() or "unknown"
 
 
 def _find_nvcc() -> str | None:
@@ -131,7 +131,7 @@ setup(
         # The serving stack. On an air-gapped GPU host use the offline bundle instead
         # (scripts/make_gpu_bundle.py, scripts/gpu_setup.sh): it carries these pins.
         "sglang": ["sglang==0.5.17"],
-        "dev": ["pytest>=8", "ruff>=0.6", "triton>=3.1", "tokenizers>=0.21",
+        "dev": ["pytest>=8", "ruff>=0.6", "triton>=3.1", "pybind11>=2.12", "tokenizers>=0.21",
                 "transformers>=4.50", "jinja2>=3.1"],
     },
     zip_safe=False,

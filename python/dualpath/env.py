@@ -97,10 +97,15 @@ BUILD_JOBS = EnvVar(
     "Parallel compile jobs for the native module; 0 means one per CPU.",
 )
 
+GIT_SHA = EnvVar(
+    "DUALPATH_GIT_SHA", "", str,
+    "Commit to record in build info and results when the tree has no .git (a copied checkout).",
+)
+
 # ---- run time ----
 LOG_LEVEL = EnvVar(
     "DUALPATH_LOG_LEVEL", "info", choice("debug", "info", "warning", "error"),
     "Log level of the dualpath loggers.",
 )
 
-ALL: tuple[EnvVar, ...] = (BUILD_CUDA, CUDA_ARCHS, BUILD_TYPE, BUILD_JOBS, LOG_LEVEL)
+ALL: tuple[EnvVar, ...] = (BUILD_CUDA, CUDA_ARCHS, BUILD_TYPE, BUILD_JOBS, GIT_SHA, LOG_LEVEL)

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Install the serving stack on an air-gapped GPU host from the offline bundle, with no package
+# index: SGLang 0.5.17 and its pins from the bundle, then this checkout's dualpath package
+# (built here, with CUDA when nvcc and torch's CUDA are present), then check the imports.
+#
+#   bash scripts/gpu_setup.sh [--bundle DIR] [--target DIR] [--python PY] [--no-project]
+#                             [--no-check] [--no-hash-ext]
+#   source <target>/env.sh        # PYTHONPATH and offline settings for every later command
+#
+# The host must have Python 3.12 and torch 2.11.0 built for CUDA 13 (the bundle checks and names
+# any mismatch), plus g++, cmake and nvcc to build dualpath. Build the bundle elsewhere with
+# scripts/make_gpu_bundle.py. Exit status: 0 ok, 2 bad bundle or host, 1 anything else.
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+BUNDLE=$REPO/.bundle
+TARGET=$REPO/.site
+PY=python3
+PROJECT=1 CHECK=1 HASH_EXT=1
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --bundle) BUNDLE=$2; shift 2 ;;
+    --target) TARGET=$2; shift 2 ;;
+    --python) PY=$2; shift 2 ;;
+    --no-project) PROJECT=0; shift ;;
+    --no-check) CHECK=0; shift ;;
+    --no-hash-ext) HASH_EXT=0; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "gpu_setup.sh: unknown argument $1" >&2; usage >&2; exit 1 ;;
+  esac
+done
+command -v "$PY" >/dev/null || { echo "error: Python interpreter '$PY' not found" >&2; exit 2; }
+T0=$(date +%s)
+step() { echo "[gpu_setup +$(( $(date +%s) - T0 ))s] $*"; }
+
+step "install bundle $BUNDLE -> $TARGET"
+# Runs under the target interpreter, before anything is on PYTHONPATH: it checks Python, torch
+# and every part's sha256 first, and exits 2 with a message naming what is wrong.
+env -u PYTHONPATH "$PY" "$REPO/python/dualpath/deploy/bundle.py" install --bundle "$BUNDLE" \
+  --target "$TARGET"
+TARGET=$(cd "$TARGET" && pwd)
+
+# ---- the environment every later command needs ----
+ENVSH=$TARGET/env.sh
+{
+  echo "# written by scripts/gpu_setup.sh on $(date -u +%FT%TZ); source it before running SGLang"
+  echo "export PYTHONPATH=\"$TARGET\${PYTHONPATH:+:\$PYTHONPATH}\""
+  echo "export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1"
+  # SGLang's HiCache hash extension is JIT-compiled with <openssl/sha.h> and -lcrypto.
+  if [ ! -f /usr/include/openssl/sha.h ] && [ -d "$TARGET/_extras/openssl-include" ]; then
+    echo "export CPATH=\"$TARGET/_extras/openssl-include\${CPATH:+:\$CPATH}\""
+  fi
+  if ! ls /usr/lib/x86_64-linux-gnu/libcrypto.so /usr/lib64/libcrypto.so >/dev/null 2>&1; then
+    so=$(ls /usr/lib/x86_64-linux-gnu/libcrypto.so.* /usr/lib64/libcrypto.so.* 2>/dev/null | head -1 || true)
+    if [ -n "$so" ]; then
+      mkdir -p "$TARGET/_extras/lib" && ln -sf "$so" "$TARGET/_extras/lib/libcrypto.so"
+      echo "export LIBRARY_PATH=\"$TARGET/_extras/lib\${LIBRARY_PATH:+:\$LIBRARY_PATH}\""
+    fi
+  fi
+} > "$ENVSH"
+# shellcheck disable=SC1090
+source "$ENVSH"
+
+if [ $PROJECT = 1 ]; then
+  step "build and install dualpath from $REPO"
+  for tool in cmake g++; do
+    command -v $tool >/dev/null || { echo "error: $tool is needed to build dualpath" >&2; exit 2; }
+  done
+  if ! "$PY" -m pip install --no-deps --no-build-isolation --no-index --no-cache-dir \
+       --disable-pip-version-check --upgrade --target "$TARGET" "$REPO" > "$TARGET/_build.log" 2>&1
+  then
+    tail -40 "$TARGET/_build.log" >&2
+    echo "error: building dualpath failed (full log: $TARGET/_build.log)" >&2
+    exit 1
+  fi
+  grep -m1 "dualpath: CUDA sources" "$TARGET/_build.log" || true
+fi
+
+if [ $CHECK = 1 ]; then
+  step "import check"
+  mods=torch,triton,transformers,sgl_kernel,flashinfer.sampling,tvm_ffi,xgrammar
+  mods=$mods,sglang.launch_server,sglang.srt.managers.scheduler,sglang.srt.mem_cache.hiradix_cache
+  "$PY" -c "import nixl" 2>/dev/null && mods=$mods,sglang.srt.disaggregation.nixl.conn
+  [ $PROJECT = 1 ] && mods=$mods,dualpath,dualpath._C
+  "$PY" "$REPO/python/dualpath/deploy/bundle.py" check-imports --modules "$mods"
+  [ $PROJECT = 1 ] && "$PY" -m dualpath | head -9
+  if [ $HASH_EXT = 1 ]; then
+    step "build SGLang's HiCache hash extension (JIT; cached in TORCH_EXTENSIONS_DIR)"
+    "$PY" -c "from sglang.srt.mem_cache.cpp_utils.native_hash import _load_native_hash_module as f; f()"
+  fi
+fi
+step "done: run 'source $ENVSH' before starting servers"
