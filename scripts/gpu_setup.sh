@@ -16,7 +16,7 @@ BUNDLE=$REPO/.bundle
 TARGET=$REPO/.site
 PY=python3
 PROJECT=1 CHECK=1 HASH_EXT=1
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^set -e/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --bundle) BUNDLE=$2; shift 2 ;;

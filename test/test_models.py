@@ -30,6 +30,9 @@ def test_config_loads_and_kv_geometry(model_dir):
     assert cfg.head_dim == 128  # the KV page geometry our kernels and store are sized for
     raw = json.loads((model_dir / "config.json").read_text())
     assert raw["torch_dtype"] == "bfloat16"
+    # Without it transformers 5.x takes a local tokenizer for an old Mistral one and warns
+    # about an "incorrect regex pattern".
+    assert int(raw["transformers_version"].split(".")[0]) >= 5
 
 
 def test_tokenizer_covers_vocab_and_specials(model_dir, tok):
