@@ -83,7 +83,7 @@ if [ $CHECK = 1 ]; then
   "$PY" -c "import nixl" 2>/dev/null && mods=$mods,sglang.srt.disaggregation.nixl.conn
   [ $PROJECT = 1 ] && mods=$mods,dualpath,dualpath._C
   "$PY" "$REPO/python/dualpath/deploy/bundle.py" check-imports --modules "$mods"
-  [ $PROJECT = 1 ] && "$PY" -m dualpath | head -9
+  [ $PROJECT = 1 ] && "$PY" -m dualpath
   if [ $HASH_EXT = 1 ]; then
     step "build SGLang's HiCache hash extension (JIT; cached in TORCH_EXTENSIONS_DIR)"
     "$PY" -c "from sglang.srt.mem_cache.cpp_utils.native_hash import _load_native_hash_module as f; f()"
