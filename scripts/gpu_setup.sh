@@ -46,6 +46,11 @@ ENVSH=$TARGET/env.sh
   echo "# written by scripts/gpu_setup.sh on $(date -u +%FT%TZ); source it before running SGLang"
   echo "export PYTHONPATH=\"$TARGET\${PYTHONPATH:+:\$PYTHONPATH}\""
   echo "export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1"
+  # Bytecode cache in a directory we own. Without it, on hosts that set PYTHONDONTWRITEBYTECODE
+  # and ship no .pyc (our GPU host), every SGLang process (server, scheduler, detokenizer)
+  # recompiles torch, sympy, transformers and sglang from source: ~20 s per process start.
+  echo "export PYTHONPYCACHEPREFIX=\"$TARGET/_pycache\""
+  echo "unset PYTHONDONTWRITEBYTECODE"
   # SGLang's HiCache hash extension is JIT-compiled with <openssl/sha.h> and -lcrypto.
   if [ ! -f /usr/include/openssl/sha.h ] && [ -d "$TARGET/_extras/openssl-include" ]; then
     echo "export CPATH=\"$TARGET/_extras/openssl-include\${CPATH:+:\$CPATH}\""
