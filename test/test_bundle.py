@@ -183,3 +183,10 @@ def test_trim_patterns_must_match(tmp_path):
     (tmp_path / "sglang").mkdir()
     with pytest.raises(fmt.BundleError, match="matched nothing"):
         make_bundle.apply_trims(tmp_path)
+
+
+def test_every_trim_is_documented(repo_root):
+    doc = (repo_root / "docs/gpu-bundle.md").read_text()
+    for t in make_bundle.TRIMS:
+        shown = t.pattern.rstrip("/")
+        assert f"`{shown}" in doc, f"docs/gpu-bundle.md does not explain the trim {t.pattern}"
