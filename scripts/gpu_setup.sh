@@ -3,9 +3,14 @@
 # index: SGLang 0.5.17 and its pins from the bundle, then this checkout's dualpath package
 # (built here, with CUDA when nvcc and torch's CUDA are present), then check the imports.
 #
-#   bash scripts/gpu_setup.sh [--bundle DIR] [--target DIR] [--python PY] [--no-project]
-#                             [--no-check] [--no-hash-ext]
+#   bash scripts/gpu_setup.sh [--bundle DIR] [--target DIR | --venv VENV] [--python PY]
+#                             [--no-project] [--no-check] [--no-hash-ext]
 #   source <target>/env.sh        # PYTHONPATH and offline settings for every later command
+#
+# --target DIR (default .site/): everything goes into DIR, which env.sh puts on PYTHONPATH.
+# --venv VENV: an existing virtualenv that has the host's torch; the bundle goes into
+#   VENV/dualpath-bundle (put on its sys.path by a .pth file, ahead of system site-packages),
+#   dualpath is pip-installed into the venv, and env.sh (VENV/dualpath-bundle/env.sh) activates it.
 #
 # The host must have Python 3.12 and torch 2.11.0 built for CUDA 13 (the bundle checks and names
 # any mismatch), plus g++, cmake and nvcc to build dualpath. Build the bundle elsewhere with
@@ -15,6 +20,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 BUNDLE=$REPO/.bundle
 TARGET=$REPO/.site
 PY=python3
+VENV=""
 PROJECT=1 CHECK=1 HASH_EXT=1
 usage() { sed -n '2,/^set -e/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
@@ -22,6 +28,7 @@ while [ $# -gt 0 ]; do
     --bundle) BUNDLE=$2; shift 2 ;;
     --target) TARGET=$2; shift 2 ;;
     --python) PY=$2; shift 2 ;;
+    --venv) VENV=$2; shift 2 ;;
     --no-project) PROJECT=0; shift ;;
     --no-check) CHECK=0; shift ;;
     --no-hash-ext) HASH_EXT=0; shift ;;
@@ -29,6 +36,13 @@ while [ $# -gt 0 ]; do
     *) echo "gpu_setup.sh: unknown argument $1" >&2; usage >&2; exit 1 ;;
   esac
 done
+if [ -n "$VENV" ]; then
+  [ -x "$VENV/bin/python" ] || {
+    echo "error: --venv $VENV has no bin/python: create it first, with torch installed" >&2; exit 2; }
+  VENV=$(cd "$VENV" && pwd)
+  PY=$VENV/bin/python
+  TARGET=$VENV/dualpath-bundle
+fi
 command -v "$PY" >/dev/null || { echo "error: Python interpreter '$PY' not found" >&2; exit 2; }
 T0=$(date +%s)
 step() { echo "[gpu_setup +$(( $(date +%s) - T0 ))s] $*"; }
@@ -39,12 +53,20 @@ step "install bundle $BUNDLE -> $TARGET"
 env -u PYTHONPATH "$PY" "$REPO/python/dualpath/deploy/bundle.py" install --bundle "$BUNDLE" \
   --target "$TARGET"
 TARGET=$(cd "$TARGET" && pwd)
+if [ -n "$VENV" ]; then
+  SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  echo "$TARGET" > "$SITE/dualpath-bundle.pth"
+fi
 
 # ---- the environment every later command needs ----
 ENVSH=$TARGET/env.sh
 {
   echo "# written by scripts/gpu_setup.sh on $(date -u +%FT%TZ); source it before running SGLang"
-  echo "export PYTHONPATH=\"$TARGET\${PYTHONPATH:+:\$PYTHONPATH}\""
+  if [ -n "$VENV" ]; then
+    echo "source \"$VENV/bin/activate\""
+  else
+    echo "export PYTHONPATH=\"$TARGET\${PYTHONPATH:+:\$PYTHONPATH}\""
+  fi
   echo "export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1"
   # Bytecode cache in a directory we own. Without it, on hosts that set PYTHONDONTWRITEBYTECODE
   # and ship no .pyc (our GPU host), every SGLang process (server, scheduler, detokenizer)
@@ -71,8 +93,11 @@ if [ $PROJECT = 1 ]; then
   for tool in cmake g++; do
     command -v $tool >/dev/null || { echo "error: $tool is needed to build dualpath" >&2; exit 2; }
   done
+  where=(--target "$TARGET")
+  [ -n "$VENV" ] && where=()
   if ! "$PY" -m pip install --no-deps --no-build-isolation --no-index --no-cache-dir \
-       --disable-pip-version-check --upgrade --target "$TARGET" "$REPO" > "$TARGET/_build.log" 2>&1
+       --disable-pip-version-check --upgrade ${where[@]+"${where[@]}"} "$REPO" \
+       > "$TARGET/_build.log" 2>&1
   then
     tail -40 "$TARGET/_build.log" >&2
     echo "error: building dualpath failed (full log: $TARGET/_build.log)" >&2

@@ -190,3 +190,28 @@ def test_every_trim_is_documented(repo_root):
     for t in make_bundle.TRIMS:
         shown = t.pattern.rstrip("/")
         assert f"`{shown}" in doc, f"docs/gpu-bundle.md does not explain the trim {t.pattern}"
+
+
+def test_install_into_an_existing_venv(tmp_path, repo_root):
+    out = make_fake_bundle(tmp_path)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    vpy = venv / "bin/python"
+    site = Path(subprocess.run([str(vpy), "-c", "import sysconfig; print(sysconfig.get_paths()"
+                                "['purelib'])"], capture_output=True, text=True).stdout.strip())
+    (site / "torch").mkdir()
+    (site / "torch/__init__.py").write_text(
+        "__version__ = '2.11.0+cu130'\nclass version:\n    cuda = '13.0'\n")
+    r = gpu_setup(repo_root, "--bundle", str(out), "--venv", str(venv))
+    assert r.returncode == 0, r.stderr + r.stdout
+    code = "import fake_forced, fake_opt, sys; print(fake_forced.__file__)"
+    res = subprocess.run([str(vpy), "-c", code], capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(str(venv / "dualpath-bundle"))
+    assert f'source "{venv}/bin/activate"' in (venv / "dualpath-bundle/env.sh").read_text()
+
+
+def test_venv_without_python_is_refused(tmp_path, repo_root):
+    r = gpu_setup(repo_root, "--bundle", str(tmp_path), "--venv", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "has no bin/python" in r.stderr
