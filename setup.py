@@ -126,13 +126,13 @@ setup(
     packages=find_packages("python"),
     ext_modules=[CMakeExtension("dualpath._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
-    install_requires=[],
+    install_requires=["numpy>=1.24"],
     extras_require={
         # The serving stack. On an air-gapped GPU host use the offline bundle instead
         # (scripts/make_gpu_bundle.py, scripts/gpu_setup.sh): it carries these pins.
         "sglang": ["sglang==0.5.17"],
-        "dev": ["pytest>=8", "ruff>=0.6", "triton>=3.1", "pybind11>=2.12", "tokenizers>=0.21",
-                "transformers>=4.50", "jinja2>=3.1"],
+        "dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "triton>=3.1", "pybind11>=2.12",
+                "tokenizers>=0.21", "transformers>=4.50", "jinja2>=3.1"],
     },
     zip_safe=False,
 )

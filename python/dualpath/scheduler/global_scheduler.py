@@ -1,0 +1,185 @@
+"""The global scheduler: a FIFO of waiting requests, engine state, and the plans it produces.
+
+Lifecycle (one instance, used from one thread: the router's event loop or the simulator):
+  submit(req)         a request arrives; it waits in FIFO order
+  schedule()          assign as many waiting requests as the rules allow -> [Plan]
+  read_done(rid)      the plan's storage reads finished (frees the nodes' read queues)
+  prefill_done(rid)   the PE finished the request (frees its tokens on the PE)
+  finish(rid)         the request left the DE (frees tokens, the request slot and KV on the DE)
+  report_*(...)       engines' own numbers replace the bookkeeping; measured rates move alpha/beta
+
+A round runs Algorithm 1 over the queue (PE), phase 1 and phase 2 over the requests that got a PE
+(DE), then picks the read side. A request that got a PE but no DE stays queued and its PE
+choice is dropped; phase 2 does not keep global FIFO order (nor does the paper's).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from dualpath.config import SchedulerConfig
+from dualpath.scheduler.de import assign_groups, schedule_decode_group
+from dualpath.scheduler.pe import schedule_prefill
+from dualpath.scheduler.rates import RateMeter
+from dualpath.scheduler.read_side import shorter_side, split_read
+from dualpath.scheduler.state import EngineSpec, EngineTable, Request
+
+
+@dataclass(frozen=True)
+class Plan:
+    rid: str
+    prefill: str
+    decode: str
+    pe_read_tokens: int
+    """Stored prefix tokens the PE's node reads."""
+    de_read_tokens: int
+    """Stored prefix tokens the DE's node reads and forwards to the PE."""
+
+    @property
+    def read_side(self) -> str:
+        if self.pe_read_tokens and self.de_read_tokens:
+            return "split"
+        return "de" if self.de_read_tokens else "pe"
+
+
+class GlobalScheduler:
+    def __init__(self, prefill: Sequence[EngineSpec], decode: Sequence[EngineSpec],
+                 cfg: SchedulerConfig | None = None):
+        self.cfg = cfg or SchedulerConfig()
+        if not prefill or not decode:
+            raise ValueError("need at least one prefill and one decode engine")
+        shared = {s.node for s in prefill} & {s.node for s in decode}
+        if shared:
+            raise ValueError(f"nodes {sorted(shared)} hold both prefill and decode engines; "
+                             "a node's engines form one group of one role")
+        self.pe = EngineTable.build(prefill)
+        self.de = EngineTable.build(decode)
+        self._de_members = self.de.group_members()
+        self.pe_read_q = np.zeros(len(self.pe.node_names), dtype=np.int64)
+        self.de_read_q = np.zeros(len(self.de.node_names), dtype=np.int64)
+        w = self.cfg.rate_ewma
+        self.pe_read_rate = [RateMeter(self.cfg.initial_read_tokens_per_s, w)
+                             for _ in self.pe.node_names]
+        self.de_read_rate = [RateMeter(self.cfg.initial_read_tokens_per_s, w)
+                             for _ in self.de.node_names]
+        self.prefill_rate = [RateMeter(self.cfg.initial_prefill_tokens_per_s, w)
+                             for _ in self.pe.names]
+        self.queue: deque[Request] = deque()
+        self.running: dict[str, tuple[Request, Plan]] = {}
+        self._prefilled: set[str] = set()
+        self._pe_index = {n: i for i, n in enumerate(self.pe.names)}
+        self._de_index = {n: i for i, n in enumerate(self.de.names)}
+
+    # ---- thresholds ----
+    @property
+    def alpha(self) -> np.ndarray:
+        """Per PE node: tokens it reads in alpha_window_s at its measured rate."""
+        return np.array([m.rate for m in self.pe_read_rate]) * self.cfg.alpha_window_s
+
+    @property
+    def beta(self) -> np.ndarray:
+        """Per PE: tokens it prefills in beta_window_s at its measured rate."""
+        return np.array([m.rate for m in self.prefill_rate]) * self.cfg.beta_window_s
+
+    # ---- requests ----
+    def submit(self, req: Request) -> None:
+        if req.rid in self.running or any(q.rid == req.rid for q in self.queue):
+            raise ValueError(f"request id {req.rid!r} is already queued or running")
+        self.queue.append(req)
+
+    def schedule(self) -> list[Plan]:
+        waiting = list(self.queue)
+        pe_of = schedule_prefill(waiting, self.pe, self.pe_read_q, self.alpha, self.beta)
+        got_pe = waiting[: len(pe_of)]
+        groups = assign_groups(got_pe, self.de)
+        de_of: dict[int, int] = {}
+        for g, members in enumerate(self._de_members):
+            idx = [i for i, gi in enumerate(groups) if gi == g]
+            picks = schedule_decode_group([got_pe[i] for i in idx], self.de, members,
+                                          self.cfg.de_high_token_factor)
+            de_of.update(zip(idx[: len(picks)], picks, strict=True))
+        plans = []
+        for i, req in enumerate(got_pe):
+            if i in de_of:
+                plans.append(self._commit(req, pe_of[i], de_of[i]))
+        done = {p.rid for p in plans}
+        self.queue = deque(r for r in self.queue if r.rid not in done)
+        return plans
+
+    def _commit(self, req: Request, pe: int, de: int) -> Plan:
+        pn, dn = self.pe.node[pe], self.de.node[de]
+        mode = self.cfg.read_side
+        if mode == "pe":
+            pe_read, de_read = req.hit_len, 0
+        elif mode == "shorter":
+            side = shorter_side(self.pe_read_q[pn], self.de_read_q[dn])
+            pe_read, de_read = (req.hit_len, 0) if side == "pe" else (0, req.hit_len)
+        else:
+            pe_read, de_read = split_read(req.hit_len, self.pe_read_q[pn], self.de_read_q[dn],
+                                          self.pe_read_rate[pn].rate, self.de_read_rate[dn].rate,
+                                          self.cfg.block_tokens)
+        self.pe.tok[pe] += req.prompt_len
+        self.pe.seq[pe] += 1
+        self.de.tok[de] += req.prompt_len
+        self.de.seq[de] += 1
+        self.de.free_kv[de] -= req.kv_tokens
+        self.pe_read_q[pn] += pe_read
+        self.de_read_q[dn] += de_read
+        plan = Plan(req.rid, self.pe.names[pe], self.de.names[de], pe_read, de_read)
+        self.running[req.rid] = (req, plan)
+        return plan
+
+    def _running(self, rid: str) -> tuple[Request, Plan]:
+        try:
+            return self.running[rid]
+        except KeyError:
+            raise KeyError(f"request {rid!r} is not running") from None
+
+    def read_done(self, rid: str) -> None:
+        req, plan = self._running(rid)
+        self.pe_read_q[self.pe.node[self._pe_index[plan.prefill]]] -= plan.pe_read_tokens
+        self.de_read_q[self.de.node[self._de_index[plan.decode]]] -= plan.de_read_tokens
+        self.running[rid] = (req, Plan(rid, plan.prefill, plan.decode, 0, 0))
+
+    def prefill_done(self, rid: str) -> None:
+        req, plan = self._running(rid)
+        if rid in self._prefilled:
+            return
+        self._prefilled.add(rid)
+        pe = self._pe_index[plan.prefill]
+        self.pe.tok[pe] -= req.prompt_len
+        self.pe.seq[pe] -= 1
+
+    def finish(self, rid: str) -> None:
+        """The request left the system (any stage): release whatever it still holds."""
+        req, plan = self._running(rid)
+        if plan.pe_read_tokens or plan.de_read_tokens:
+            self.read_done(rid)
+        self.prefill_done(rid)
+        self._prefilled.discard(rid)
+        de = self._de_index[plan.decode]
+        self.de.tok[de] -= req.prompt_len
+        self.de.seq[de] -= 1
+        self.de.free_kv[de] += req.kv_tokens
+        del self.running[rid]
+
+    # ---- engine reports (authoritative over the bookkeeping above) ----
+    def report_decode(self, name: str, *, free_kv: int) -> None:
+        self.de.free_kv[self._de_index[name]] = free_kv
+
+    def report_prefill_rate(self, name: str, tokens_total: float, busy_s_total: float) -> None:
+        self.prefill_rate[self._pe_index[name]].observe(tokens_total, busy_s_total)
+
+    def report_read(self, role: str, node: str, *, queue_tokens: int | None = None,
+                    tokens_total: float | None = None, busy_s_total: float | None = None) -> None:
+        table, q, meters = ((self.pe, self.pe_read_q, self.pe_read_rate) if role == "prefill"
+                            else (self.de, self.de_read_q, self.de_read_rate))
+        n = table.node_names.index(node)
+        if queue_tokens is not None:
+            q[n] = queue_tokens
+        if tokens_total is not None and busy_s_total is not None:
+            meters[n].observe(tokens_total, busy_s_total)
