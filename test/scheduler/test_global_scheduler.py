@@ -5,6 +5,7 @@ import pytest
 
 from dualpath.config import SchedulerConfig
 from dualpath.scheduler import EngineSpec, GlobalScheduler, PairScheduler, Request
+from dualpath.scheduler.de import group_tokens
 
 PE = [EngineSpec("p0", "pnode0", "pg0"), EngineSpec("p1", "pnode1", "pg1")]
 DE = [EngineSpec("d0", "dnode0", "dg0", kv_capacity=100_000),
@@ -24,6 +25,7 @@ def test_plans_spread_and_bookkeeping_returns_to_zero():
     assert sorted(p.prefill for p in plans) == ["p0", "p0", "p1", "p1"]
     assert sorted(p.decode for p in plans) == ["d0", "d0", "d1", "d1"]
     assert list(s.de.free_kv) == [97_800, 97_800]
+    assert list(s._de_group_tok) == list(group_tokens(s.de)) == [2000, 2000]
     for p in plans:
         s.read_done(p.rid)
         s.prefill_done(p.rid)
@@ -32,6 +34,7 @@ def test_plans_spread_and_bookkeeping_returns_to_zero():
     assert s.pe.tok.sum() == s.pe.seq.sum() == s.de.tok.sum() == s.de.seq.sum() == 0
     assert list(s.de.free_kv) == [100_000, 100_000]
     assert s.pe_read_q.sum() == s.de_read_q.sum() == 0
+    assert list(s._de_group_tok) == [0, 0]
 
 
 def test_read_goes_to_the_shorter_queue():

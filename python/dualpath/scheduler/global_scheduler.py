@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dualpath.config import SchedulerConfig
-from dualpath.scheduler.de import assign_groups, schedule_decode_group
+from dualpath.scheduler.de import assign_groups, group_tokens, schedule_decode_group
 from dualpath.scheduler.pe import schedule_prefill
 from dualpath.scheduler.rates import RateMeter
 from dualpath.scheduler.read_side import shorter_side, split_read
@@ -59,6 +59,7 @@ class GlobalScheduler:
         self.pe = EngineTable.build(prefill)
         self.de = EngineTable.build(decode)
         self._de_members = self.de.group_members()
+        self._de_group_tok = group_tokens(self.de)  # kept in step with de.tok
         self.pe_read_q = np.zeros(len(self.pe.node_names), dtype=np.int64)
         self.de_read_q = np.zeros(len(self.de.node_names), dtype=np.int64)
         w = self.cfg.rate_ewma
@@ -69,45 +70,58 @@ class GlobalScheduler:
         self.prefill_rate = [RateMeter(self.cfg.initial_prefill_tokens_per_s, w)
                              for _ in self.pe.names]
         self.queue: deque[Request] = deque()
+        self._queued: set[str] = set()
         self.running: dict[str, tuple[Request, Plan]] = {}
         self._prefilled: set[str] = set()
+        self._thresholds: tuple[np.ndarray, np.ndarray] | None = None  # (alpha, beta) cache
         self._pe_index = {n: i for i, n in enumerate(self.pe.names)}
         self._de_index = {n: i for i, n in enumerate(self.de.names)}
 
     # ---- thresholds ----
+    def _alpha_beta(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._thresholds is None:  # rebuilt only after a rate report
+            self._thresholds = (
+                np.array([m.rate for m in self.pe_read_rate]) * self.cfg.alpha_window_s,
+                np.array([m.rate for m in self.prefill_rate]) * self.cfg.beta_window_s)
+        return self._thresholds
+
     @property
     def alpha(self) -> np.ndarray:
         """Per PE node: tokens it reads in alpha_window_s at its measured rate."""
-        return np.array([m.rate for m in self.pe_read_rate]) * self.cfg.alpha_window_s
+        return self._alpha_beta()[0]
 
     @property
     def beta(self) -> np.ndarray:
         """Per PE: tokens it prefills in beta_window_s at its measured rate."""
-        return np.array([m.rate for m in self.prefill_rate]) * self.cfg.beta_window_s
+        return self._alpha_beta()[1]
 
     # ---- requests ----
     def submit(self, req: Request) -> None:
-        if req.rid in self.running or any(q.rid == req.rid for q in self.queue):
+        if req.rid in self.running or req.rid in self._queued:
             raise ValueError(f"request id {req.rid!r} is already queued or running")
         self.queue.append(req)
+        self._queued.add(req.rid)
 
     def schedule(self) -> list[Plan]:
         waiting = list(self.queue)
         pe_of = schedule_prefill(waiting, self.pe, self.pe_read_q, self.alpha, self.beta)
         got_pe = waiting[: len(pe_of)]
-        groups = assign_groups(got_pe, self.de)
+        by_group: dict[int, list[int]] = {}
+        for i, g in enumerate(assign_groups(got_pe, self.de, self._de_group_tok)):
+            by_group.setdefault(g, []).append(i)
         de_of: dict[int, int] = {}
-        for g, members in enumerate(self._de_members):
-            idx = [i for i, gi in enumerate(groups) if gi == g]
-            picks = schedule_decode_group([got_pe[i] for i in idx], self.de, members,
+        for g, idx in by_group.items():
+            picks = schedule_decode_group([got_pe[i] for i in idx], self.de, self._de_members[g],
                                           self.cfg.de_high_token_factor)
-            de_of.update(zip(idx[: len(picks)], picks, strict=True))
+            de_of.update(zip(idx[: len(picks)], picks, strict=False))
         plans = []
         for i, req in enumerate(got_pe):
             if i in de_of:
                 plans.append(self._commit(req, pe_of[i], de_of[i]))
-        done = {p.rid for p in plans}
-        self.queue = deque(r for r in self.queue if r.rid not in done)
+        if plans:
+            done = {p.rid for p in plans}
+            self._queued -= done
+            self.queue = deque(r for r in self.queue if r.rid not in done)
         return plans
 
     def _commit(self, req: Request, pe: int, de: int) -> Plan:
@@ -125,6 +139,7 @@ class GlobalScheduler:
         self.pe.tok[pe] += req.prompt_len
         self.pe.seq[pe] += 1
         self.de.tok[de] += req.prompt_len
+        self._de_group_tok[self.de.group[de]] += req.prompt_len
         self.de.seq[de] += 1
         self.de.free_kv[de] -= req.kv_tokens
         self.pe_read_q[pn] += pe_read
@@ -163,9 +178,15 @@ class GlobalScheduler:
         self._prefilled.discard(rid)
         de = self._de_index[plan.decode]
         self.de.tok[de] -= req.prompt_len
+        self._de_group_tok[self.de.group[de]] -= req.prompt_len
         self.de.seq[de] -= 1
         self.de.free_kv[de] += req.kv_tokens
         del self.running[rid]
+
+    def refresh(self) -> None:
+        """Recompute derived state after the tables were edited directly (tests, simulator)."""
+        self._de_group_tok = group_tokens(self.de)
+        self._thresholds = None
 
     # ---- engine reports (authoritative over the bookkeeping above) ----
     def report_decode(self, name: str, *, free_kv: int) -> None:
@@ -173,6 +194,7 @@ class GlobalScheduler:
 
     def report_prefill_rate(self, name: str, tokens_total: float, busy_s_total: float) -> None:
         self.prefill_rate[self._pe_index[name]].observe(tokens_total, busy_s_total)
+        self._thresholds = None
 
     def report_read(self, role: str, node: str, *, queue_tokens: int | None = None,
                     tokens_total: float | None = None, busy_s_total: float | None = None) -> None:
@@ -183,3 +205,4 @@ class GlobalScheduler:
             q[n] = queue_tokens
         if tokens_total is not None and busy_s_total is not None:
             meters[n].observe(tokens_total, busy_s_total)
+            self._thresholds = None

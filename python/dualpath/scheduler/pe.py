@@ -34,11 +34,13 @@ def schedule_prefill(queue: Sequence[Request], table: EngineTable, read_q: np.nd
     out: list[int] = []
     for r in queue:
         ok = tok <= beta
-        c2 = ok & short
-        cand = c2 if c2.any() else ok
-        if not cand.any():
-            break
-        e = int(np.argmin(np.where(cand, tok, _BIG)))
+        masked = np.where(ok & short, tok, _BIG)  # C2 first ...
+        e = int(masked.argmin())
+        if masked[e] == _BIG:
+            masked = np.where(ok, tok, _BIG)  # ... then C3 (C2 is empty here)
+            e = int(masked.argmin())
+            if masked[e] == _BIG:
+                break
         tok[e] += r.prompt_len
         out.append(e)
     return out
