@@ -103,8 +103,11 @@ class GlobalScheduler:
         self._queued.add(req.rid)
 
     def schedule(self) -> list[Plan]:
+        if not self.queue:
+            return []
         waiting = list(self.queue)
-        pe_of = schedule_prefill(waiting, self.pe, self.pe_read_q, self.alpha, self.beta)
+        alpha, beta = self._alpha_beta()
+        pe_of = schedule_prefill(waiting, self.pe, self.pe_read_q, alpha, beta)
         got_pe = waiting[: len(pe_of)]
         by_group: dict[int, list[int]] = {}
         for i, g in enumerate(assign_groups(got_pe, self.de, self._de_group_tok)):
@@ -118,14 +121,17 @@ class GlobalScheduler:
         for i, req in enumerate(got_pe):
             if i in de_of:
                 plans.append(self._commit(req, pe_of[i], de_of[i]))
-        if plans:
+        if len(plans) == len(waiting):
+            self.queue.clear()
+            self._queued.clear()
+        elif plans:
             done = {p.rid for p in plans}
             self._queued -= done
             self.queue = deque(r for r in self.queue if r.rid not in done)
         return plans
 
     def _commit(self, req: Request, pe: int, de: int) -> Plan:
-        pn, dn = self.pe.node[pe], self.de.node[de]
+        pn, dn = int(self.pe.node[pe]), int(self.de.node[de])
         mode = self.cfg.read_side
         if mode == "pe":
             pe_read, de_read = req.hit_len, 0
@@ -144,7 +150,7 @@ class GlobalScheduler:
         self.de.free_kv[de] -= req.kv_tokens
         self.pe_read_q[pn] += pe_read
         self.de_read_q[dn] += de_read
-        plan = Plan(req.rid, self.pe.names[pe], self.de.names[de], pe_read, de_read)
+        plan = Plan(req.rid, self.pe.names[pe], self.de.names[de], int(pe_read), int(de_read))
         self.running[req.rid] = (req, plan)
         return plan
 
