@@ -47,7 +47,7 @@ httpcore==1.0.9 h11==0.16.0 anyio==4.14.2 sniffio==1.3.1 partial-json-parser==0.
 compressed-tensors==0.18.0 loguru==0.7.3 gguf==0.19.0 dill==0.4.1 einops==0.8.2
 jsonschema==4.26.0 referencing==0.37.0 rpds-py==2026.6.3 jsonschema-specifications==2025.9.1
 soundfile==0.13.1 cffi==2.1.1 pycparser==3.0 prometheus-client==0.26.0 interegular==0.3.3
-cuda-bindings==13.3.1 cuda-pathfinder==1.6.0 nvidia-ml-py==13.610.43 requests==2.32.5
+cuda-bindings==13.3.1 cuda-pathfinder==1.6.0 nvidia-ml-py==13.610.43 requests==2.32.5 xxhash==3.6.0
 pybind11==3.0.1""".split()
 # PD disaggregation without RDMA: NIXL with its UCX plugin.
 NIXL = ["nixl==1.3.2", "nixl-cu13==1.3.2"]

@@ -1,0 +1,182 @@
+"""A content-addressed store of Full Blocks in a directory of a (shared) file system.
+
+One store directory serves one model/layout fingerprint: `STORE.json` records it and opening
+the directory with another raises `StoreMismatch`. Blocks live at `<root>/<k[0:2]>/<k[2:4]>/<key>`.
+Keys are SGLang's per-page hash chain (hex), so prefill, decode and later turns agree.
+
+Thread-safe; several processes (prefill and decode servers, on one host or many) may share a
+directory: writes are atomic renames and blocks are immutable, so the worst race is two writers
+producing the same bytes. Reads go straight into caller buffers (e.g. pinned host memory),
+several in flight. A damaged, truncated or foreign file is a logged miss, never data.
+
+Eviction (optional `capacity_bytes`): when the store grows past the cap, the least recently used
+blocks (file mtime, refreshed on every hit) are deleted down to `low_watermark` of the cap.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+
+from dualpath.storage.block_file import (
+    HEADER_BYTES,
+    BlockError,
+    BlockGeometry,
+    read_block_into,
+    write_block,
+)
+
+log = logging.getLogger(__name__)
+_KEY = re.compile(r"^[0-9A-Za-z_-]{4,200}$")
+DESCRIPTOR = "STORE.json"
+
+
+class StoreMismatch(RuntimeError):
+    """The directory belongs to a store with another fingerprint (model, layout or geometry)."""
+
+
+class BlockStore:
+    def __init__(self, root: str, geometry: BlockGeometry, fp: bytes, *, description: dict,
+                 capacity_bytes: int = 0, low_watermark: float = 0.9, io_threads: int = 8):
+        if capacity_bytes < 0 or not 0 < low_watermark <= 1 or io_threads < 1:
+            raise ValueError("capacity_bytes >= 0, 0 < low_watermark <= 1, io_threads >= 1")
+        self.root, self.geometry, self.fp = root, geometry, fp
+        self.block_bytes = HEADER_BYTES + geometry.payload_bytes
+        self.capacity_bytes, self.low_watermark = capacity_bytes, low_watermark
+        os.makedirs(root, exist_ok=True)
+        self._claim(description)
+        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="dualpath-store")
+        self._lock = threading.Lock()
+        self._used = self._scan_bytes() if capacity_bytes else 0
+
+    # ---- directory ownership ----
+    def _claim(self, description: dict) -> None:
+        desc = {"fingerprint": self.fp.hex(), "geometry": asdict(self.geometry), **description}
+        path = os.path.join(self.root, DESCRIPTOR)
+        tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(desc, f, indent=1, sort_keys=True)
+        try:
+            os.link(tmp, path)  # atomic create-if-absent: the first opener defines the store
+        except FileExistsError:
+            pass
+        except OSError:  # file systems without hard links: exclusive create (brief window)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                with os.fdopen(fd, "w") as f:
+                    json.dump(desc, f, indent=1, sort_keys=True)
+            except FileExistsError:
+                pass
+        finally:
+            os.unlink(tmp)
+        with open(path) as f:
+            have = json.load(f)
+        if have.get("fingerprint") != desc["fingerprint"]:
+            diff = {k: (have.get(k), v) for k, v in desc.items() if have.get(k) != v}
+            raise StoreMismatch(
+                f"{self.root} holds KV of another model/layout; refusing to share it. "
+                f"Differences (store, this server): {diff}. Use another directory.")
+
+    def path(self, key: str) -> str:
+        if not _KEY.match(key):
+            raise ValueError(f"invalid block key {key!r}")
+        return os.path.join(self.root, key[0:2], key[2:4], key)
+
+    # ---- single block ----
+    def put(self, key: str, payload) -> bool:
+        """Store a block unless it is already there; return True if this call wrote it."""
+        path = self.path(key)
+        if os.path.exists(path):
+            return False
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_block(path, key, self.fp, self.geometry, payload)
+        if self.capacity_bytes:
+            with self._lock:
+                self._used += self.block_bytes
+                over = self._used > self.capacity_bytes
+            if over:
+                self.evict()
+        return True
+
+    def get_into(self, key: str, out) -> bool:
+        """Read a block into `out` (payload_bytes long). False on a miss (`out` then undefined)."""
+        path = self.path(key)
+        try:
+            read_block_into(path, key, self.fp, self.geometry, out)
+        except FileNotFoundError:
+            return False
+        except BlockError as e:
+            log.warning("block %s unusable, treated as a miss: %s", key, e)
+            return False
+        try:
+            os.utime(path)  # recency for the LRU evictor
+        except OSError:
+            pass
+        return True
+
+    def exists_prefix(self, keys: Sequence[str]) -> int:
+        """How many leading keys are stored (SGLang's batch_exists semantics)."""
+        for i, key in enumerate(keys):
+            if not os.path.exists(self.path(key)):
+                return i
+        return len(keys)
+
+    # ---- batches: several reads/writes in flight ----
+    def batch_get_into(self, keys: Sequence[str], outs: Sequence) -> list[bool]:
+        return list(self._pool.map(self.get_into, keys, outs))
+
+    def batch_put(self, keys: Sequence[str], payloads: Sequence) -> list[bool]:
+        return list(self._pool.map(self.put, keys, payloads))
+
+    # ---- eviction ----
+    def _block_files(self):
+        for dirpath, _, files in os.walk(self.root):
+            for name in files:
+                if not name.endswith(".tmp") and name != DESCRIPTOR:
+                    yield os.path.join(dirpath, name)
+
+    def _scan_bytes(self) -> int:
+        total = 0
+        for p in self._block_files():
+            try:
+                total += os.stat(p).st_size
+            except FileNotFoundError:
+                pass
+        return total
+
+    def evict(self) -> int:
+        """Delete least recently used blocks down to the low watermark; return bytes freed.
+        Rescans the directory, so blocks written by other processes count too."""
+        entries = []
+        for p in self._block_files():
+            try:
+                st = os.stat(p)
+            except FileNotFoundError:
+                continue
+            entries.append((st.st_mtime, st.st_size, p))
+        used = sum(e[1] for e in entries)
+        target = int(self.capacity_bytes * self.low_watermark)
+        freed = 0
+        for _, size, p in sorted(entries):
+            if used - freed <= target:
+                break
+            try:
+                os.unlink(p)
+                freed += size
+            except FileNotFoundError:
+                pass
+        with self._lock:
+            self._used = used - freed
+        if freed:
+            log.info("evicted %.1f MiB from %s (cap %.1f MiB)", freed / 2**20, self.root,
+                     self.capacity_bytes / 2**20)
+        return freed
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
