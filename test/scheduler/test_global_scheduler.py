@@ -133,3 +133,49 @@ def test_baselines_read_on_the_prefill_side(policy):
     if policy == "round_robin":
         assert [p.prefill for p in plans] == ["p0", "p1", "p0", "p1"]
     assert np.all([p.pe_read_tokens == 64 for p in plans])
+
+
+def test_unavailable_engines_are_skipped_and_come_back():
+    s = sched()
+    s.set_available("p0", False)
+    s.set_available("d1", False)
+    for i in range(3):
+        s.submit(Request(f"r{i}", 100))
+    plans = s.schedule()
+    assert {(p.prefill, p.decode) for p in plans} == {("p1", "d0")} and len(plans) == 3
+    s.set_available("d0", False)
+    s.submit(Request("r9", 100))
+    assert s.schedule() == [] and [r.rid for r in s.queue] == ["r9"]
+    s.set_available("d1", True)
+    assert [p.decode for p in s.schedule()] == ["d1"]
+    with pytest.raises(KeyError):
+        s.set_available("nope", False)
+
+
+def test_cancel_removes_a_waiting_request():
+    s = GlobalScheduler(PE, [EngineSpec("d0", "dn", "dg", kv_capacity=10)])
+    s.submit(Request("big", 100))
+    assert s.schedule() == []
+    assert s.cancel("big") is True and not s.queue and s.cancel("big") is False
+    s.submit(Request("big", 5))  # the id is free again
+    assert [p.rid for p in s.schedule()] == ["big"]
+
+
+def test_rebuilt_keeps_state_of_surviving_engines():
+    s = sched(read_side="pe")
+    for i in range(4):
+        s.submit(Request(f"r{i}", 1000, hit_len=512, max_new_tokens=24))
+    plans = {p.rid: p for p in s.schedule()}
+    s.prefill_done("r0")
+    new = s.rebuilt(PE, DE[:1] + [EngineSpec("d2", "dnode2", "dg2", kv_capacity=5000)])
+    survivors = [r for r, p in plans.items() if p.decode == "d0"]
+    assert sorted(new.running) == sorted(survivors)
+    assert new.de.names == ["d0", "d2"]
+    assert new.de.tok[0] == 1000 * len(survivors) and new.de.free_kv[1] == 5000
+    # requests that were on d1 released their PE tokens and read queue entries
+    assert new.pe.tok.sum() == 1000 * sum(1 for r in survivors if r != "r0")
+    assert new.pe_read_q.sum() == 512 * len(survivors)
+    for rid in survivors:
+        new.finish(rid)
+    assert new.pe.tok.sum() == new.de.tok.sum() == new.pe_read_q.sum() == 0
+    assert list(new.de.free_kv) == [100_000, 5000]

@@ -23,6 +23,8 @@ class PairScheduler:
         self.policy = policy
         self._rng = random.Random(seed)
         self._n = 0
+        self._down: set[str] = set()
+        self._specs = (list(prefill), list(decode))
         self.queue: deque[Request] = deque()
         self.running: dict[str, Plan] = {}
 
@@ -33,18 +35,37 @@ class PairScheduler:
 
     def schedule(self) -> list[Plan]:
         plans = []
-        while self.queue:
+        pes = [p for p in self.prefill if p not in self._down]
+        des = [d for d in self.decode if d not in self._down]
+        while self.queue and pes and des:
             req = self.queue.popleft()
             if self.policy == "random":
-                pe, de = self._rng.choice(self.prefill), self._rng.choice(self.decode)
+                pe, de = self._rng.choice(pes), self._rng.choice(des)
             else:
-                pe = self.prefill[self._n % len(self.prefill)]
-                de = self.decode[self._n % len(self.decode)]
+                pe, de = pes[self._n % len(pes)], des[self._n % len(des)]
                 self._n += 1
             plan = Plan(req.rid, pe, de, req.hit_len, 0)
             self.running[req.rid] = plan
             plans.append(plan)
         return plans
+
+    def cancel(self, rid: str) -> bool:
+        n = len(self.queue)
+        self.queue = deque(r for r in self.queue if r.rid != rid)
+        return len(self.queue) < n
+
+    def set_available(self, name: str, available: bool) -> None:
+        if name not in self.prefill and name not in self.decode:
+            raise KeyError(f"unknown engine {name!r}")
+        (self._down.discard if available else self._down.add)(name)
+
+    def rebuilt(self, prefill: Sequence[EngineSpec], decode: Sequence[EngineSpec]):
+        new = PairScheduler(prefill, decode, self.policy)
+        new._rng, new._n, new.queue = self._rng, self._n, self.queue
+        new.running = {r: p for r, p in self.running.items()
+                       if p.prefill in new.prefill and p.decode in new.decode}
+        new._down = {n for n in self._down if n in new.prefill or n in new.decode}
+        return new
 
     def read_done(self, rid: str) -> None:
         pass
@@ -53,4 +74,5 @@ class PairScheduler:
         pass
 
     def finish(self, rid: str) -> None:
-        self.running.pop(rid)
+        if self.running.pop(rid, None) is None:
+            raise KeyError(f"request {rid!r} is not running")

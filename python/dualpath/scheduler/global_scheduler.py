@@ -73,6 +73,7 @@ class GlobalScheduler:
         self._queued: set[str] = set()
         self.running: dict[str, tuple[Request, Plan]] = {}
         self._prefilled: set[str] = set()
+        self._down: set[str] = set()
         self._thresholds: tuple[np.ndarray, np.ndarray] | None = None  # (alpha, beta) cache
         self._pe_index = {n: i for i, n in enumerate(self.pe.names)}
         self._de_index = {n: i for i, n in enumerate(self.de.names)}
@@ -107,14 +108,25 @@ class GlobalScheduler:
             return []
         waiting = list(self.queue)
         alpha, beta = self._alpha_beta()
+        de, gtok = self.de, self._de_group_tok
+        if self._down:  # unavailable engines: beta < 0 never admits, free KV < 0 never fits
+            beta, de, gtok = beta.copy(), self.de.copy(), gtok.copy()
+            for name in self._down:
+                if name in self._pe_index:
+                    beta[self._pe_index[name]] = -1
+                else:
+                    de.free_kv[self._de_index[name]] = -1
+            for g, members in enumerate(self._de_members):
+                if (de.free_kv[members] < 0).all():  # phase 1 must not pick a dead group
+                    gtok[g] = 1 << 62  # never the least (and no overflow when added to)
         pe_of = schedule_prefill(waiting, self.pe, self.pe_read_q, alpha, beta)
         got_pe = waiting[: len(pe_of)]
         by_group: dict[int, list[int]] = {}
-        for i, g in enumerate(assign_groups(got_pe, self.de, self._de_group_tok)):
+        for i, g in enumerate(assign_groups(got_pe, de, gtok)):
             by_group.setdefault(g, []).append(i)
         de_of: dict[int, int] = {}
         for g, idx in by_group.items():
-            picks = schedule_decode_group([got_pe[i] for i in idx], self.de, self._de_members[g],
+            picks = schedule_decode_group([got_pe[i] for i in idx], de, self._de_members[g],
                                           self.cfg.de_high_token_factor)
             de_of.update(zip(idx[: len(picks)], picks, strict=False))
         plans = []
@@ -129,6 +141,20 @@ class GlobalScheduler:
             self._queued -= done
             self.queue = deque(r for r in self.queue if r.rid not in done)
         return plans
+
+    def cancel(self, rid: str) -> bool:
+        """Drop a request that is still waiting; False if it is not in the queue."""
+        if rid not in self._queued:
+            return False
+        self._queued.discard(rid)
+        self.queue = deque(r for r in self.queue if r.rid != rid)
+        return True
+
+    def set_available(self, name: str, available: bool) -> None:
+        """Take an engine out of (or back into) scheduling, e.g. after a failed request."""
+        if name not in self._pe_index and name not in self._de_index:
+            raise KeyError(f"unknown engine {name!r}")
+        (self._down.discard if available else self._down.add)(name)
 
     def _commit(self, req: Request, pe: int, de: int) -> Plan:
         pn, dn = int(self.pe.node[pe]), int(self.de.node[de])
@@ -188,6 +214,54 @@ class GlobalScheduler:
         self.de.seq[de] -= 1
         self.de.free_kv[de] += req.kv_tokens
         del self.running[rid]
+
+    def rebuilt(self, prefill: Sequence[EngineSpec],
+                decode: Sequence[EngineSpec]) -> GlobalScheduler:
+        """A scheduler over a new engine set that keeps the state of engines present in both:
+        their loads, free KV, read queues and measured rates, the queue, and running requests
+        whose engines all remain (the others are dropped: their engines are gone)."""
+        new = GlobalScheduler(prefill, decode, self.cfg)
+        for old_t, new_t in ((self.pe, new.pe), (self.de, new.de)):
+            for i, name in enumerate(new_t.names):
+                j = old_t.names.index(name) if name in old_t.names else None
+                if j is not None:
+                    new_t.tok[i], new_t.seq[i], new_t.free_kv[i] = (old_t.tok[j], old_t.seq[j],
+                                                                    old_t.free_kv[j])
+        for old_q, old_t, new_q, new_t in ((self.pe_read_q, self.pe, new.pe_read_q, new.pe),
+                                           (self.de_read_q, self.de, new.de_read_q, new.de)):
+            for i, node in enumerate(new_t.node_names):
+                if node in old_t.node_names:
+                    new_q[i] = old_q[old_t.node_names.index(node)]
+        for old_m, old_names, new_m, new_names in (
+                (self.pe_read_rate, self.pe.node_names, new.pe_read_rate, new.pe.node_names),
+                (self.de_read_rate, self.de.node_names, new.de_read_rate, new.de.node_names),
+                (self.prefill_rate, self.pe.names, new.prefill_rate, new.pe.names)):
+            for i, name in enumerate(new_names):
+                if name in old_names:
+                    new_m[i] = old_m[old_names.index(name)]
+        for req in self.queue:
+            new.submit(req)
+        for rid, (req, plan) in self.running.items():
+            pe, de = new._pe_index.get(plan.prefill), new._de_index.get(plan.decode)
+            if pe is not None and de is not None:
+                new.running[rid] = (req, plan)
+                if rid in self._prefilled:
+                    new._prefilled.add(rid)
+                continue
+            # the request dies with its removed engine: release what it held on the survivors
+            if pe is not None:
+                if rid not in self._prefilled:
+                    new.pe.tok[pe] -= req.prompt_len
+                    new.pe.seq[pe] -= 1
+                new.pe_read_q[new.pe.node[pe]] -= plan.pe_read_tokens
+            if de is not None:
+                new.de.tok[de] -= req.prompt_len
+                new.de.seq[de] -= 1
+                new.de.free_kv[de] += req.kv_tokens
+                new.de_read_q[new.de.node[de]] -= plan.de_read_tokens
+        new._down = {n for n in self._down if n in new._pe_index or n in new._de_index}
+        new.refresh()
+        return new
 
     def refresh(self) -> None:
         """Recompute derived state after the tables were edited directly (tests, simulator)."""
