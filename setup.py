@@ -126,7 +126,7 @@ setup(
     packages=find_packages("python"),
     ext_modules=[CMakeExtension("dualpath._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
-    install_requires=["numpy>=1.24", "xxhash>=3.0"],
+    install_requires=["numpy>=1.24", "xxhash>=3.0", "aiohttp>=3.9", "prometheus-client>=0.17"],
     extras_require={
         # The serving stack. On an air-gapped GPU host use the offline bundle instead
         # (scripts/make_gpu_bundle.py, scripts/gpu_setup.sh): it carries these pins.

@@ -46,3 +46,50 @@ class SchedulerConfig:
             raise ValueError(f"SchedulerConfig.read_side: unknown mode {self.read_side!r}")
         if self.block_tokens < 1:
             raise ValueError("SchedulerConfig.block_tokens must be >= 1")
+
+
+RouterPolicy = Literal["dualpath", "round_robin", "random"]
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """The HTTP router in front of prefill and decode servers."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    policy: RouterPolicy = "dualpath"
+    """'dualpath': the global scheduler; 'round_robin' / 'random': the paper's Basic pairs."""
+    max_queue: int = 4096
+    """Requests allowed to wait for an engine pair; beyond it the router answers 503."""
+    retry_after_s: int = 2
+    """Retry-After sent with a 503."""
+    max_body_bytes: int = 64 << 20
+    """Larger request bodies get 413."""
+    max_prompt_tokens: int = 1 << 20
+    """Prompts estimated longer than this get 413."""
+    max_attempts: int = 2
+    """Engine pairs tried for one request when an engine fails before answering."""
+    request_timeout_s: float = 3600.0
+    connect_timeout_s: float = 5.0
+    queue_timeout_s: float = 600.0
+    """Longest wait for an engine pair before the request gets 503."""
+    stats_interval_s: float = 1.0
+    """Period of the engines' stats and health polls."""
+    chars_per_token: float = 4.0
+    """Prompt-length estimate for text prompts (the router does not tokenize)."""
+    default_max_new_tokens: int = 128
+    """Output length assumed when a request does not say (SGLang's default)."""
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("dualpath", "round_robin", "random"):
+            raise ValueError(f"RouterConfig.policy: unknown policy {self.policy!r}")
+        for name in ("max_queue", "max_body_bytes", "max_prompt_tokens", "max_attempts",
+                     "default_max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RouterConfig.{name} must be >= 1")
+        for name in ("request_timeout_s", "connect_timeout_s", "queue_timeout_s",
+                     "stats_interval_s", "chars_per_token"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"RouterConfig.{name} must be > 0")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"RouterConfig.port out of range: {self.port}")

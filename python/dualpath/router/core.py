@@ -1,0 +1,277 @@
+"""The router's core: admission through the scheduler, PD dispatch, engine health and stats.
+
+All of it runs on one asyncio event loop. A request: `admit` queues it in the scheduler and
+waits for a Plan (admission control: it may wait, or get `Overloaded` when the queue is full or
+the wait too long); `dispatch` sends the same body, plus bootstrap_host/port/room, to the
+prefill and the decode server at once and streams the decode answer back; `release` returns
+what the request held to the scheduler. An engine that cannot be reached before the client got
+any byte is marked down and the request is retried on another pair.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import uuid
+
+import aiohttp
+from aiohttp import web
+
+from dualpath.config import RouterConfig, SchedulerConfig
+from dualpath.router.contract import STATS_PATH, ContractError, EngineStats
+from dualpath.router.engines import Engine
+from dualpath.router.metrics import RouterMetrics
+from dualpath.scheduler import GlobalScheduler, PairScheduler, Plan, Request
+
+log = logging.getLogger("dualpath.router")
+
+
+class Overloaded(Exception):
+    """No engine pair for this request now: the client should retry later (503)."""
+
+
+class EngineUnreachable(Exception):
+    def __init__(self, engine: str, why: str):
+        super().__init__(f"engine {engine} unreachable: {why}")
+        self.engine = engine
+
+
+class Router:
+    def __init__(self, cfg: RouterConfig, engines: list[Engine],
+                 sched_cfg: SchedulerConfig | None = None):
+        self.cfg = cfg
+        self.sched_cfg = sched_cfg or SchedulerConfig()
+        self.engines: dict[str, Engine] = {}
+        for e in engines:
+            if e.name in self.engines:
+                raise ValueError(f"engine name {e.name!r} given twice")
+            self.engines[e.name] = e
+        self.scheduler: GlobalScheduler | PairScheduler | None = None
+        self._rebuild()
+        self.metrics = RouterMetrics()
+        self._waiters: dict[str, asyncio.Future] = {}
+        self.session: aiohttp.ClientSession | None = None
+        self._poller: asyncio.Task | None = None
+        self.up: dict[str, bool] = dict.fromkeys(self.engines, True)
+
+    # ---- engine set ----
+    def _rebuild(self) -> None:
+        pre = [e.spec() for e in self.engines.values() if e.role == "prefill"]
+        dec = [e.spec() for e in self.engines.values() if e.role == "decode"]
+        if not pre or not dec:
+            self.scheduler = None
+        elif self.scheduler is not None:
+            self.scheduler = self.scheduler.rebuilt(pre, dec)
+        elif self.cfg.policy == "dualpath":
+            self.scheduler = GlobalScheduler(pre, dec, self.sched_cfg)
+        else:
+            self.scheduler = PairScheduler(pre, dec, self.cfg.policy)
+
+    def add_engine(self, e: Engine) -> None:
+        if e.name in self.engines:
+            raise KeyError(f"engine {e.name!r} already registered")
+        self.engines[e.name] = e
+        self.up[e.name] = True
+        self._rebuild()
+        self._pump()
+        log.info("engine added: %s", e.to_dict())
+
+    def remove_engine(self, name: str) -> Engine:
+        e = self.engines.pop(name)  # KeyError if unknown
+        self.up.pop(name, None)
+        self._rebuild()
+        log.info("engine removed: %s", name)
+        return e
+
+    def set_up(self, name: str, up: bool) -> None:
+        if self.up.get(name) == up or name not in self.engines:
+            return
+        self.up[name] = up
+        if self.scheduler is not None:
+            self.scheduler.set_available(name, up)
+        self.metrics.engine_up.labels(name, self.engines[name].role).set(int(up))
+        log.warning("engine %s is %s", name, "back up" if up else "down")
+        if up:
+            self._pump()
+
+    # ---- admission ----
+    def _pump(self) -> None:
+        if self.scheduler is None:
+            return
+        for plan in self.scheduler.schedule():
+            fut = self._waiters.pop(plan.rid, None)
+            if fut is not None and not fut.done():
+                fut.set_result(plan)
+            else:  # nobody waits any more
+                self.scheduler.finish(plan.rid)
+        self.metrics.queue_waiting.set(len(self.scheduler.queue))
+
+    async def admit(self, req: Request) -> Plan:
+        if self.scheduler is None:
+            raise Overloaded("no prefill or no decode engine is registered")
+        for role in ("prefill", "decode"):  # fail fast rather than wait for a dead role
+            if not any(up and self.engines[n].role == role for n, up in self.up.items()):
+                raise Overloaded(f"no {role} engine is up")
+        if len(self.scheduler.queue) >= self.cfg.max_queue:
+            raise Overloaded(f"{len(self.scheduler.queue)} requests are already waiting")
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters[req.rid] = fut
+        self.scheduler.submit(req)
+        self._pump()
+        try:
+            return await asyncio.wait_for(fut, self.cfg.queue_timeout_s)
+        except (TimeoutError, asyncio.CancelledError) as e:
+            self._waiters.pop(req.rid, None)
+            if self.scheduler is not None:
+                self.scheduler.cancel(req.rid)
+            if isinstance(e, TimeoutError):
+                raise Overloaded(f"no engine pair within {self.cfg.queue_timeout_s:.0f} s") from e
+            raise
+
+    def release(self, rid: str) -> None:
+        if self.scheduler is not None:
+            try:
+                self.scheduler.finish(rid)
+            except KeyError:  # its engine was removed meanwhile
+                pass
+        self._pump()
+
+    # ---- dispatch ----
+    async def dispatch(self, request: web.Request, body: dict, path: str,
+                       plan: Plan) -> web.StreamResponse:
+        pe, de = self.engines[plan.prefill], self.engines[plan.decode]
+        payload = {**body, "bootstrap_host": pe.host, "bootstrap_port": pe.bootstrap_port,
+                   "bootstrap_room": random.getrandbits(63)}
+        timeout = aiohttp.ClientTimeout(total=self.cfg.request_timeout_s,
+                                        sock_connect=self.cfg.connect_timeout_s)
+        pre_task = asyncio.create_task(self._post_prefill(pe, path, payload, timeout, plan.rid))
+        pre_task.add_done_callback(_consume)  # its failure is handled here or only logged
+        dec_task = asyncio.create_task(self.session.post(de.url + path, json=payload,
+                                                         timeout=timeout))
+        try:
+            done, _ = await asyncio.wait({pre_task, dec_task},
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if pre_task in done and (pre_task.exception() or pre_task.result()[0] != 200):
+                _drop(dec_task)  # the decode would wait for KV that never comes
+                if pre_task.exception():
+                    raise EngineUnreachable(pe.name, str(pre_task.exception()))
+                status, text = pre_task.result()
+                return web.Response(status=status, text=text, content_type="application/json")
+            try:
+                resp = await dec_task
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+                raise EngineUnreachable(de.name, str(e) or type(e).__name__) from e
+        except BaseException:
+            pre_task.cancel()
+            raise
+        try:
+            if resp.status != 200 or not body.get("stream"):
+                data = await resp.read()
+                return web.Response(status=resp.status, body=data,
+                                    content_type=resp.content_type or "application/json")
+            out = web.StreamResponse(status=200, headers={
+                "Content-Type": resp.headers.get("Content-Type", "text/event-stream")})
+            await out.prepare(request)
+            async for chunk in resp.content.iter_any():
+                await out.write(chunk)
+            await out.write_eof()
+            return out
+        finally:
+            resp.release()
+
+    async def _post_prefill(self, pe: Engine, path: str, payload: dict,
+                            timeout: aiohttp.ClientTimeout, rid: str) -> tuple[int, str]:
+        try:
+            async with self.session.post(pe.url + path, json=payload, timeout=timeout) as r:
+                text = await r.text()
+        except (aiohttp.ClientConnectionError, asyncio.TimeoutError):
+            raise
+        if r.status != 200:
+            log.warning("prefill %s answered %d for %s: %s", pe.name, r.status, rid, text[:200])
+        elif self.scheduler is not None and rid in self.scheduler.running:
+            self.scheduler.read_done(rid)  # the prefill has all its KV: reads are over
+            self.scheduler.prefill_done(rid)
+            self._pump()
+        return r.status, text
+
+    async def handle(self, request: web.Request, body: dict, path: str,
+                     req: Request) -> web.StreamResponse:
+        last = None
+        for attempt in range(self.cfg.max_attempts):
+            rid = req.rid if attempt == 0 else f"{req.rid}-retry{attempt}"
+            plan = await self.admit(Request(rid, req.prompt_len, req.hit_len, req.max_new_tokens))
+            self.metrics.plans.labels(plan.read_side).inc()
+            try:
+                return await self.dispatch(request, body, path, plan)
+            except EngineUnreachable as e:
+                last = e
+                self.metrics.retries.labels(e.engine).inc()
+                self.set_up(e.engine, False)
+            finally:
+                self.release(rid)
+        raise last
+
+    # ---- lifecycle and polling ----
+    async def start(self, app: web.Application | None = None) -> None:
+        self.session = aiohttp.ClientSession()
+        self._poller = asyncio.create_task(self._poll_forever())
+
+    async def stop(self, app: web.Application | None = None) -> None:
+        if self._poller:
+            self._poller.cancel()
+        if self.session:
+            await self.session.close()
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.stats_interval_s)
+            await asyncio.gather(*(self.poll(e) for e in list(self.engines.values())),
+                                 return_exceptions=True)
+
+    async def poll(self, e: Engine) -> None:
+        """Take the engine's stats (dualpath plugin) or, from a stock server, its health."""
+        timeout = aiohttp.ClientTimeout(total=max(1.0, self.cfg.stats_interval_s))
+        try:
+            async with self.session.get(e.url + STATS_PATH, timeout=timeout) as r:
+                if r.status == 200:
+                    self._apply_stats(e, EngineStats.decode(await r.read()))
+                    self.set_up(e.name, True)
+                    return
+            if self.up.get(e.name):
+                return  # a stock server: keep it up until a request to it fails
+            async with self.session.get(e.url + "/health", timeout=timeout) as r:
+                self.set_up(e.name, r.status == 200)
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            self.set_up(e.name, False)
+        except ContractError as err:
+            log.warning("engine %s sent bad stats: %s", e.name, err)
+
+    def _apply_stats(self, e: Engine, s: EngineStats) -> None:
+        sched = self.scheduler
+        if not isinstance(sched, GlobalScheduler) or e.name not in self.engines:
+            return
+        if e.role == "decode":
+            sched.report_decode(e.name, free_kv=s.free_kv_tokens)
+        else:
+            sched.report_prefill_rate(e.name, s.prefill_tokens_total, s.prefill_busy_s_total)
+        sched.report_read(e.role, e.node, queue_tokens=s.read_queue_tokens,
+                          tokens_total=s.read_tokens_total, busy_s_total=s.read_busy_s_total)
+
+
+def new_rid() -> str:
+    return uuid.uuid4().hex
+
+
+def _consume(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("prefill request failed: %s", task.exception())
+
+
+def _drop(task: asyncio.Task) -> None:
+    """Cancel a pending decode POST, or close its response if it already came."""
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled() and task.exception() is None:
+        task.result().close()
+    task.add_done_callback(_consume)

@@ -1,0 +1,242 @@
+"""The router over real HTTP against in-process fake prefill/decode servers."""
+
+import asyncio
+import json
+import socket
+from contextlib import asynccontextmanager
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from fake_sglang import FakeEngine, Rooms
+
+from dualpath.config import RouterConfig
+from dualpath.router.app import make_app
+from dualpath.router.contract import ContractError, EngineStats
+from dualpath.router.core import Router
+from dualpath.router.engines import Engine
+
+
+def dead_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once closed
+
+
+@asynccontextmanager
+async def cluster(n_pre=1, n_de=1, cfg=None, sched=None, dead_pre=0, kv=1 << 40, **fake):
+    rooms = Rooms()
+    pres = [await FakeEngine("prefill", rooms, **fake).start() for _ in range(n_pre)]
+    des = [await FakeEngine("decode", rooms, **fake).start() for _ in range(n_de)]
+    # dead ones first: with equal loads the scheduler picks the lowest index, i.e. them
+    engines = [Engine.from_dict({"role": "prefill", "url": dead_url(), "bootstrap_port": 9})
+               for _ in range(dead_pre)]
+    engines += [Engine.from_dict({"role": "prefill", "url": p.url, "bootstrap_port": 8998 + i})
+                for i, p in enumerate(pres)]
+    engines += [Engine.from_dict({"role": "decode", "url": d.url, "kv_capacity": kv})
+                for d in des]
+    router = Router(cfg or RouterConfig(stats_interval_s=0.05), engines, sched)
+    client = TestClient(TestServer(make_app(router)))
+    await client.start_server()
+    try:
+        yield client, router, pres, des
+    finally:
+        await client.close()
+        for f in pres + des:
+            await f.close()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_streaming_generate_reaches_both_with_one_bootstrap_room():
+    async def main():
+        async with cluster() as (client, router, (pre,), (dec,)):
+            body = {"input_ids": list(range(100)), "stream": True,
+                    "sampling_params": {"max_new_tokens": 3}}
+            r = await client.post("/generate", json=body)
+            assert r.status == 200
+            text = await r.text()
+            assert text.count("data: ") == 4 and text.rstrip().endswith("[DONE]")
+            (pb,), (db,) = pre.bodies, dec.bodies
+            assert pb == db, "prefill and decode get the same body"
+            assert pb["bootstrap_host"] == "127.0.0.1" and pb["bootstrap_port"] == 8998
+            assert 0 <= pb["bootstrap_room"] < 2**63
+            assert pb["input_ids"] == body["input_ids"]
+            assert not router.scheduler.running and not router.scheduler.queue
+    run(main())
+
+
+def test_non_streaming_chat_and_completions():
+    async def main():
+        async with cluster() as (client, _, _, (dec,)):
+            r = await client.post("/v1/chat/completions",
+                                  json={"messages": [{"role": "user", "content": "hi"}]})
+            assert r.status == 200 and (await r.json())["text"] == "abc"
+            r = await client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 4})
+            assert r.status == 200
+            assert len(dec.bodies) == 2
+    run(main())
+
+
+def test_load_spreads_over_engines():
+    async def main():
+        async with cluster(n_pre=2, n_de=2, delay_s=0.2) as (client, _, pres, des):
+            body = {"input_ids": [1] * 500, "sampling_params": {"max_new_tokens": 2}}
+            rs = await asyncio.gather(*(client.post("/generate", json=body) for _ in range(4)))
+            assert [r.status for r in rs] == [200] * 4
+            assert [len(p.bodies) for p in pres] == [2, 2]
+            assert [len(d.bodies) for d in des] == [2, 2]
+    run(main())
+
+
+@pytest.mark.parametrize("path,body,status,msg", [
+    ("/generate", b"{not json", 400, "not valid JSON"),
+    ("/generate", b"[1, 2]", 400, "JSON object"),
+    ("/generate", b"{}", 400, "missing"),
+    ("/generate", json.dumps({"input_ids": [[1], [2]]}).encode(), 400, "batch"),
+    ("/v1/chat/completions", b'{"messages": []}', 400, "messages"),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": -1}', 400, "max tokens"),
+    ("/generate", json.dumps({"input_ids": [1] * 2000}).encode(), 413, "exceeds"),
+    ("/generate", b'{"text": "' + b"a" * 70_000 + b'"}', 413, "body over"),
+])
+def test_bad_requests_get_clear_4xx(path, body, status, msg):
+    async def main():
+        cfg = RouterConfig(max_prompt_tokens=1000, max_body_bytes=65536)
+        async with cluster(cfg=cfg) as (client, _, (pre,), _):
+            r = await client.post(path, data=body, headers={"Content-Type": "application/json"})
+            assert r.status == status
+            assert msg in (await r.json())["error"]["message"]
+            assert pre.bodies == [], "nothing reaches an engine"
+    run(main())
+
+
+def test_saturation_answers_503_with_retry_after():
+    async def main():
+        # the decode engine holds one request's KV at a time: 100 + 10 tokens of 150
+        cfg = RouterConfig(max_queue=1, stats_interval_s=5)
+        async with cluster(cfg=cfg, kv=150, delay_s=0.5) as (client, router, _, (dec,)):
+            body = {"input_ids": [1] * 100, "sampling_params": {"max_new_tokens": 10}}
+            first = asyncio.create_task(client.post("/generate", json=body))
+            await asyncio.sleep(0.1)
+            second = asyncio.create_task(client.post("/generate", json=body))
+            await asyncio.sleep(0.1)
+            third = await client.post("/generate", json=body)
+            assert third.status == 503 and third.headers["Retry-After"] == "2"
+            assert (await first).status == 200 and (await second).status == 200
+            assert len(dec.bodies) == 2
+    run(main())
+
+
+def test_unreachable_engine_is_retried_elsewhere_and_marked_down():
+    async def main():
+        cfg = RouterConfig(stats_interval_s=30)
+        async with cluster(dead_pre=1, cfg=cfg) as (client, router, (pre,), _):
+            body = {"input_ids": [1] * 10}
+            for _ in range(3):
+                r = await client.post("/generate", json=body)
+                assert r.status == 200
+            dead = [n for n, e in router.engines.items() if e.bootstrap_port == 9][0]
+            assert router.up[dead] is False and len(pre.bodies) == 3
+            metrics = await (await client.get("/metrics")).text()
+            assert f'dualpath_router_retries_total{{engine="{dead}"}} 1.0' in metrics
+            listed = {e["name"]: e["up"] for e in await (await client.get("/engines")).json()}
+            assert listed[dead] is False
+    run(main())
+
+
+def test_all_engines_dead_is_502():
+    async def main():
+        async with cluster(cfg=RouterConfig(stats_interval_s=30)) as (client, router, pres, _):
+            await pres[0].close()
+            r = await client.post("/generate", json={"input_ids": [1]})
+            assert r.status in (502, 503)
+    run(main())
+
+
+def test_prefill_error_is_returned_and_decode_dropped():
+    async def main():
+        async with cluster() as (client, router, (pre,), (dec,)):
+            pre.status = 400
+            r = await client.post("/generate", json={"input_ids": [1, 2, 3]})
+            assert r.status == 400 and "fake failure" in await r.text()
+            await asyncio.sleep(0.05)
+            assert not router.scheduler.running
+    run(main())
+
+
+def test_engines_added_and_removed_at_runtime():
+    async def main():
+        async with cluster() as (client, router, _, _):
+            rooms = Rooms()
+            extra = await FakeEngine("decode", rooms).start()
+            try:
+                r = await client.post("/engines", json={"role": "decode", "url": extra.url,
+                                                        "name": "d-extra"})
+                assert r.status == 201
+                assert (await client.post("/engines", json={"role": "decode", "url": extra.url,
+                                                            "name": "d-extra"})).status == 409
+                assert (await client.post("/engines", json={"role": "prefill",
+                                                            "url": extra.url})).status == 400
+                assert (await client.post("/engines", json={"url": "x"})).status == 400
+                names = [e["name"] for e in await (await client.get("/engines")).json()]
+                assert "d-extra" in names and len(names) == 3
+                assert (await client.delete("/engines/d-extra")).status == 200
+                assert (await client.delete("/engines/d-extra")).status == 404
+                r = await client.post("/generate", json={"input_ids": [1]})
+                assert r.status == 200 and extra.bodies == []
+            finally:
+                await extra.close()
+    run(main())
+
+
+def test_stats_feed_the_scheduler():
+    async def main():
+        async with cluster(kv=10**6) as (client, router, (pre,), (dec,)):
+            dec.stats = EngineStats(engine="d", role="decode", seq=0, tok=0, free_kv_tokens=777,
+                                    read_queue_tokens=64)
+            for _ in range(100):
+                await asyncio.sleep(0.02)
+                if router.scheduler.de.free_kv[0] == 777:
+                    break
+            assert router.scheduler.de.free_kv[0] == 777
+            assert router.scheduler.de_read_q[0] == 64
+            assert (await client.get("/health")).status == 200
+    run(main())
+
+
+def test_flush_cache_fans_out_and_models_forward():
+    async def main():
+        async with cluster(n_pre=1, n_de=2) as (client, _, _, _):
+            r = await client.post("/flush_cache")
+            assert r.status == 200 and len(await r.json()) == 3
+            r = await client.get("/v1/models")
+            assert (await r.json())["data"][0]["id"] == "fake"
+            info = await (await client.get("/server_info")).json()
+            assert len(info["prefill"]) == 1 and len(info["decode"]) == 2
+    run(main())
+
+
+def test_baseline_policy_round_robin():
+    async def main():
+        cfg = RouterConfig(policy="round_robin")
+        async with cluster(n_pre=2, n_de=2, cfg=cfg) as (client, _, pres, des):
+            for _ in range(4):
+                assert (await client.post("/generate", json={"input_ids": [1]})).status == 200
+            assert [len(p.bodies) for p in pres] == [2, 2]
+    run(main())
+
+
+def test_contract_round_trip_and_rejections():
+    s = EngineStats(engine="e", role="prefill", seq=1, tok=2, free_kv_tokens=3,
+                    read_tokens_total=4, read_busy_s_total=0.5)
+    assert EngineStats.decode(s.encode()) == s
+    assert EngineStats.decode({**json.loads(s.encode()), "future_field": 1}) == s
+    with pytest.raises(ContractError, match="version"):
+        EngineStats.decode({**json.loads(s.encode()), "version": 2})
+    with pytest.raises(ContractError, match="non-negative"):
+        EngineStats.decode({**json.loads(s.encode()), "tok": -1})
+    with pytest.raises(ContractError, match="JSON"):
+        EngineStats.decode(b"{")
+    with pytest.raises(ContractError, match="role"):
+        EngineStats(engine="e", role="both", seq=0, tok=0, free_kv_tokens=0)
