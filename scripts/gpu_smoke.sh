@@ -4,59 +4,14 @@
 # triton attention, HiCache with the `file` L3 backend on /dev/shm), sends a 4k-token prompt,
 # flushes the cache, sends it again and asserts it was served from storage with the same greedy
 # output; checks the chat API. With --pd (2 GPUs) also runs a prefill + a decode server over NIXL.
-# Prints startup time, TTFT and decode tok/s; writes logs and summary.json to --out.
+# Prints startup time, TTFT and decode tok/s; writes logs and summary.json to --out
+# (default .cache/smoke).
 #
 #   bash scripts/gpu_smoke.sh [--pd] [--out DIR] [--bundle DIR] [--target DIR] [--skip-setup]
 #        [--cache-dir DIR] [--load-cache FILE] [--save-cache FILE]
 #        [smoke options: python -m dualpath.bench.smoke -h]
 #
-# --cache-dir (default .cache/jit) holds the Triton, tvm-ffi and torch-extension compile caches.
-# --save-cache FILE packs it (tar.xz, ~2 MiB) after the run; --load-cache FILE unpacks one into
-# it first: carry that file to a fresh host to skip the first-start compiles.
-# Exit status 0 = all checks passed.
+# Setup and compile-cache options: scripts/gpu_run.sh. Exit status 0 = all checks passed.
 set -euo pipefail
-REPO=$(cd "$(dirname "$0")/.." && pwd)
-OUT=$REPO/.cache/smoke
-CACHE=$REPO/.cache/jit
-TARGET=$REPO/.site
-SETUP=(--target "$TARGET")
-SKIP_SETUP=0
-LOAD_CACHE="" SAVE_CACHE=""
-ARGS=()
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --out) OUT=$2; shift 2 ;;
-    --bundle) SETUP+=(--bundle "$2"); shift 2 ;;
-    --target) TARGET=$2; SETUP+=(--target "$2"); shift 2 ;;
-    --cache-dir) CACHE=$2; shift 2 ;;
-    --load-cache) LOAD_CACHE=$2; shift 2 ;;
-    --save-cache) SAVE_CACHE=$2; shift 2 ;;
-    --skip-setup) SKIP_SETUP=1; shift ;;
-    -h|--help) sed -n '2,/^set -e/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) ARGS+=("$1"); shift ;;
-  esac
-done
-mkdir -p "$OUT" "$CACHE"
-if [ -n "$LOAD_CACHE" ]; then
-  [ -f "$LOAD_CACHE" ] || { echo "error: --load-cache $LOAD_CACHE: no such file" >&2; exit 2; }
-  tar -C "$CACHE" -xJf "$LOAD_CACHE"
-  echo "gpu_smoke: compile caches from $LOAD_CACHE -> $CACHE ($(du -sh "$CACHE" | cut -f1))"
-fi
-export TRITON_CACHE_DIR=$CACHE/triton TVM_FFI_CACHE_DIR=$CACHE/tvm-ffi \
-       TORCH_EXTENSIONS_DIR=$CACHE/torch_extensions PYTHONUNBUFFERED=1
-T0=$(date +%s)
-if [ $SKIP_SETUP = 0 ]; then
-  bash "$REPO/scripts/gpu_setup.sh" "${SETUP[@]}"
-fi
-T1=$(date +%s)
-[ -f "$TARGET/env.sh" ] || { echo "error: $TARGET/env.sh missing: run without --skip-setup" >&2; exit 2; }
-# shellcheck disable=SC1091
-source "$TARGET/env.sh"
-rc=0
-python3 -m dualpath.bench.smoke --out "$OUT" --setup-s $((T1 - T0)) ${ARGS[@]+"${ARGS[@]}"} || rc=$?
-if [ -n "$SAVE_CACHE" ]; then
-  tar -C "$CACHE" -cf - . | xz -T0 -6 > "$SAVE_CACHE"
-  echo "gpu_smoke: compile caches saved to $SAVE_CACHE ($(du -h "$SAVE_CACHE" | cut -f1))"
-fi
-echo "gpu_smoke: setup $((T1 - T0)) s, smoke $(( $(date +%s) - T1 )) s, exit $rc; summary: $OUT/summary.json"
-exit $rc
+case " $* " in *" -h "*|*" --help "*) sed -n '2,/^set -e/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;; esac
+exec bash "$(dirname "$0")/gpu_run.sh" dualpath.bench.smoke "$@"

@@ -1,0 +1,49 @@
+"""scripts/gpu_run.sh (the wrapper behind gpu_smoke.sh and gpu_router_pd.sh), run with a stand-in
+module on the CPU: argument passing, exit status, and the compile-cache round trip."""
+
+import json
+import subprocess
+import tarfile
+
+
+def test_runs_module_with_out_and_caches(tmp_path, repo_root):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "probe_mod.py").write_text(
+        "import json, os, sys\n"
+        "out = sys.argv[sys.argv.index('--out') + 1]\n"
+        "os.makedirs(os.path.join(os.environ['TRITON_CACHE_DIR'], 'k'), exist_ok=True)\n"
+        "open(os.path.join(os.environ['TRITON_CACHE_DIR'], 'k', 'kernel.bin'), 'w').write('x')\n"
+        "json.dump({'argv': sys.argv[1:], 'triton': os.environ['TRITON_CACHE_DIR']},"
+        " open(os.path.join(out, 'summary.json'), 'w'))\n"
+        "sys.exit(3 if '--fail' in sys.argv else 0)\n")
+    (site / "env.sh").write_text(f'export PYTHONPATH="{site}"\n')
+    out, cache, saved = tmp_path / "out", tmp_path / "jit", tmp_path / "jit.tar.xz"
+    r = subprocess.run(["bash", str(repo_root / "scripts/gpu_run.sh"), "probe_mod", "--skip-setup",
+                        "--target", str(site), "--out", str(out), "--cache-dir", str(cache),
+                        "--save-cache", str(saved), "--x", "1"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    got = json.loads((out / "summary.json").read_text())
+    assert got["argv"][:2] == ["--out", str(out)] and got["argv"][-2:] == ["--x", "1"]
+    assert got["triton"] == str(cache / "triton")
+    with tarfile.open(saved) as t:
+        assert "./triton/k/kernel.bin" in t.getnames()
+    cache2 = tmp_path / "jit2"
+    r = subprocess.run(["bash", str(repo_root / "scripts/gpu_run.sh"), "probe_mod", "--skip-setup",
+                        "--target", str(site), "--out", str(out), "--cache-dir", str(cache2),
+                        "--load-cache", str(saved), "--fail"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3, "the module's exit status is the wrapper's"
+    assert (cache2 / "triton/k/kernel.bin").read_text() == "x"
+
+
+def test_missing_env_and_cache_are_clear_errors(tmp_path, repo_root):
+    r = subprocess.run(["bash", str(repo_root / "scripts/gpu_run.sh"), "probe_mod", "--skip-setup",
+                        "--target", str(tmp_path / "none"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "env.sh missing" in r.stderr
+    r = subprocess.run(["bash", str(repo_root / "scripts/gpu_run.sh"), "probe_mod", "--skip-setup",
+                        "--load-cache", str(tmp_path / "nope.tar.xz"), "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "no such file" in r.stderr
