@@ -240,3 +240,28 @@ def test_contract_round_trip_and_rejections():
         EngineStats.decode(b"{")
     with pytest.raises(ContractError, match="role"):
         EngineStats(engine="e", role="both", seq=0, tok=0, free_kv_tokens=0)
+
+
+def test_cli_starts_serves_and_stops(tmp_path):
+    import sys
+    import urllib.request
+
+    from dualpath.bench.servers import ServerProcess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = ServerProcess("router", ["-m", "dualpath.router", "--prefill", dead_url(), "8998",
+                                   "--decode", dead_url(), "--port", str(port),
+                                   "--stats-interval-s", "60"], port, tmp_path / "router.log",
+                        python=sys.executable)
+    srv.start()
+    try:
+        srv.wait_healthy(30)
+        with urllib.request.urlopen(srv.url + "/engines", timeout=5) as r:
+            engines = json.loads(r.read())
+        assert sorted(e["role"] for e in engines) == ["decode", "prefill"]
+        assert engines[0]["bootstrap_port"] == 8998
+    finally:
+        srv.stop()
+    assert "router config" in (tmp_path / "router.log").read_text()
