@@ -31,6 +31,7 @@ from dualpath.storage.block_file import (
     read_block_into,
     write_block,
 )
+from dualpath.storage.nic import StorageNic
 
 log = logging.getLogger(__name__)
 _KEY = re.compile(r"^[0-9A-Za-z_-]{4,200}$")
@@ -43,12 +44,14 @@ class StoreMismatch(RuntimeError):
 
 class BlockStore:
     def __init__(self, root: str, geometry: BlockGeometry, fp: bytes, *, description: dict,
-                 capacity_bytes: int = 0, low_watermark: float = 0.9, io_threads: int = 8):
+                 capacity_bytes: int = 0, low_watermark: float = 0.9, io_threads: int = 8,
+                 nic: StorageNic | None = None):
         if capacity_bytes < 0 or not 0 < low_watermark <= 1 or io_threads < 1:
             raise ValueError("capacity_bytes >= 0, 0 < low_watermark <= 1, io_threads >= 1")
         self.root, self.geometry, self.fp = root, geometry, fp
         self.block_bytes = HEADER_BYTES + geometry.payload_bytes
         self.capacity_bytes, self.low_watermark = capacity_bytes, low_watermark
+        self.nic = nic  # meters (and optionally caps) every block read and write
         os.makedirs(root, exist_ok=True)
         self._claim(description)
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="dualpath-store")
@@ -95,7 +98,11 @@ class BlockStore:
         if os.path.exists(path):
             return False
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_block(path, key, self.fp, self.geometry, payload)
+        if self.nic is None:
+            write_block(path, key, self.fp, self.geometry, payload)
+        else:
+            with self.nic.transfer("write", self.block_bytes):
+                write_block(path, key, self.fp, self.geometry, payload)
         if self.capacity_bytes:
             with self._lock:
                 self._used += self.block_bytes
@@ -104,11 +111,16 @@ class BlockStore:
                 self.evict()
         return True
 
-    def get_into(self, key: str, out) -> bool:
+    def get_into(self, key: str, out, _queued: bool = False) -> bool:
         """Read a block into `out` (payload_bytes long). False on a miss (`out` then undefined)."""
         path = self.path(key)
         try:
-            read_block_into(path, key, self.fp, self.geometry, out)
+            if self.nic is None:
+                read_block_into(path, key, self.fp, self.geometry, out)
+            else:
+                with self.nic.transfer("read", self.block_bytes, self.geometry.page_size,
+                                       queued=_queued):
+                    read_block_into(path, key, self.fp, self.geometry, out)
         except FileNotFoundError:
             return False
         except BlockError as e:
@@ -129,7 +141,13 @@ class BlockStore:
 
     # ---- batches: several reads/writes in flight ----
     def batch_get_into(self, keys: Sequence[str], outs: Sequence) -> list[bool]:
-        return list(self._pool.map(self.get_into, keys, outs))
+        if self.nic is None:
+            return list(self._pool.map(self.get_into, keys, outs))
+        for k in keys:
+            self.path(k)  # validate every key before anything is queued
+        for _ in keys:  # queued from now until each read ends: the scheduler's read_q
+            self.nic.submit_read(self.block_bytes, self.geometry.page_size)
+        return list(self._pool.map(lambda k, o: self.get_into(k, o, _queued=True), keys, outs))
 
     def batch_put(self, keys: Sequence[str], payloads: Sequence) -> list[bool]:
         return list(self._pool.map(self.put, keys, payloads))

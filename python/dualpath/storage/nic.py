@@ -1,0 +1,140 @@
+"""The storage NIC of one node: a meter on every read and write, and an optional bandwidth cap.
+
+On one GPU host every engine shares one memory bus, so a node's storage NIC must be modelled
+explicitly (DESIGN.md): `cap_gbps` makes each transfer take at least bytes / cap, shared
+first-come-first-served by all transfers of the node in this process, like a link at line rate.
+With the cap off (None) this is only a meter, which is what runs in production.
+
+The read queue (reads submitted and not yet finished, in bytes and tokens) is the scheduler's
+`read_q`. `snapshot()` is a cheap in-process copy; the same numbers are Prometheus metrics
+labelled by node.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from prometheus_client import Counter, Gauge
+
+_BYTES = Counter("dualpath_storage_bytes", "Bytes moved by the node's storage NIC",
+                 ["node", "op"])
+_OPS = Counter("dualpath_storage_ops", "Block transfers by the node's storage NIC", ["node", "op"])
+_IN_FLIGHT = Gauge("dualpath_storage_in_flight", "Transfers in progress", ["node", "op"])
+_QUEUE_BYTES = Gauge("dualpath_storage_read_queue_bytes", "Reads submitted, not finished",
+                     ["node"])
+_QUEUE_TOKENS = Gauge("dualpath_storage_read_queue_tokens", "Reads submitted, not finished, "
+                      "in tokens", ["node"])
+_CAP = Gauge("dualpath_storage_cap_gbps", "Emulated NIC cap (0 = none)", ["node"])
+
+
+@dataclass(frozen=True)
+class NicSnapshot:
+    node: str
+    read_bytes: int
+    write_bytes: int
+    read_ops: int
+    write_ops: int
+    reads_in_flight: int
+    writes_in_flight: int
+    read_queue_bytes: int
+    read_queue_tokens: int
+    read_busy_s: float
+    """Seconds with at least one read in flight (rate = read_bytes / read_busy_s)."""
+
+
+class LinkClock:
+    """First-come-first-served line-rate clock: a transfer of n bytes reserved at time t ends at
+    max(t, previous end) + n / rate. Up to `burst_bytes` of idle credit may accumulate."""
+
+    def __init__(self, bytes_per_s: float, burst_bytes: int = 0):
+        if bytes_per_s <= 0:
+            raise ValueError("a link rate must be > 0")
+        self.rate, self.burst_s = bytes_per_s, burst_bytes / bytes_per_s
+        self._end = 0.0
+        self._lock = threading.Lock()
+
+    def reserve(self, nbytes: int, now: float | None = None) -> float:
+        """Return the monotonic time at which this transfer may complete."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._end = max(now - self.burst_s, self._end) + nbytes / self.rate
+            return self._end
+
+
+class StorageNic:
+    def __init__(self, node: str, cap_gbps: float | None = None, burst_bytes: int = 0):
+        if cap_gbps is not None and cap_gbps <= 0:
+            raise ValueError(f"cap_gbps must be > 0 or None, got {cap_gbps}")
+        self.node = node
+        self.cap_gbps = cap_gbps
+        self._clock = LinkClock(cap_gbps * 1e9, burst_bytes) if cap_gbps else None
+        self._lock = threading.Lock()
+        self._c = {"read_bytes": 0, "write_bytes": 0, "read_ops": 0, "write_ops": 0,
+                   "reads_in_flight": 0, "writes_in_flight": 0, "read_queue_bytes": 0,
+                   "read_queue_tokens": 0}
+        self._busy_s, self._busy_since = 0.0, None
+        _CAP.labels(node).set(cap_gbps or 0)
+
+    # ---- the read queue (what the scheduler sees) ----
+    def submit_read(self, nbytes: int, tokens: int) -> None:
+        with self._lock:
+            self._c["read_queue_bytes"] += nbytes
+            self._c["read_queue_tokens"] += tokens
+        _QUEUE_BYTES.labels(self.node).inc(nbytes)
+        _QUEUE_TOKENS.labels(self.node).inc(tokens)
+
+    def _retire_read(self, nbytes: int, tokens: int) -> None:
+        with self._lock:
+            self._c["read_queue_bytes"] -= nbytes
+            self._c["read_queue_tokens"] -= tokens
+        _QUEUE_BYTES.labels(self.node).dec(nbytes)
+        _QUEUE_TOKENS.labels(self.node).dec(tokens)
+
+    # ---- transfers ----
+    @contextmanager
+    def transfer(self, op: str, nbytes: int, tokens: int = 0,
+                 queued: bool = False) -> Iterator[None]:
+        """Wrap one block transfer (op 'read' or 'write'). Counts it, holds it to the cap, and
+        for a read submitted with `submit_read` (queued=True) takes it off the queue at the end.
+        A failed transfer is not counted as moved bytes."""
+        if op not in ("read", "write"):
+            raise ValueError(f"op must be 'read' or 'write', got {op!r}")
+        end = self._clock.reserve(nbytes) if self._clock else None
+        with self._lock:
+            self._c[f"{op}s_in_flight"] += 1
+            if op == "read" and self._c["reads_in_flight"] == 1:
+                self._busy_since = time.monotonic()
+        _IN_FLIGHT.labels(self.node, op).inc()
+        ok = False
+        try:
+            yield
+            ok = True
+            if end is not None:
+                wait = end - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+        finally:
+            with self._lock:
+                self._c[f"{op}s_in_flight"] -= 1
+                if ok:
+                    self._c[f"{op}_bytes"] += nbytes
+                    self._c[f"{op}_ops"] += 1
+                if op == "read" and self._c["reads_in_flight"] == 0:
+                    self._busy_s += time.monotonic() - self._busy_since
+            _IN_FLIGHT.labels(self.node, op).dec()
+            if ok:
+                _BYTES.labels(self.node, op).inc(nbytes)
+                _OPS.labels(self.node, op).inc()
+            if queued:
+                self._retire_read(nbytes, tokens)
+
+    def snapshot(self) -> NicSnapshot:
+        with self._lock:
+            busy = self._busy_s
+            if self._c["reads_in_flight"]:
+                busy += time.monotonic() - self._busy_since
+            return NicSnapshot(node=self.node, read_busy_s=busy, **self._c)
