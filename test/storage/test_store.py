@@ -65,10 +65,12 @@ def _damage(path, how):
         data = data[:-7]
     elif how == "header":
         data[0:8] = b"NOTABLOK"
+    elif how == "append":
+        data += b"trailing garbage"
     open(path, "wb").write(bytes(data))
 
 
-@pytest.mark.parametrize("how", ["flip", "truncate", "header"])
+@pytest.mark.parametrize("how", ["flip", "truncate", "header", "append"])
 def test_damaged_files_are_logged_misses(tmp_path, caplog, how):
     g = GEOMETRIES[1]
     s = open_store(tmp_path, g)

@@ -118,21 +118,28 @@ def check_header(raw: bytes, key: str, fp: bytes, geometry: BlockGeometry) -> in
     return digest
 
 
+READ_CHUNK = 256 << 10  # hash each chunk right after reading it, while it is still in cache
+
+
 def read_block_into(path: str, key: str, fp: bytes, geometry: BlockGeometry, out) -> None:
     """Read the payload at `path` into the writable buffer `out` (exactly payload_bytes long)
     and verify it. On BlockError the contents of `out` are undefined."""
     view = memoryview(out).cast("B")
     if view.nbytes != geometry.payload_bytes:
         raise ValueError(f"buffer of {view.nbytes} bytes for a {geometry.payload_bytes}-byte block")
+    h = xxhash.xxh3_64()  # streaming XXH3-64 equals the one-shot digest written by write_block
     with open(path, "rb", buffering=0) as f:
         digest = check_header(f.read(HEADER_BYTES), key, fp, geometry)
         got = 0
         while got < view.nbytes:
-            n = f.readinto(view[got:])
+            n = f.readinto(view[got:got + READ_CHUNK])
             if not n:
                 raise BlockError(f"short payload ({got} of {view.nbytes} bytes)")
+            h.update(view[got:got + n])
             got += n
-    if checksum(view) != digest:
+        if f.read(1):
+            raise BlockError("file is longer than header + payload")
+    if h.intdigest() != digest:
         raise BlockError("payload checksum mismatch")
 
 

@@ -126,10 +126,11 @@ class BlockStore:
         except BlockError as e:
             log.warning("block %s unusable, treated as a miss: %s", key, e)
             return False
-        try:
-            os.utime(path)  # recency for the LRU evictor
-        except OSError:
-            pass
+        if self.capacity_bytes:
+            try:
+                os.utime(path)  # recency for the LRU evictor (only when one runs)
+            except OSError:
+                pass
         return True
 
     def exists_prefix(self, keys: Sequence[str]) -> int:
