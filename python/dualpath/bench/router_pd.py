@@ -19,32 +19,29 @@ from pathlib import Path
 
 from dualpath.bench import client
 from dualpath.bench.servers import ServerError, ServerProcess
-from dualpath.bench.smoke import DEFAULT_MODEL, SmokeFailure, check, git_sha, gpu_facts, server_args
+from dualpath.bench.smoke import (
+    DEFAULT_MODEL,
+    SmokeFailure,
+    check,
+    git_sha,
+    gpu_facts,
+    pd_pair,
+    start_pd,
+)
 
 log = logging.getLogger("dualpath.router_pd")
 
 
 def run(args, out: Path, summary: dict) -> None:
     boot = 8998
-    common = ["--disaggregation-transfer-backend", args.pd_backend]
-    pre = ServerProcess("prefill", server_args(args.model, 30010, common + [
-        "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(boot)]),
-        30010, out / "server_prefill.log", env={"CUDA_VISIBLE_DEVICES": "0"})
-    dec = ServerProcess("decode", server_args(args.model, 30020, common + [
-        "--disaggregation-mode", "decode"]), 30020, out / "server_decode.log",
-        env={"CUDA_VISIBLE_DEVICES": "1"})
+    pre, dec = pd_pair(args.model, args.pd_backend, out, 30010, 30020, boot)
     router = ServerProcess("router", ["-m", "dualpath.router", "--prefill", pre.url, str(boot),
                                       "--decode", dec.url, "--port", str(args.router_port),
                                       "--policy", args.policy],
                            args.router_port, out / "router.log")
     procs = [pre, dec, router]
     try:
-        t0 = time.time()
-        pre.start()
-        dec.start()
-        pre.wait_healthy(args.health_timeout)
-        dec.wait_healthy(args.health_timeout)
-        summary["startup_pd_s"] = round(time.time() - t0, 1)
+        summary["startup_pd_s"] = start_pd(pre, dec, args.health_timeout)
         router.start()
         router.wait_healthy(60)
         status, resp = client.post_json(router.url + "/v1/chat/completions", {

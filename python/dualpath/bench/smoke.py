@@ -141,22 +141,36 @@ def chat_check(url: str, model: Path, summary: dict) -> None:
                        "text": resp["choices"][0]["message"]["content"][:200]}
 
 
+def pd_pair(model: Path, backend: str, out: Path, prefill_port: int, decode_port: int,
+            bootstrap_port: int) -> tuple[ServerProcess, ServerProcess]:
+    """A stock SGLang prefill server on GPU 0 and a decode server on GPU 1."""
+    common = ["--disaggregation-transfer-backend", backend]
+    pre = ServerProcess("prefill", server_args(model, prefill_port, common + [
+        "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port",
+        str(bootstrap_port)]), prefill_port, out / "server_prefill.log",
+        env={"CUDA_VISIBLE_DEVICES": "0"})
+    dec = ServerProcess("decode", server_args(model, decode_port, common + [
+        "--disaggregation-mode", "decode"]), decode_port, out / "server_decode.log",
+        env={"CUDA_VISIBLE_DEVICES": "1"})
+    return pre, dec
+
+
+def start_pd(pre: ServerProcess, dec: ServerProcess, timeout_s: float) -> float:
+    """Start both at once (they compile in parallel); return seconds until both are healthy."""
+    t0 = time.time()
+    pre.start()
+    dec.start()
+    pre.wait_healthy(timeout_s)
+    dec.wait_healthy(timeout_s)
+    return round(time.time() - t0, 1)
+
+
 def run_pd(args, out: Path, summary: dict) -> None:
     boot_port = args.port + 998
-    common = ["--disaggregation-transfer-backend", args.pd_backend]
-    pre = ServerProcess("prefill", server_args(args.model, args.port + 10, common + [
-        "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(boot_port)]),
-        args.port + 10, out / "server_prefill.log", env={"CUDA_VISIBLE_DEVICES": "0"})
-    dec = ServerProcess("decode", server_args(args.model, args.port + 20, common + [
-        "--disaggregation-mode", "decode"]),
-        args.port + 20, out / "server_decode.log", env={"CUDA_VISIBLE_DEVICES": "1"})
+    pre, dec = pd_pair(args.model, args.pd_backend, out, args.port + 10, args.port + 20,
+                       boot_port)
     try:
-        t0 = time.time()
-        pre.start()
-        dec.start()
-        pre.wait_healthy(args.health_timeout)
-        dec.wait_healthy(args.health_timeout)
-        summary["startup_pd_s"] = round(time.time() - t0, 1)
+        summary["startup_pd_s"] = start_pd(pre, dec, args.health_timeout)
         a, rows, outs = prompt(1, args.prompt_len), [], []
         for tag in ("pd_cold", "pd_repeat"):
             room = random.randrange(2**63 - 1)
