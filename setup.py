@@ -131,8 +131,8 @@ setup(
         # The serving stack. On an air-gapped GPU host use the offline bundle instead
         # (scripts/make_gpu_bundle.py, scripts/gpu_setup.sh): it carries these pins.
         "sglang": ["sglang==0.5.17"],
-        "dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "triton>=3.1", "pybind11>=2.12",
-                "tokenizers>=0.21", "transformers>=4.50", "jinja2>=3.1"],
+        "dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "torch>=2.4", "triton>=3.1",
+                "pybind11>=2.12", "tokenizers>=0.21", "transformers>=4.50", "jinja2>=3.1"],
     },
     zip_safe=False,
 )

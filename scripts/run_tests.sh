@@ -10,6 +10,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   "${PYTHON:-python3}" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -U pip
+# torch first, pinned to a CPU build where one is at hand (the CI machines keep torch 2.13.0 CPU
+# on disk); left alone if the venv already has a torch. Otherwise [dev]'s "torch" could pull a
+# multi-GB CUDA build onto a CPU-only machine.
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==2.13.0"
+fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev]'
 "$VENV/bin/python" -m ruff check .
 exec "$VENV/bin/python" -m pytest "$@"

@@ -1,0 +1,1 @@
+"""Kernels that move paged KV between layouts (Triton; CUDA C++ to come)."""

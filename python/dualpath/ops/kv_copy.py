@@ -1,0 +1,143 @@
+"""`copy_kv`: one op for every paged-KV move between layouts (see layout.py).
+
+For each page pair i, each selected layer pair j and each part c (K, V) it copies the
+page_size rows of `row_bytes` bytes at src (src_layers[j], c, src_pages[i]) to dst
+(dst_layers[j], c, dst_pages[i]). One launch per call, whatever the number of pieces.
+
+Implementations: "triton" (GPU; also runs on CPU tensors under TRITON_INTERPRET=1, which is how
+CI tests it) and "reference" (pure torch). Host memory is read or written in place by the GPU
+kernel when it is pinned (its device mapping), which beats the copy engine for many small rows.
+Registered as the torch op ``dualpath::copy_kv`` declaring that it writes the destination tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from dualpath.ops.layout import KVLayout, compatible
+from dualpath.ops.reference import copy_kv_ref
+
+
+@triton.jit
+def _copy_kv_kernel(src_base, dst_base, src_pages, dst_pages,
+                    src_page_stride, src_token_stride, dst_page_stride, dst_token_stride,
+                    page_size, row_elems,
+                    WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0)  # page pair
+    lc = tl.program_id(1)  # (layer pair, part) row of the base tables
+    sp = tl.load(src_pages + i).to(tl.int64)
+    dp = tl.load(dst_pages + i).to(tl.int64)
+    # byte address of token 0 of this page in this (layer, part), on each side
+    s_page = tl.load(src_base + lc) + sp * src_page_stride
+    d_page = tl.load(dst_base + lc) + dp * dst_page_stride
+    if WIDTH == 8:
+        elem = tl.int64
+    elif WIDTH == 4:
+        elem = tl.int32
+    elif WIDTH == 2:
+        elem = tl.int16
+    else:
+        elem = tl.int8
+    for t in range(0, page_size):
+        # one row: row_elems contiguous elements of WIDTH bytes
+        s_row = (s_page + t * src_token_stride).to(tl.pointer_type(elem))
+        d_row = (d_page + t * dst_token_stride).to(tl.pointer_type(elem))
+        for off in range(0, row_elems, BLOCK):
+            offs = off + tl.arange(0, BLOCK)
+            mask = offs < row_elems
+            tl.store(d_row + offs, tl.load(s_row + offs, mask=mask), mask=mask)
+
+
+def _width(*values: int) -> int:
+    """Widest element (8, 4, 2 or 1 bytes) that divides every address, stride and length."""
+    g = 0
+    for v in values:
+        g = math.gcd(g, int(v))
+    for w in (8, 4, 2):
+        if g % w == 0:
+            return w
+    return 1
+
+
+@torch.library.custom_op("dualpath::copy_kv", mutates_args=("dst_tensors",))
+def _copy_kv_op(src_tensors: list[torch.Tensor], dst_tensors: list[torch.Tensor],
+                src_base: torch.Tensor, dst_base: torch.Tensor, src_pages: torch.Tensor,
+                dst_pages: torch.Tensor, src_page_stride: int, src_token_stride: int,
+                dst_page_stride: int, dst_token_stride: int, page_size: int,
+                row_bytes: int) -> None:
+    n_pairs, n_rows = src_pages.numel(), src_base.numel()
+    if n_pairs == 0 or n_rows == 0:
+        return
+    width = _width(row_bytes, src_page_stride, src_token_stride, dst_page_stride,
+                   dst_token_stride, *src_base.tolist(), *dst_base.tolist())
+    row_elems = row_bytes // width
+    block = min(1024, triton.next_power_of_2(row_elems))
+    dev = src_pages.device
+    _copy_kv_kernel[(n_pairs, n_rows)](
+        src_base.to(dev), dst_base.to(dev), src_pages, dst_pages, src_page_stride,
+        src_token_stride, dst_page_stride, dst_token_stride, page_size, row_elems,
+        WIDTH=width, BLOCK=block)
+
+
+@_copy_kv_op.register_fake
+def _(src_tensors, dst_tensors, src_base, dst_base, src_pages, dst_pages, src_page_stride,
+      src_token_stride, dst_page_stride, dst_token_stride, page_size, row_bytes) -> None:
+    return None
+
+
+def copy_kv(src: KVLayout, dst: KVLayout, src_pages: torch.Tensor, dst_pages: torch.Tensor, *,
+            src_layers: Sequence[int] | None = None, dst_layers: Sequence[int] | None = None,
+            impl: str = "triton") -> None:
+    """Copy pages of paged KV from one layout to another.
+
+    Parameters
+    ----------
+    src, dst : KVLayout (layout.py); same row bytes, page size and parts.
+    src_pages, dst_pages : int64 [n] page indices (on the kernel's device for "triton");
+        destination pages must not repeat (sources may).
+    src_layers, dst_layers : layer indices of equal length (default: all layers of each, which
+        must then be equally many). E.g. src_layers=[5], dst_layers=[0] moves layer 5 into a
+        Layer Block.
+    impl : "triton" or "reference".
+
+    Note: page indices on the CPU are bounds-checked; on a GPU they are not (no sync).
+    """
+    compatible(src, dst)
+    src_layers = list(range(src.num_layers)) if src_layers is None else list(src_layers)
+    dst_layers = list(range(dst.num_layers)) if dst_layers is None else list(dst_layers)
+    if len(src_layers) != len(dst_layers):
+        raise ValueError(f"{len(src_layers)} source layers for {len(dst_layers)} destination")
+    for name, layers, lay in (("src", src_layers, src), ("dst", dst_layers, dst)):
+        if any(not 0 <= x < lay.num_layers for x in layers):
+            raise IndexError(f"{name}_layers {layers} out of range [0, {lay.num_layers})")
+    if src_pages.shape != dst_pages.shape or src_pages.dim() != 1:
+        raise ValueError("src_pages and dst_pages must be 1-D and of equal length")
+    for name, pages, lay in (("src", src_pages, src), ("dst", dst_pages, dst)):
+        if pages.dtype != torch.int64:
+            raise TypeError(f"{name}_pages must be int64, got {pages.dtype}")
+        if pages.device.type == "cpu" and pages.numel() and (
+                int(pages.min()) < 0 or int(pages.max()) >= lay.num_pages):
+            raise IndexError(f"{name}_pages out of range [0, {lay.num_pages})")
+    if impl == "reference":
+        copy_kv_ref(src, dst, src_pages, dst_pages, src_layers, dst_layers)
+        return
+    if impl != "triton":
+        raise ValueError(f"unknown impl {impl!r}: use 'triton' or 'reference'")
+    src_base = src.base[src_layers].reshape(-1)
+    dst_base = dst.base[dst_layers].reshape(-1)
+    nvtx = src_pages.device.type == "cuda"
+    if nvtx:
+        torch.cuda.nvtx.range_push(f"dualpath.copy_kv {src.kind}->{dst.kind} "
+                                   f"pages={src_pages.numel()} layers={len(src_layers)}")
+    try:
+        _copy_kv_op(list(src.tensors), list(dst.tensors), src_base, dst_base, src_pages,
+                    dst_pages, src.page_stride, src.token_stride, dst.page_stride,
+                    dst.token_stride, src.page_size, src.row_bytes)
+    finally:
+        if nvtx:
+            torch.cuda.nvtx.range_pop()
