@@ -47,6 +47,10 @@ class KVLayout:
     def device(self) -> torch.device:
         return self.tensors[0].device
 
+    def tensor_of(self, layer: int, part: int) -> torch.Tensor:
+        """The tensor that (layer, part) lives in (e.g. a device pool's K buffer of a layer)."""
+        return self.tensors[self.origin[layer][part][0]]
+
 
 def _row_bytes(t: torch.Tensor, head_dims: int) -> int:
     """Bytes of the trailing `head_dims` dims, which must be contiguous."""

@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""copy_kv bandwidth on the GPU host, as a fraction of peaks measured in the same run, next to
+SGLang's own kernels (sgl_kernel.kvcacheio) for the moves SGLang has.
+
+Moves (model shapes: 8b = 32 layers x 8 KV heads x 128, 70b = 80 x 8 x 128; bf16):
+  d2d_gather     device pool -> Full Blocks, all layers     (peak: device copy, read+write)
+  d2d_scatter    Full Blocks -> device pool, all layers     (peak: device copy, read+write)
+  h2d_layer      pinned host page_first -> device pool, 1 layer  (peak: pinned H2D; peer:
+                 transfer_kv_per_layer_pf_lf, SGLang's HiCache load)
+  d2h_all        device pool -> pinned host page_first, all layers (peak: pinned D2H; peer:
+                 transfer_kv_all_layer_lf_pf, SGLang's HiCache backup)
+Timing per METHOD.md: CUDA events, warm-up, median of repeats, buffers rotated so each timed
+call touches memory not in L2 (50 MB on H100). Every case first checks its result byte-for-byte
+against the pure-torch reference; a peer whose result differs is reported, not timed.
+
+  python benchmark/kernels/bench_copy_kv.py [--models 8b,70b] [--page-sizes 16,64]
+      [--pages 64,1024] [--out FILE.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "python"))
+
+from dualpath.ops import layout as L  # noqa: E402
+from dualpath.ops.kv_copy import copy_kv  # noqa: E402
+
+MODELS = {"8b": (32, 8, 128), "70b": (80, 8, 128)}
+L2_BYTES = 50 << 20
+
+
+def timed(fn, warmup=5, repeats=30) -> float:
+    """Median seconds of fn() (fn rotates its own buffers) measured with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
+
+
+def peaks() -> dict:
+    n = 1 << 30
+    src, dst = torch.empty(n, dtype=torch.uint8, device="cuda"), torch.empty(
+        n, dtype=torch.uint8, device="cuda")
+    src.random_(0, 255)
+    pinned = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    pinned.random_(0, 255)
+    d2d = 2 * n / timed(lambda: dst.copy_(src), 2, 10)
+    h2d = n / timed(lambda: dst.copy_(pinned, non_blocking=True), 2, 10)
+    d2h = n / timed(lambda: pinned.copy_(dst, non_blocking=True), 2, 10)
+    return {"d2d_gbps": d2d / 1e9, "h2d_gbps": h2d / 1e9, "d2h_gbps": d2h / 1e9}
+
+
+class Case:
+    """`sets` independent (src, dst) layout pairs, rotated so that timed calls miss L2."""
+
+    def __init__(self, move, model, ps, pages):
+        self.move, self.ps, self.pages = move, ps, pages
+        self.layers, heads, dim = MODELS[model]
+        self.heads, self.dim = heads, dim
+        row = heads * dim * 2
+        moved_layers = 1 if move == "h2d_layer" else self.layers
+        self.moved = 2 * moved_layers * pages * ps * row  # K and V
+        self.sets = max(2, -(-2 * L2_BYTES // self.moved))
+        self.pairs = [self._make() for _ in range(self.sets)]
+        self.i = 0
+
+    def _pool(self, pages):
+        buf = lambda: torch.randn(pages * self.ps + self.ps, self.heads, self.dim,  # noqa: E731
+                                  dtype=torch.bfloat16, device="cuda")
+        return L.device_pool([buf() for _ in range(self.layers)],
+                             [buf() for _ in range(self.layers)], self.ps)
+
+    def _host(self, pages):
+        t = torch.randn(2, pages * self.ps, self.layers, self.heads, self.dim,
+                        dtype=torch.bfloat16).pin_memory()
+        return L.host_page_first(t, self.ps)
+
+    def _make(self):
+        n = self.pages
+        if self.move == "d2d_gather":
+            src = self._pool(n)
+            dst = L.full_blocks(torch.empty(n, self.layers, 2, self.ps, self.heads, self.dim,
+                                            dtype=torch.bfloat16, device="cuda"))
+        elif self.move == "d2d_scatter":
+            src = L.full_blocks(torch.randn(n, self.layers, 2, self.ps, self.heads, self.dim,
+                                            dtype=torch.bfloat16, device="cuda"))
+            dst = self._pool(n)
+        elif self.move == "h2d_layer":
+            src, dst = self._host(n), self._pool(n)
+        else:
+            src, dst = self._pool(n), self._host(n)
+        perm = torch.randperm(n, device="cuda")
+        return src, dst, torch.arange(n, device="cuda"), perm
+
+    def layers_arg(self):
+        return ([self.layers // 2], [self.layers // 2]) if self.move == "h2d_layer" else (None,
+                                                                                          None)
+
+    def ours(self):
+        src, dst, sp, dp = self.pairs[self.i % self.sets]
+        self.i += 1
+        sl, dl = self.layers_arg()
+        copy_kv(src, dst, sp, dp, src_layers=sl, dst_layers=dl)
+
+    def peer(self):
+        """SGLang's kernel for the same move, or None where SGLang has none."""
+        try:
+            from sgl_kernel import kvcacheio
+        except ImportError:
+            return None
+        item = self.heads * self.dim * 2
+        ps = self.ps
+
+        def tokens(pages):
+            return (pages[:, None] * ps + torch.arange(ps, device="cuda")).reshape(-1)
+
+        if self.move == "h2d_layer":
+            def run():
+                src, dst, sp, dp = self.pairs[self.i % self.sets]
+                self.i += 1
+                lay = self.layers // 2
+                host = src.tensors[0]
+                kvcacheio.transfer_kv_per_layer_pf_lf(
+                    host[0], dst.tensor_of(lay, 0), host[1], dst.tensor_of(lay, 1),
+                    tokens(sp), tokens(dp), lay, item, item * self.layers)
+            return run
+        if self.move == "d2h_all":
+            ptrs = {}
+
+            def run():
+                src, dst, sp, dp = self.pairs[self.i % self.sets]
+                self.i += 1
+                key = id(src)
+                if key not in ptrs:  # SGLang's per-layer K and V pointer tables
+                    ptrs[key] = [torch.tensor([src.tensor_of(layer, c).data_ptr()
+                                               for layer in range(self.layers)],
+                                              dtype=torch.uint64, device="cuda") for c in (0, 1)]
+                host = dst.tensors[0]
+                kvcacheio.transfer_kv_all_layer_lf_pf(
+                    ptrs[key][0], host[0], ptrs[key][1], host[1], tokens(sp), tokens(dp), item,
+                    item * self.layers, self.layers)
+            return run
+        return None
+
+    def check(self, fn) -> bool:
+        """Run fn on set 0 and compare the destination with the reference's, byte for byte."""
+        src, dst, sp, dp = self.pairs[0]
+        before = [t.clone() for t in dst.tensors]
+        self.i = 0
+        fn()
+        torch.cuda.synchronize()
+        got = [t.clone() for t in dst.tensors]
+        for t, b in zip(dst.tensors, before, strict=True):
+            t.copy_(b)
+        sl, dl = self.layers_arg()
+        copy_kv(src, dst, sp, dp, src_layers=sl, dst_layers=dl, impl="reference")
+        torch.cuda.synchronize()
+        return all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+                   for a, b in zip(got, dst.tensors, strict=True))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="8b,70b")
+    ap.add_argument("--page-sizes", default="16,64")
+    ap.add_argument("--pages", default="64,1024")
+    ap.add_argument("--moves", default="d2d_gather,d2d_scatter,h2d_layer,d2h_all")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU (kernel correctness on the CPU: pytest test/ops)")
+        return 2
+    sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
+                         capture_output=True, text=True).stdout.strip() or "unknown"
+    meta = {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+            "git_sha": sha}
+    pk = peaks()
+    print("peaks (GB/s):", {k: round(v, 1) for k, v in pk.items()})
+    ref_peak = {"d2d_gather": "d2d_gbps", "d2d_scatter": "d2d_gbps", "h2d_layer": "h2d_gbps",
+                "d2h_all": "d2h_gbps"}
+    print(f"{'move':>12} {'model':>5} {'ps':>3} {'pages':>5} {'ours GB/s':>9} {'of peak':>7} "
+          f"{'sglang GB/s':>11}")
+    for model in args.models.split(","):
+        for ps in (int(x) for x in args.page_sizes.split(",")):
+            for pages in (int(x) for x in args.pages.split(",")):
+                for move in args.moves.split(","):
+                    case = Case(move, model, ps, pages)
+                    traffic = case.moved * (2 if move.startswith("d2d") else 1)
+                    ok = case.check(case.ours)
+                    ours = traffic / timed(case.ours) / 1e9 if ok else None
+                    peer_fn = case.peer()
+                    peer = None
+                    if peer_fn is not None:
+                        peer = (traffic / timed(peer_fn) / 1e9) if case.check(peer_fn) else "wrong"
+                    frac = ours / pk[ref_peak[move]] if ours else None
+                    row = {"move": move, "model": model, "page_size": ps, "pages": pages,
+                           "bytes": case.moved, "ours_gbps": ours, "ours_correct": ok,
+                           "fraction_of_peak": frac, "sglang_gbps": peer, **pk, **meta}
+                    print(f"{move:>12} {model:>5} {ps:>3} {pages:>5} "
+                          f"{ours or float('nan'):>9.1f} {frac or float('nan'):>7.2f} "
+                          f"{peer if isinstance(peer, str) else (peer or float('nan')):>11}")
+                    if args.out:
+                        with open(args.out, "a") as f:
+                            f.write(json.dumps(row) + "\n")
+                    del case
+                    torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
