@@ -37,11 +37,17 @@ def test_cuda_sources_compile_and_load(repo_root, tmp_path):
                     "-DCMAKE_CUDA_ARCHITECTURES=90", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
                     f"-DPython_EXECUTABLE={sys.executable}"], check=True, capture_output=True)
     subprocess.run(["cmake", "--build", str(build), "-j2"], check=True, capture_output=True)
-    code = ("import json, _C; b = _C.build_info(); r = _C.cuda_runtime_info();"
-            "print(json.dumps([b['with_cuda'], b['cuda_archs'], r]))")
+    code = ("import json, _C; b = _C.build_info(); r = _C.cuda_runtime_info();\n"
+            "try:\n"
+            "    _C.copy_kv(8, 8, 8, 8, 1, 1, 0, 0, 0, 0, 1, 16, 16, 0); launch = 'ran'\n"
+            "except RuntimeError as e:\n"
+            "    launch = str(e)\n"
+            "print(json.dumps([b['with_cuda'], b['cuda_archs'], r, launch]))")
     out = subprocess.run([sys.executable, "-c", code], cwd=build, check=True,
                          capture_output=True, text=True, timeout=60).stdout
-    with_cuda, archs, rt = __import__("json").loads(out)
+    with_cuda, archs, rt, launch = __import__("json").loads(out)
     assert with_cuda is True and archs == "90"
     assert rt["runtime_version"] >= 13000
     assert rt["device_count"] > 0 or rt["error"], rt
+    if rt["device_count"] == 0:  # the KV copy kernel is in the module; without a GPU its
+        assert launch.startswith("copy_kv launch failed"), launch  # launch fails cleanly

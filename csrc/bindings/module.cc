@@ -2,6 +2,9 @@
 #include <pybind11/pybind11.h>
 
 #include "dualpath/cuda_info.h"
+#ifdef DUALPATH_WITH_CUDA
+#include "dualpath/kv_copy_launch.h"
+#endif
 
 namespace py = pybind11;
 
@@ -49,5 +52,28 @@ PYBIND11_MODULE(_C, m) {
         return d;
       },
       "CUDA runtime/driver versions and device count, or the CUDA error that stopped the query.");
+  m.def(
+      "copy_kv",
+      [](uintptr_t src_base, uintptr_t dst_base, uintptr_t src_pages, uintptr_t dst_pages,
+         int64_t num_pairs, int64_t num_rows, int64_t src_page_stride, int64_t src_token_stride,
+         int64_t dst_page_stride, int64_t dst_token_stride, int32_t page_size, int64_t row_bytes,
+         int32_t width, uintptr_t stream) {
+        dualpath::CopyKvArgs a{src_base,        dst_base,         src_pages,       dst_pages,
+                               num_pairs,       num_rows,         src_page_stride, src_token_stride,
+                               dst_page_stride, dst_token_stride, page_size,       row_bytes,
+                               width,           stream};
+        std::string err;
+        {
+          py::gil_scoped_release release;
+          err = dualpath::copy_kv_launch(a);
+        }
+        if (!err.empty()) throw std::runtime_error(err);
+      },
+      "Enqueue the paged-KV copy (device addresses of int64 base tables and page index arrays, "
+      "byte strides) on a CUDA stream. Use dualpath.ops.copy_kv(impl='cuda'), which validates.",
+      py::arg("src_base"), py::arg("dst_base"), py::arg("src_pages"), py::arg("dst_pages"),
+      py::arg("num_pairs"), py::arg("num_rows"), py::arg("src_page_stride"),
+      py::arg("src_token_stride"), py::arg("dst_page_stride"), py::arg("dst_token_stride"),
+      py::arg("page_size"), py::arg("row_bytes"), py::arg("width"), py::arg("stream"));
 #endif
 }

@@ -12,9 +12,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 from dualpath.ops import layout as L  # noqa: E402
-from dualpath.ops.kv_copy import copy_kv  # noqa: E402
+from dualpath.ops.kv_copy import copy_kv, cuda_available  # noqa: E402
 
 DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+IMPLS = ["triton"] + (["cuda"] if DEVICE == "cuda" and cuda_available() else [])
 
 
 def rand_like(shape, dtype, gen):
@@ -58,11 +59,12 @@ if DEVICE == "cuda":  # the interpreter is too slow for these; the GPU host runs
     SIZES += [(97, 64, 61, True), (1024, 16, 3, False), (1024, 1, 1, True)]
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("src_kind", KINDS)
 @pytest.mark.parametrize("dst_kind", KINDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("pages,ps,layers,strided", SIZES)
-def test_matches_reference(src_kind, dst_kind, dtype, pages, ps, layers, strided):
+def test_matches_reference(impl, src_kind, dst_kind, dtype, pages, ps, layers, strided):
     gen = torch.Generator().manual_seed(zlib.crc32(repr((src_kind, dst_kind, pages, ps)).encode()))
     heads, dim, parts = 2, 24, 2
     src = build(src_kind, layers, parts, pages + 4, ps, heads, dim, dtype, gen, strided)
@@ -73,9 +75,9 @@ def test_matches_reference(src_kind, dst_kind, dtype, pages, ps, layers, strided
         t.copy_(s)  # identical starting contents for kernel and reference
     src_pages = torch.randint(0, pages + 4, (pages,), generator=gen).to(DEVICE)  # may repeat
     dst_pages = torch.randperm(pages + 3, generator=gen)[:pages].to(DEVICE)  # never repeats
-    copy_kv(src, dst_k, src_pages, dst_pages, impl="triton")
+    copy_kv(src, dst_k, src_pages, dst_pages, impl=impl)
     copy_kv(src, dst_r, src_pages, dst_pages, impl="reference")
-    assert bytes_equal(dst_k.tensors, dst_r.tensors), f"{src_kind}->{dst_kind} {dtype} " \
+    assert bytes_equal(dst_k.tensors, dst_r.tensors), f"{impl} {src_kind}->{dst_kind} {dtype} " \
         f"pages={pages} ps={ps} layers={layers} strided={strided}"
     assert not bytes_equal(dst_r.tensors, dst_r_tensors), "the copy changed nothing"
 
@@ -116,6 +118,16 @@ def test_bad_arguments_are_refused():
         copy_kv(a, c, torch.tensor([0]), torch.tensor([0]), src_layers=[2], dst_layers=[0])
     with pytest.raises(ValueError, match="not contiguous"):
         L.full_blocks(torch.zeros(2, 2, 2, 4, 8, 2)[..., ::2, :].transpose(-1, -2))
+
+
+def test_cuda_impl_refuses_without_cuda():
+    if cuda_available():
+        pytest.skip("this machine has the CUDA kernels")
+    gen = torch.Generator().manual_seed(3)
+    a = build("full_blocks", 1, 2, 2, 4, 2, 8, torch.float16, gen, False)
+    b = build("full_blocks", 1, 2, 2, 4, 2, 8, torch.float16, gen, False)
+    with pytest.raises(RuntimeError, match="built with CUDA"):
+        copy_kv(a, b, torch.tensor([0]), torch.tensor([1]), impl="cuda")
 
 
 def test_op_is_registered_with_declared_mutation():

@@ -5,8 +5,10 @@ page_size rows of `row_bytes` bytes at src (src_layers[j], c, src_pages[i]) to d
 (dst_layers[j], c, dst_pages[i]). One launch per call, whatever the number of pieces.
 
 Implementations: "triton" (GPU; also runs on CPU tensors under TRITON_INTERPRET=1, which is how
-CI tests it) and "reference" (pure torch). Host memory is read or written in place by the GPU
-kernel when it is pinned (its device mapping), which beats the copy engine for many small rows.
+CI tests it), "cuda" (csrc/ops/kv_copy.cu in dualpath._C, 16-byte accesses where aligned;
+launched on torch's current stream) and "reference" (pure torch). Host memory is read or
+written in place by the GPU kernels when it is pinned (its device mapping), which beats the copy
+engine for many small rows.
 Registered as the torch op ``dualpath::copy_kv`` declaring that it writes the destination tensors.
 """
 
@@ -53,15 +55,15 @@ def _copy_kv_kernel(src_base, dst_base, src_pages, dst_pages,
             tl.store(d_row + offs, tl.load(s_row + offs, mask=mask), mask=mask)
 
 
-def _width(*values: int) -> int:
-    """Widest element (8, 4, 2 or 1 bytes) that divides every address, stride and length."""
+def _width(widest: int, *values: int) -> int:
+    """Widest access (<= `widest` bytes) that divides every address, stride and length."""
     g = 0
     for v in values:
         g = math.gcd(g, int(v))
-    for w in (8, 4, 2):
-        if g % w == 0:
-            return w
-    return 1
+    w = widest
+    while w > 1 and g % w:
+        w //= 2
+    return w
 
 
 @torch.library.custom_op("dualpath::copy_kv", mutates_args=("dst_tensors",))
@@ -69,25 +71,43 @@ def _copy_kv_op(src_tensors: list[torch.Tensor], dst_tensors: list[torch.Tensor]
                 src_base: torch.Tensor, dst_base: torch.Tensor, src_pages: torch.Tensor,
                 dst_pages: torch.Tensor, src_page_stride: int, src_token_stride: int,
                 dst_page_stride: int, dst_token_stride: int, page_size: int,
-                row_bytes: int) -> None:
+                row_bytes: int, impl: str) -> None:
     n_pairs, n_rows = src_pages.numel(), src_base.numel()
     if n_pairs == 0 or n_rows == 0:
         return
-    width = _width(row_bytes, src_page_stride, src_token_stride, dst_page_stride,
-                   dst_token_stride, *src_base.tolist(), *dst_base.tolist())
+    strides = (row_bytes, src_page_stride, src_token_stride, dst_page_stride, dst_token_stride,
+               *src_base.tolist(), *dst_base.tolist())
+    dev = src_pages.device
+    src_base, dst_base = src_base.to(dev), dst_base.to(dev)
+    if impl == "cuda":
+        from dualpath import _C
+
+        _C.copy_kv(src_base.data_ptr(), dst_base.data_ptr(), src_pages.data_ptr(),
+                   dst_pages.data_ptr(), n_pairs, n_rows, src_page_stride, src_token_stride,
+                   dst_page_stride, dst_token_stride, page_size, row_bytes,
+                   _width(16, *strides), torch.cuda.current_stream(dev).cuda_stream)
+        return
+    width = _width(8, *strides)
     row_elems = row_bytes // width
     block = min(1024, triton.next_power_of_2(row_elems))
-    dev = src_pages.device
     _copy_kv_kernel[(n_pairs, n_rows)](
-        src_base.to(dev), dst_base.to(dev), src_pages, dst_pages, src_page_stride,
-        src_token_stride, dst_page_stride, dst_token_stride, page_size, row_elems,
-        WIDTH=width, BLOCK=block)
+        src_base, dst_base, src_pages, dst_pages, src_page_stride, src_token_stride,
+        dst_page_stride, dst_token_stride, page_size, row_elems, WIDTH=width, BLOCK=block)
 
 
 @_copy_kv_op.register_fake
 def _(src_tensors, dst_tensors, src_base, dst_base, src_pages, dst_pages, src_page_stride,
-      src_token_stride, dst_page_stride, dst_token_stride, page_size, row_bytes) -> None:
+      src_token_stride, dst_page_stride, dst_token_stride, page_size, row_bytes, impl) -> None:
     return None
+
+
+def cuda_available() -> bool:
+    """True when dualpath._C was built with the CUDA kernels and a GPU is visible."""
+    try:
+        from dualpath import _C
+    except ImportError:
+        return False
+    return bool(_C.build_info()["with_cuda"]) and torch.cuda.is_available()
 
 
 def copy_kv(src: KVLayout, dst: KVLayout, src_pages: torch.Tensor, dst_pages: torch.Tensor, *,
@@ -103,7 +123,7 @@ def copy_kv(src: KVLayout, dst: KVLayout, src_pages: torch.Tensor, dst_pages: to
     src_layers, dst_layers : layer indices of equal length (default: all layers of each, which
         must then be equally many). E.g. src_layers=[5], dst_layers=[0] moves layer 5 into a
         Layer Block.
-    impl : "triton" or "reference".
+    impl : "triton", "cuda" (dualpath._C built with CUDA) or "reference".
 
     Note: page indices on the CPU are bounds-checked; on a GPU they are not (no sync).
     """
@@ -126,8 +146,14 @@ def copy_kv(src: KVLayout, dst: KVLayout, src_pages: torch.Tensor, dst_pages: to
     if impl == "reference":
         copy_kv_ref(src, dst, src_pages, dst_pages, src_layers, dst_layers)
         return
-    if impl != "triton":
-        raise ValueError(f"unknown impl {impl!r}: use 'triton' or 'reference'")
+    if impl not in ("triton", "cuda"):
+        raise ValueError(f"unknown impl {impl!r}: use 'triton', 'cuda' or 'reference'")
+    if impl == "cuda":
+        if not cuda_available():
+            raise RuntimeError("impl='cuda' needs dualpath._C built with CUDA "
+                               "(DUALPATH_BUILD_CUDA) and a visible GPU")
+        if src_pages.device.type != "cuda" or dst_pages.device.type != "cuda":
+            raise ValueError("impl='cuda' needs the page indices on the GPU")
     src_base = src.base[src_layers].reshape(-1)
     dst_base = dst.base[dst_layers].reshape(-1)
     nvtx = src_pages.device.type == "cuda"
@@ -137,7 +163,7 @@ def copy_kv(src: KVLayout, dst: KVLayout, src_pages: torch.Tensor, dst_pages: to
     try:
         _copy_kv_op(list(src.tensors), list(dst.tensors), src_base, dst_base, src_pages,
                     dst_pages, src.page_stride, src.token_stride, dst.page_stride,
-                    dst.token_stride, src.page_size, src.row_bytes)
+                    dst.token_stride, src.page_size, src.row_bytes, impl)
     finally:
         if nvtx:
             torch.cuda.nvtx.range_pop()
