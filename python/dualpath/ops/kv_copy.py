@@ -71,23 +71,20 @@ def _copy_kv_op(src_tensors: list[torch.Tensor], dst_tensors: list[torch.Tensor]
                 src_base: torch.Tensor, dst_base: torch.Tensor, src_pages: torch.Tensor,
                 dst_pages: torch.Tensor, src_page_stride: int, src_token_stride: int,
                 dst_page_stride: int, dst_token_stride: int, page_size: int,
-                row_bytes: int, impl: str) -> None:
+                row_bytes: int, width: int, impl: str) -> None:
+    # No host syncs or host-to-device copies in here: capturable in a CUDA graph.
     n_pairs, n_rows = src_pages.numel(), src_base.numel()
     if n_pairs == 0 or n_rows == 0:
         return
-    strides = (row_bytes, src_page_stride, src_token_stride, dst_page_stride, dst_token_stride,
-               *src_base.tolist(), *dst_base.tolist())
-    dev = src_pages.device
-    src_base, dst_base = src_base.to(dev), dst_base.to(dev)
     if impl == "cuda":
         from dualpath import _C
 
         _C.copy_kv(src_base.data_ptr(), dst_base.data_ptr(), src_pages.data_ptr(),
                    dst_pages.data_ptr(), n_pairs, n_rows, src_page_stride, src_token_stride,
-                   dst_page_stride, dst_token_stride, page_size, row_bytes,
-                   _width(16, *strides), torch.cuda.current_stream(dev).cuda_stream)
+                   dst_page_stride, dst_token_stride, page_size, row_bytes, width,
+                   torch.cuda.current_stream(src_pages.device).cuda_stream)
         return
-    width = _width(8, *strides)
+    width = min(width, 8)  # Triton's widest integer element
     row_elems = row_bytes // width
     block = min(1024, triton.next_power_of_2(row_elems))
     _copy_kv_kernel[(n_pairs, n_rows)](
@@ -97,7 +94,8 @@ def _copy_kv_op(src_tensors: list[torch.Tensor], dst_tensors: list[torch.Tensor]
 
 @_copy_kv_op.register_fake
 def _(src_tensors, dst_tensors, src_base, dst_base, src_pages, dst_pages, src_page_stride,
-      src_token_stride, dst_page_stride, dst_token_stride, page_size, row_bytes, impl) -> None:
+      src_token_stride, dst_page_stride, dst_token_stride, page_size, row_bytes, width,
+      impl) -> None:
     return None
 
 
@@ -154,8 +152,13 @@ def copy_kv(src: KVLayout, dst: KVLayout, src_pages: torch.Tensor, dst_pages: to
                                "(DUALPATH_BUILD_CUDA) and a visible GPU")
         if src_pages.device.type != "cuda" or dst_pages.device.type != "cuda":
             raise ValueError("impl='cuda' needs the page indices on the GPU")
-    src_base = src.base[src_layers].reshape(-1)
-    dst_base = dst.base[dst_layers].reshape(-1)
+    dev = src_pages.device
+    src_base = src.rows_table(tuple(src_layers), dev)
+    dst_base = dst.rows_table(tuple(dst_layers), dev)
+    # widest access every address and stride allows (host-side data: no device sync)
+    width = _width(16, src.row_bytes, src.page_stride, src.token_stride, dst.page_stride,
+                   dst.token_stride, *src.base[src_layers].reshape(-1).tolist(),
+                   *dst.base[dst_layers].reshape(-1).tolist())
     nvtx = src_pages.device.type == "cuda"
     if nvtx:
         torch.cuda.nvtx.range_push(f"dualpath.copy_kv {src.kind}->{dst.kind} "
@@ -163,7 +166,7 @@ def copy_kv(src: KVLayout, dst: KVLayout, src_pages: torch.Tensor, dst_pages: to
     try:
         _copy_kv_op(list(src.tensors), list(dst.tensors), src_base, dst_base, src_pages,
                     dst_pages, src.page_stride, src.token_stride, dst.page_stride,
-                    dst.token_stride, src.page_size, src.row_bytes, impl)
+                    dst.token_stride, src.page_size, src.row_bytes, width, impl)
     finally:
         if nvtx:
             torch.cuda.nvtx.range_pop()

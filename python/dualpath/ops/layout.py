@@ -18,7 +18,7 @@ the same bytes through tensor views.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +34,17 @@ class KVLayout:
     row_bytes: int
     page_stride: int
     token_stride: int
+    _tables: dict = field(default_factory=dict, repr=False)
+
+    def rows_table(self, layers: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """int64 [len(layers) * kv_parts] base addresses of the given layers, on `device`.
+        Cached: after the first call no host-to-device copy happens (CUDA-graph capturable)."""
+        key = (layers, str(device))
+        table = self._tables.get(key)
+        if table is None:
+            table = self.base[list(layers)].reshape(-1).to(device)
+            self._tables[key] = table
+        return table
 
     @property
     def num_layers(self) -> int:
