@@ -1,0 +1,102 @@
+"""Move pages between SGLang's `page_first` host KV pool and layer-major Full Blocks.
+
+In SGLang's page_first host pool ([2, slots, layers, heads, dim]) a page is two regions (K and
+V), each ``page_size x num_layers x row_bytes`` bytes, token-major. A Full Block is layer-major:
+for each layer, K then V, each ``page_size x row_bytes``. Pages are addressed by the raw host
+addresses SGLang hands out (`get_page_buffer_meta`), so this module needs no SGLang import and
+is tested on its own; `dualpath.sglang_plugin.storage_backend` wires it into HiCache.
+
+Reads land in a per-thread staging block, are verified there (checksum), and only then are
+transposed into the page: a damaged block never reaches the pool.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from dualpath.storage.store import BlockStore
+
+
+def host_view(addr: int, nbytes: int) -> np.ndarray:
+    """A uint8 numpy view of `nbytes` of host memory at `addr` (no copy)."""
+    return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(addr))
+
+
+class PageFirstAdapter:
+    def __init__(self, store: BlockStore, io_threads: int = 8):
+        g = store.geometry
+        if g.kv_parts != 2:
+            raise ValueError("page_first pages of MLA models are not supported yet")
+        self.store = store
+        self.g = g
+        self.row_bytes = g.part_bytes // g.page_size  # one token of one layer's K (or V)
+        self.region_bytes = g.num_layers * g.part_bytes  # a page's K (or V) region
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="dualpath-pagefirst")
+
+    def _staging(self) -> np.ndarray:
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = np.empty(self.g.payload_bytes, dtype=np.uint8)
+        return buf
+
+    def _regions(self, k_ptr: int, v_ptr: int) -> tuple[np.ndarray, np.ndarray]:
+        g = self.g
+        shape = (g.page_size, g.num_layers, self.row_bytes)  # token-major rows
+        return (host_view(k_ptr, self.region_bytes).reshape(shape),
+                host_view(v_ptr, self.region_bytes).reshape(shape))
+
+    def _block_view(self, buf: np.ndarray) -> np.ndarray:
+        g = self.g
+        return buf.reshape(g.num_layers, 2, g.page_size, self.row_bytes)
+
+    def _get_one(self, key: str, k_ptr: int, v_ptr: int, queued: bool = False) -> bool:
+        buf = self._staging()
+        if not self.store.get_into(key, buf, _queued=queued):
+            return False
+        block = self._block_view(buf)
+        k, v = self._regions(k_ptr, v_ptr)
+        k[...] = block[:, 0].transpose(1, 0, 2)
+        v[...] = block[:, 1].transpose(1, 0, 2)
+        return True
+
+    def _set_one(self, key: str, k_ptr: int, v_ptr: int) -> bool:
+        if self.store.exists_prefix([key]):
+            return True
+        buf = self._staging()
+        block = self._block_view(buf)
+        k, v = self._regions(k_ptr, v_ptr)
+        block[:, 0] = k.transpose(1, 0, 2)
+        block[:, 1] = v.transpose(1, 0, 2)
+        self.store.put(key, buf)
+        return True
+
+    def get_pages(self, keys: Sequence[str], k_ptrs: Sequence[int],
+                  v_ptrs: Sequence[int]) -> list[bool]:
+        """Fill each page (K at k_ptrs[i], V at v_ptrs[i]) from its block; False = miss."""
+        self._check(keys, k_ptrs, v_ptrs)
+        nic = self.store.nic
+        if nic is not None:  # the reads queue on the node's storage NIC from now on
+            for _ in keys:
+                nic.submit_read(self.store.block_bytes, self.g.page_size)
+        return list(self._pool.map(self._get_one, keys, k_ptrs, v_ptrs,
+                                   [nic is not None] * len(keys)))
+
+    def set_pages(self, keys: Sequence[str], k_ptrs: Sequence[int],
+                  v_ptrs: Sequence[int]) -> list[bool]:
+        """Store each page as a Full Block (already stored keys are skipped)."""
+        self._check(keys, k_ptrs, v_ptrs)
+        return list(self._pool.map(self._set_one, keys, k_ptrs, v_ptrs))
+
+    @staticmethod
+    def _check(keys, k_ptrs, v_ptrs) -> None:
+        if not len(keys) == len(k_ptrs) == len(v_ptrs):
+            raise ValueError(f"{len(keys)} keys for {len(k_ptrs)} K and {len(v_ptrs)} V pages")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
