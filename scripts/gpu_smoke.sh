@@ -11,6 +11,8 @@
 #        [--cache-dir DIR] [--load-cache FILE] [--save-cache FILE]
 #        [smoke options: python -m dualpath.bench.smoke -h]
 #
+# With --l3-backend dualpath the same checks run with the DualPath block store as SGLang's L3
+# (issue 4's GPU check: --l3-backend dualpath --prompt-len 8192).
 # Setup and compile-cache options: scripts/gpu_run.sh. Exit status 0 = all checks passed.
 set -euo pipefail
 case " $* " in *" -h "*|*" --help "*) sed -n '2,/^set -e/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;; esac

@@ -66,12 +66,30 @@ def result_row(tag: str, r: client.GenResult) -> dict:
             "cached_tokens_details": r.cached_tokens_details}
 
 
+def count_blocks(store: Path) -> int:
+    """Stored pages: SGLang's file backend writes <key>.bin, ours <rank dir>/ab/cd/<key>."""
+    return sum(1 for p in store.rglob("*") if p.is_file() and not p.name.endswith(".tmp")
+               and p.name != "STORE.json")
+
+
+def l3_args(backend: str, store: Path) -> tuple[list[str], dict]:
+    """Server flags and environment for the L3 backend under test."""
+    if backend == "file":
+        return (["--hicache-storage-backend", "file"],
+                {"SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR": str(store)})
+    extra = {"backend_name": "dualpath", "module_path": "dualpath.sglang_plugin.storage_backend",
+             "class_name": "DualPathStorage", "interface_v1": 1, "root": str(store),
+             "node": "smoke-node"}
+    return (["--hicache-storage-backend", "dynamic", "--hicache-mem-layout", "page_first",
+             "--hicache-storage-backend-extra-config", json.dumps(extra)], {})
+
+
 def wait_for_l3(store: Path, pages: int, timeout_s: float) -> int:
-    """Wait until the file backend holds `pages` page files (write-through is asynchronous)."""
+    """Wait until the L3 backend holds `pages` pages (write-through is asynchronous)."""
     t0 = time.time()
     n = 0
     while time.time() - t0 < timeout_s:
-        n = sum(1 for _ in store.glob("*.bin"))
+        n = count_blocks(store)
         if n >= pages:
             break
         time.sleep(0.5)
@@ -82,12 +100,11 @@ def run_single(args, out: Path, summary: dict) -> None:
     store = Path(args.l3_dir)
     shutil.rmtree(store, ignore_errors=True)
     store.mkdir(parents=True)
+    l3_flags, l3_env = l3_args(args.l3_backend, store)
     srv = ServerProcess("single", server_args(args.model, args.port, [
         "--max-total-tokens", str(args.max_total_tokens), "--enable-hierarchical-cache",
-        "--hicache-ratio", "2", "--hicache-storage-backend", "file", "--enable-cache-report",
-        "--hicache-write-policy", "write_through"]),
-        args.port, out / "server_single.log",
-        env={"SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR": str(store)})
+        "--hicache-ratio", "2", "--enable-cache-report", "--hicache-write-policy",
+        "write_through", *l3_flags]), args.port, out / "server_single.log", env=l3_env)
     try:
         srv.start()
         summary["startup_single_s"] = round(srv.wait_healthy(args.health_timeout), 1)
@@ -224,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-total-tokens", type=int, default=32768,
                     help="device KV pool in tokens; the host pool is twice that (pinned)")
     ap.add_argument("--l3-dir", default="/dev/shm/dualpath-smoke-l3",
-                    help="directory of the file L3 backend (wiped first)")
+                    help="directory of the L3 backend (wiped first)")
+    ap.add_argument("--l3-backend", choices=["file", "dualpath"], default="file",
+                    help="SGLang's file backend (stock) or the DualPath block store")
     ap.add_argument("--port", type=int, default=30000)
     ap.add_argument("--pd-backend", default="nixl", help="--disaggregation-transfer-backend")
     ap.add_argument("--health-timeout", type=float, default=400)
@@ -241,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"date": time.strftime("%Y-%m-%d"), "git_sha": git_sha(), **gpu_facts(),
                "host": socket.gethostname(), "model": args.model.name,
                "prompt_len": args.prompt_len, "max_new_tokens": args.max_new_tokens,
-               "setup_s": args.setup_s, "ok": False}
+               "l3_backend": args.l3_backend, "setup_s": args.setup_s, "ok": False}
     try:
         run_single(args, args.out, summary)
         if args.pd:
