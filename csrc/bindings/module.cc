@@ -8,6 +8,8 @@
 
 namespace py = pybind11;
 
+void bind_transfer(py::module_& m);  // transfer_bindings.cc
+
 namespace {
 
 py::dict build_info() {
@@ -33,6 +35,7 @@ py::dict build_info() {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "DualPath native module (build info; transfer engine and kernels arrive later)";
+  bind_transfer(m);
   m.def("build_info", &build_info,
         "How this module was built: version, git sha, compilers, whether CUDA sources are in.");
 #ifdef DUALPATH_WITH_CUDA

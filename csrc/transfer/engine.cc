@@ -1,0 +1,168 @@
+#include "engine.h"
+
+#include <chrono>
+#include <stdexcept>
+#include <unordered_set>
+
+namespace dualpath::transfer {
+
+Engine::Engine(const std::string& backend, int num_workers, uint64_t slice_bytes)
+    : backend_(make_backend(backend)), slice_bytes_(slice_bytes ? slice_bytes : 1) {
+  if (num_workers < 1) throw std::invalid_argument("num_workers must be >= 1");
+  for (int i = 0; i < num_workers; ++i) workers_.emplace_back([this] { worker_loop(); });
+}
+
+Engine::~Engine() {
+  {
+    std::lock_guard<std::mutex> lk(q_mu_);
+    stopping_ = true;
+  }
+  q_cv_.notify_all();
+  for (auto& t : workers_) t.join();
+}
+
+uint64_t Engine::register_region(uintptr_t addr, uint64_t length, const std::string& kind) {
+  if (kind != "host") throw std::invalid_argument("region kind '" + kind + "' is not supported");
+  if (addr == 0 && length > 0) throw std::invalid_argument("null address");
+  std::lock_guard<std::mutex> lk(regions_mu_);
+  auto r = std::make_unique<Region>();
+  r->id = next_region_++;
+  r->addr = addr;
+  r->length = length;
+  r->kind = kind;
+  const uint64_t id = r->id;
+  regions_.emplace(id, std::move(r));
+  return id;
+}
+
+void Engine::deregister_region(uint64_t id) {
+  std::lock_guard<std::mutex> lk(regions_mu_);
+  auto it = regions_.find(id);
+  if (it == regions_.end()) throw std::invalid_argument("region " + std::to_string(id) +
+                                                        " is not registered");
+  if (it->second->in_use.load() > 0)
+    throw std::runtime_error("region " + std::to_string(id) + " is used by a pending batch");
+  regions_.erase(it);
+}
+
+Handle Engine::submit(std::vector<Desc> descs, Priority priority) {
+  auto h = std::make_shared<Batch>();
+  h->priority = priority;
+  h->ptrs.resize(descs.size());
+  {
+    std::lock_guard<std::mutex> lk(regions_mu_);
+    std::unordered_set<Region*> used;
+    auto resolve = [&](size_t i, uint64_t id, uint64_t off, uint64_t len,
+                       const char* side) -> uintptr_t {
+      auto it = regions_.find(id);
+      if (it == regions_.end())
+        throw std::invalid_argument("descriptor " + std::to_string(i) + ": " + side +
+                                    " region " + std::to_string(id) + " is not registered");
+      const Region& r = *it->second;
+      if (off > r.length || len > r.length - off)
+        throw std::invalid_argument("descriptor " + std::to_string(i) + ": " + side + " range [" +
+                                    std::to_string(off) + ", +" + std::to_string(len) +
+                                    ") is outside region " + std::to_string(id) + " (" +
+                                    std::to_string(r.length) + " bytes)");
+      used.insert(it->second.get());
+      return r.addr + off;
+    };
+    for (size_t i = 0; i < descs.size(); ++i) {
+      const Desc& d = descs[i];
+      const uintptr_t s = resolve(i, d.src_region, d.src_offset, d.length, "src");
+      const uintptr_t t = resolve(i, d.dst_region, d.dst_offset, d.length, "dst");
+      h->ptrs[i] = {reinterpret_cast<void*>(t), reinterpret_cast<const void*>(s)};
+    }
+    for (Region* r : used) {
+      r->in_use.fetch_add(1);
+      h->regions.push_back(r);
+    }
+  }
+  h->descs = std::move(descs);
+  if (h->descs.empty()) {
+    h->status.store(static_cast<int>(Status::kDone));
+    return h;
+  }
+  {
+    std::lock_guard<std::mutex> lk(q_mu_);
+    queues_[static_cast<int>(priority)].push_back(h);
+  }
+  q_cv_.notify_all();
+  return h;
+}
+
+Handle Engine::next_slice(uint64_t* begin, uint64_t* end) {
+  // caller holds q_mu_; latency batches first, bulk ones in slices of about slice_bytes_
+  for (auto& q : queues_) {
+    if (q.empty()) continue;
+    Handle h = q.front();
+    const uint64_t n = h->descs.size();
+    uint64_t b = h->next.load(), e = b, bytes = 0;
+    while (e < n && (e == b || bytes < slice_bytes_)) bytes += h->descs[e++].length;
+    h->next.store(e);
+    if (e == n) q.pop_front();
+    *begin = b;
+    *end = e;
+    return h;
+  }
+  return nullptr;
+}
+
+void Engine::worker_loop() {
+  for (;;) {
+    Handle h;
+    uint64_t b = 0, e = 0;
+    {
+      std::unique_lock<std::mutex> lk(q_mu_);
+      q_cv_.wait(lk, [&] { return stopping_ || !queues_[0].empty() || !queues_[1].empty(); });
+      h = next_slice(&b, &e);
+      if (!h) return;  // stopping and nothing queued
+    }
+    for (uint64_t i = b; i < e; ++i) {
+      if (h->canceled.load() || h->failed_index.load() >= 0) continue;  // skip, still counted
+      const Desc& d = h->descs[i];
+      if (d.length == 0) continue;
+      std::string err = backend_->copy(h->ptrs[i].first, h->ptrs[i].second, d.length);
+      if (!err.empty()) {
+        std::lock_guard<std::mutex> lk(h->mu);
+        if (h->failed_index.load() < 0) {
+          h->failed_index.store(static_cast<int64_t>(i));
+          h->error = backend_->name() + ": " + err;
+        }
+      }
+    }
+    finish(h, e - b);
+  }
+}
+
+void Engine::finish(const Handle& h, uint64_t n_done) {
+  const uint64_t total = h->descs.size();
+  if (h->finished.fetch_add(n_done) + n_done != total) return;
+  Status s = Status::kDone;
+  {
+    std::lock_guard<std::mutex> lk(h->mu);
+    if (h->failed_index.load() >= 0) s = Status::kFailed;
+    else if (h->canceled.load()) s = Status::kCanceled;
+    for (Region* r : h->regions) r->in_use.fetch_sub(1);
+    h->regions.clear();
+    h->status.store(static_cast<int>(s));
+  }
+  h->cv.notify_all();
+}
+
+Status Engine::poll(const Handle& h) const { return static_cast<Status>(h->status.load()); }
+
+Status Engine::wait(const Handle& h, double timeout_s) const {
+  std::unique_lock<std::mutex> lk(h->mu);
+  auto pending = [&] { return h->status.load() == static_cast<int>(Status::kPending); };
+  if (timeout_s < 0) {
+    h->cv.wait(lk, [&] { return !pending(); });
+  } else {
+    h->cv.wait_for(lk, std::chrono::duration<double>(timeout_s), [&] { return !pending(); });
+  }
+  return static_cast<Status>(h->status.load());
+}
+
+void Engine::cancel(const Handle& h) { h->canceled.store(true); }
+
+}  // namespace dualpath::transfer
