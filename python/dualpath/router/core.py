@@ -214,7 +214,8 @@ class Router:
 
     # ---- lifecycle and polling ----
     async def start(self, app: web.Application | None = None) -> None:
-        self.session = aiohttp.ClientSession()
+        # no connection cap: the scheduler, not the HTTP pool, decides how much runs at once
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         self._poller = asyncio.create_task(self._poll_forever())
 
     async def stop(self, app: web.Application | None = None) -> None:
