@@ -215,3 +215,16 @@ def test_install_into_an_existing_venv(tmp_path, repo_root):
 def test_venv_without_python_is_refused(tmp_path, repo_root):
     r = gpu_setup(repo_root, "--bundle", str(tmp_path), "--venv", str(tmp_path / "nope"))
     assert r.returncode == 2 and "has no bin/python" in r.stderr
+
+
+def test_interrupted_install_can_be_replaced(tmp_path, repo_root, fake_python):
+    out = make_fake_bundle(tmp_path)
+    target = tmp_path / "site"
+    target.mkdir()
+    (target / fmt.MARKER).write_text('{"state": "installing"}')  # what a crash leaves behind
+    (target / "half_copied.py").write_text("")
+    r = gpu_setup(repo_root, "--bundle", str(out), "--target", str(target),
+                  "--python", fake_python("2.11.0"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((target / fmt.MARKER).read_text())["state"] == "complete"
+    assert not (target / "half_copied.py").exists()

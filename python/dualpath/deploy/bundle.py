@@ -183,6 +183,8 @@ def install(bundle: str, target: str, log=print) -> dict:
         f"host Python {host['python']}, torch {host['torch']} (CUDA {host['cuda']})")
     target = os.path.abspath(target)
     _prepare_target(target)
+    with open(os.path.join(target, MARKER), "w") as f:  # first: an interrupted install stays ours
+        json.dump({"state": "installing", "bundle": os.path.abspath(bundle)}, f)
     stage = target + ".stage"
     shutil.rmtree(stage, ignore_errors=True)
     try:
@@ -209,7 +211,8 @@ def install(bundle: str, target: str, log=print) -> dict:
             extras[extra["name"]] = dst
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    record = {"bundle": os.path.abspath(bundle), "archive_sha256": manifest["archive"]["sha256"],
+    record = {"state": "complete", "bundle": os.path.abspath(bundle),
+              "archive_sha256": manifest["archive"]["sha256"],
               "installed": used, "skipped_host_has": skipped, "extras": extras,
               "host": host, "seconds": round(time.time() - t0, 1),
               "extract_seconds": round(t_extract, 1)}
