@@ -9,7 +9,17 @@ namespace dualpath::transfer {
 Engine::Engine(const std::string& backend, int num_workers, uint64_t slice_bytes)
     : backend_(make_backend(backend)), slice_bytes_(slice_bytes ? slice_bytes : 1) {
   if (num_workers < 1) throw std::invalid_argument("num_workers must be >= 1");
-  for (int i = 0; i < num_workers; ++i) workers_.emplace_back([this] { worker_loop(); });
+  try {
+    for (int i = 0; i < num_workers; ++i) workers_.emplace_back([this] { worker_loop(); });
+  } catch (...) {  // a thread failed to start: stop the ones that did before rethrowing
+    {
+      std::lock_guard<std::mutex> lk(q_mu_);
+      stopping_ = true;
+    }
+    q_cv_.notify_all();
+    for (auto& t : workers_) t.join();
+    throw;
+  }
 }
 
 Engine::~Engine() {
@@ -122,7 +132,12 @@ void Engine::worker_loop() {
       if (h->canceled.load() || h->failed_index.load() >= 0) continue;  // skip, still counted
       const Desc& d = h->descs[i];
       if (d.length == 0) continue;
-      std::string err = backend_->copy(h->ptrs[i].first, h->ptrs[i].second, d.length);
+      std::string err;
+      try {
+        err = backend_->copy(h->ptrs[i].first, h->ptrs[i].second, d.length);
+      } catch (const std::exception& ex) {  // a backend bug must fail the batch, not the process
+        err = std::string("exception: ") + ex.what();
+      }
       if (!err.empty()) {
         std::lock_guard<std::mutex> lk(h->mu);
         if (h->failed_index.load() < 0) {
@@ -155,7 +170,7 @@ Status Engine::poll(const Handle& h) const { return static_cast<Status>(h->statu
 Status Engine::wait(const Handle& h, double timeout_s) const {
   std::unique_lock<std::mutex> lk(h->mu);
   auto pending = [&] { return h->status.load() == static_cast<int>(Status::kPending); };
-  if (timeout_s < 0) {
+  if (timeout_s < 0 || timeout_s > 1e9) {  // unbounded (also avoids clock overflow)
     h->cv.wait(lk, [&] { return !pending(); });
   } else {
     h->cv.wait_for(lk, std::chrono::duration<double>(timeout_s), [&] { return !pending(); });

@@ -163,3 +163,34 @@ def test_lru_eviction_keeps_recently_read_blocks(tmp_path):
     s.put(key(4), payload(g, 4))  # 5 blocks > cap 4: evict down to 3
     present = [i for i in range(5) if os.path.exists(s.path(key(i)))]
     assert present == [0, 3, 4]
+
+
+def test_damaged_block_is_removed_so_it_can_be_written_again(tmp_path):
+    g = GEOMETRIES[1]
+    s = open_store(tmp_path, g)
+    s.put(key(5), payload(g, 5))
+    _damage(s.path(key(5)), "flip")
+    out = np.zeros(g.payload_bytes, dtype=np.uint8)
+    assert s.get_into(key(5), out) is False
+    assert s.exists_prefix([key(5)]) == 0, "a damaged block must not keep answering 'exists'"
+    assert s.put(key(5), payload(g, 5)) is True
+    assert s.get_into(key(5), out) and np.array_equal(out, payload(g, 5))
+
+
+def test_other_os_errors_are_misses(tmp_path):
+    g = GEOMETRIES[1]
+    s = open_store(tmp_path, g)
+    os.makedirs(s.path(key(6)))  # a directory where the block file should be
+    assert s.get_into(key(6), np.zeros(g.payload_bytes, dtype=np.uint8)) is False
+    with pytest.raises(ValueError, match="buffers"):
+        s.batch_get_into([key(1), key(2)], [np.zeros(g.payload_bytes, np.uint8)])
+
+
+def test_concurrent_puts_evict_to_the_watermark_not_below(tmp_path):
+    g = GEOMETRIES[0]  # tiny blocks
+    block = HEADER_BYTES + g.payload_bytes
+    s = open_store(tmp_path, g, capacity_bytes=100 * block, low_watermark=0.9, io_threads=16)
+    s.batch_put([key(i) for i in range(300)], [payload(g, i) for i in range(300)])
+    s.close()
+    n = sum(1 for _, _, fs in os.walk(tmp_path) for f in fs if f != "STORE.json")
+    assert 50 <= n <= 100, n  # under the cap, and not emptied by overlapping evictions

@@ -112,3 +112,24 @@ def test_region_in_use_cannot_be_deregistered_and_wait_times_out():
         eng.deregister(a)
     assert eng.wait(h, 30) == "done"
     eng.deregister(a)
+
+
+def test_registration_refuses_memory_it_cannot_own(engine):
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match="contiguous"):
+        engine.register_array(torch.zeros(1).expand(1 << 20))
+    with pytest.raises(TypeError, match="numpy array"):
+        engine.register_array([1, 2, 3])
+    ro = np.zeros(8, np.uint8)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        engine.register_array(ro)
+
+
+def test_wait_without_limit_blocks_until_done(engine):
+    src, dst = np.ones(1 << 20, np.uint8), np.zeros(1 << 20, np.uint8)
+    a, b = engine.register_array(src), engine.register_array(dst)
+    h = engine.submit(TransferBatch.of(a, 0, b, 0, 1 << 20))
+    assert engine.wait(h, float("inf")) == "done" and dst.all()
+    with pytest.raises(ValueError, match="NaN"):
+        engine.wait(h, float("nan"))

@@ -144,6 +144,12 @@ def copy_kv(src: KVLayout, dst: KVLayout, src_pages: torch.Tensor, dst_pages: to
     if impl == "reference":
         copy_kv_ref(src, dst, src_pages, dst_pages, src_layers, dst_layers)
         return
+    if src_pages.device.type == "cuda":  # the kernel dereferences every address on the GPU
+        for lay in (src, dst):
+            for t in lay.tensors:
+                if not (t.is_cuda or t.is_pinned()):
+                    raise ValueError(f"{lay.kind}: a GPU copy can reach host memory only when it "
+                                     "is pinned (tensor.pin_memory())")
     if impl not in ("triton", "cuda"):
         raise ValueError(f"unknown impl {impl!r}: use 'triton', 'cuda' or 'reference'")
     if impl == "cuda":

@@ -80,6 +80,8 @@ class PageFirstAdapter:
                   v_ptrs: Sequence[int]) -> list[bool]:
         """Fill each page (K at k_ptrs[i], V at v_ptrs[i]) from its block; False = miss."""
         self._check(keys, k_ptrs, v_ptrs)
+        for k in keys:
+            self.store.path(k)  # validate every key before anything is queued
         nic = self.store.nic
         if nic is not None:  # the reads queue on the node's storage NIC from now on
             for _ in keys:

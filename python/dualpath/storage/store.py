@@ -15,11 +15,13 @@ blocks (file mtime, refreshed on every hit) are deleted down to `low_watermark` 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -56,6 +58,7 @@ class BlockStore:
         self._claim(description)
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="dualpath-store")
         self._lock = threading.Lock()
+        self._evicting = threading.Lock()
         self._used = self._scan_bytes() if capacity_bytes else 0
 
     # ---- directory ownership ----
@@ -107,8 +110,16 @@ class BlockStore:
             with self._lock:
                 self._used += self.block_bytes
                 over = self._used > self.capacity_bytes
-            if over:
-                self.evict()
+            if over and self._evicting.acquire(blocking=False):  # one evictor per process
+                try:  # puts made meanwhile were counted: evict again while still over the cap
+                    for _ in range(4):
+                        if not self.evict():
+                            break
+                        with self._lock:
+                            if self._used <= self.capacity_bytes:
+                                break
+                finally:
+                    self._evicting.release()
         return True
 
     def get_into(self, key: str, out, _queued: bool = False) -> bool:
@@ -124,7 +135,15 @@ class BlockStore:
         except FileNotFoundError:
             return False
         except BlockError as e:
-            log.warning("block %s unusable, treated as a miss: %s", key, e)
+            # remove it, or exists_prefix would keep reporting it and put() keep skipping it
+            log.warning("block %s unusable, treated as a miss and removed: %s", key, e)
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            return False
+        except OSError as e:  # EIO, ESTALE on NFS, EACCES, ...: a miss, never an exception
+            log.warning("block %s unreadable, treated as a miss: %s", key, e)
             return False
         if self.capacity_bytes:
             try:
@@ -142,6 +161,8 @@ class BlockStore:
 
     # ---- batches: several reads/writes in flight ----
     def batch_get_into(self, keys: Sequence[str], outs: Sequence) -> list[bool]:
+        if len(keys) != len(outs):
+            raise ValueError(f"{len(keys)} keys for {len(outs)} buffers")
         if self.nic is None:
             return list(self._pool.map(self.get_into, keys, outs))
         for k in keys:
@@ -171,27 +192,46 @@ class BlockStore:
 
     def evict(self) -> int:
         """Delete least recently used blocks down to the low watermark; return bytes freed.
-        Rescans the directory, so blocks written by other processes count too."""
-        entries = []
-        for p in self._block_files():
+        Rescans the directory, so blocks written by other processes count too; one evictor at
+        a time across processes (an flock on the directory), and temp files of writers that died
+        more than an hour ago are removed."""
+        lock_fd = os.open(os.path.join(self.root, DESCRIPTOR), os.O_RDONLY)
+        try:
             try:
-                st = os.stat(p)
-            except FileNotFoundError:
-                continue
-            entries.append((st.st_mtime, st.st_size, p))
-        used = sum(e[1] for e in entries)
-        target = int(self.capacity_bytes * self.low_watermark)
-        freed = 0
-        for _, size, p in sorted(entries):
-            if used - freed <= target:
-                break
-            try:
-                os.unlink(p)
-                freed += size
-            except FileNotFoundError:
-                pass
-        with self._lock:
-            self._used = used - freed
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0  # another process is evicting
+            with self._lock:
+                before = self._used
+            entries, now = [], time.time()
+            for dirpath, _, files in os.walk(self.root):
+                for name in files:
+                    p = os.path.join(dirpath, name)
+                    try:
+                        st = os.stat(p)
+                        if name.endswith(".tmp"):
+                            if now - st.st_mtime > 3600:
+                                os.unlink(p)
+                            continue
+                    except FileNotFoundError:
+                        continue
+                    if name != DESCRIPTOR:
+                        entries.append((st.st_mtime, st.st_size, p))
+            used = sum(e[1] for e in entries)
+            target = int(self.capacity_bytes * self.low_watermark)
+            freed = 0
+            for _, size, p in sorted(entries):
+                if used - freed <= target:
+                    break
+                try:
+                    os.unlink(p)
+                    freed += size
+                except FileNotFoundError:
+                    pass
+        finally:
+            os.close(lock_fd)
+        with self._lock:  # the scan is the truth as of its start; keep later puts' increments
+            self._used = (used - freed) + (self._used - before)
         if freed:
             log.info("evicted %.1f MiB from %s (cap %.1f MiB)", freed / 2**20, self.root,
                      self.capacity_bytes / 2**20)

@@ -58,13 +58,18 @@ class TransferEngine:
         if hasattr(arr, "data_ptr"):  # torch
             if arr.device.type != "cpu":
                 raise ValueError("the host backend registers CPU memory only")
+            if not arr.is_contiguous():  # an expanded/strided view spans other memory
+                raise ValueError("register a contiguous tensor")
             region = self.register(arr.data_ptr(), arr.numel() * arr.element_size())
+            keep = arr
         else:
-            a = np.asarray(arr)
-            if not a.flags.c_contiguous:
-                raise ValueError("register a contiguous array")
-            region = self.register(a.ctypes.data, a.nbytes)
-        self._keep[region] = arr
+            if not isinstance(arr, np.ndarray):  # np.asarray would register a temporary copy
+                raise TypeError("register a numpy array or a torch tensor")
+            if not arr.flags.c_contiguous or not arr.flags.writeable:
+                raise ValueError("register a contiguous, writeable array")
+            region = self.register(arr.ctypes.data, arr.nbytes)
+            keep = arr
+        self._keep[region] = keep
         return region
 
     def deregister(self, region: int) -> None:
@@ -79,7 +84,11 @@ class TransferEngine:
         return self._e.poll(handle)
 
     def wait(self, handle: Handle, timeout_s: float | None = None) -> str:
-        return self._e.wait(handle, -1.0 if timeout_s is None else timeout_s)
+        """Block until the batch ends or `timeout_s` passes (None or inf: no limit)."""
+        if timeout_s is not None and timeout_s != timeout_s:
+            raise ValueError("timeout_s is NaN")
+        unbounded = timeout_s is None or timeout_s > 1e9
+        return self._e.wait(handle, -1.0 if unbounded else timeout_s)
 
     def cancel(self, handle: Handle) -> None:
         self._e.cancel(handle)
