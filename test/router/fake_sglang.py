@@ -31,6 +31,8 @@ class FakeEngine:
     delay_s: float = 0.0
     status: int = 200
     stats: EngineStats | None = None
+    late_status: int | None = None  # prefill: accept the room, then fail after delay_s
+    chunk_delay_s: float = 0.0  # decode: pause between streamed chunks
     bodies: list[dict] = field(default_factory=list)
     server: TestServer | None = None
 
@@ -51,6 +53,9 @@ class FakeEngine:
             if self.role == "prefill":
                 self.rooms.event(room).set()
                 await asyncio.sleep(self.delay_s)
+                if self.late_status:
+                    return web.json_response({"error": {"message": "late failure"}},
+                                             status=self.late_status)
                 return web.json_response({"meta_info": {"id": "p"}, "output_ids": [1]})
             try:  # decode: wait for the prefill with the same room, like SGLang's bootstrap
                 await asyncio.wait_for(self.rooms.event(room).wait(), 2.0)
@@ -66,6 +71,7 @@ class FakeEngine:
             for i in range(1, 4):
                 chunk = {"output_ids": ids[:i], "meta_info": {"completion_tokens": i}}
                 await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                await asyncio.sleep(self.chunk_delay_s)
             await resp.write(b"data: [DONE]\n\n")
             return resp
 

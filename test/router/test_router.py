@@ -265,3 +265,42 @@ def test_cli_starts_serves_and_stops(tmp_path):
     finally:
         srv.stop()
     assert "router config" in (tmp_path / "router.log").read_text()
+
+
+def test_request_larger_than_any_decode_engine_is_413():
+    async def main():
+        async with cluster(kv=1000) as (client, _, (pre,), _):
+            r = await client.post("/generate", json={"input_ids": [1] * 10,
+                                                     "sampling_params": {"max_new_tokens": 5000}})
+            assert r.status == 413 and "KV capacity" in (await r.json())["error"]["message"]
+            assert pre.bodies == []
+    run(main())
+
+
+def test_prefill_failing_mid_stream_ends_the_stream_with_an_error():
+    async def main():
+        async with cluster(cfg=RouterConfig(stats_interval_s=30)) as (client, router, (pre,),
+                                                                      (dec,)):
+            pre.late_status, pre.delay_s = 500, 0.2  # fails after the decode started streaming
+            dec.chunk_delay_s = 1.0
+            t0 = asyncio.get_running_loop().time()
+            r = await client.post("/generate", json={"input_ids": [1, 2], "stream": True})
+            text = await r.text()
+            assert r.status == 200 and "prefill" in text and "failed" in text
+            assert asyncio.get_running_loop().time() - t0 < 1.5, "the stream was cut short"
+            assert not router.scheduler.running
+    run(main())
+
+
+def test_removed_and_readded_engine_stays_down_until_it_answers():
+    async def main():
+        async with cluster(cfg=RouterConfig(stats_interval_s=30)) as (client, router, _, _):
+            name = next(n for n, e in router.engines.items() if e.role == "prefill")
+            e = router.engines[name]
+            router.set_up(name, False)
+            router.remove_engine(name)
+            router.add_engine(e)
+            router.up[name] = False
+            router._rebuild()
+            assert name in router.scheduler._down
+    run(main())

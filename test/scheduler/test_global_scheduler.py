@@ -179,3 +179,17 @@ def test_rebuilt_keeps_state_of_surviving_engines():
         new.finish(rid)
     assert new.pe.tok.sum() == new.de.tok.sum() == new.pe_read_q.sum() == 0
     assert list(new.de.free_kv) == [100_000, 5000]
+
+
+def test_rebuilt_releases_read_queue_of_a_removed_engine_on_a_surviving_node():
+    pe = [EngineSpec("p0", "pn", "pg"), EngineSpec("p1", "pn", "pg")]
+    s = GlobalScheduler(pe, DE, SchedulerConfig(read_side="pe"))
+    s.submit(Request("r0", 1000, hit_len=512))
+    s.submit(Request("r1", 1000, hit_len=512))
+    plans = {p.rid: p for p in s.schedule()}
+    gone = plans["r1"].prefill
+    keep = [spec for spec in pe if spec.name != gone]
+    new = s.rebuilt(keep, DE)
+    assert list(new.pe_read_q) == [512], "only the surviving request's read remains queued"
+    new.finish("r0")
+    assert list(new.pe_read_q) == [0] and new.de.tok.sum() == 0

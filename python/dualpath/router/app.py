@@ -115,6 +115,9 @@ def make_app(router: Router) -> web.Application:
                 raise BadRequest(413, f"prompt of ~{n} tokens exceeds {cfg.max_prompt_tokens}")
             req = Request(new_rid(), n, 0, max_new_tokens(body, kind,
                                                           cfg.default_max_new_tokens))
+            if req.kv_tokens > router.max_decode_kv():  # would wait forever and block others
+                raise BadRequest(413, f"prompt + max tokens (~{req.kv_tokens}) exceed every "
+                                      f"decode engine's KV capacity ({router.max_decode_kv()})")
             resp = await router.handle(request, body, path, req)
             status = resp.status
             return resp

@@ -11,6 +11,7 @@ any byte is marked down and the request is retried on another pair.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import uuid
@@ -67,6 +68,10 @@ class Router:
             self.scheduler = GlobalScheduler(pre, dec, self.sched_cfg)
         else:
             self.scheduler = PairScheduler(pre, dec, self.cfg.policy)
+        if self.scheduler is not None:  # a fresh scheduler knows nothing of dead engines
+            for name, up in getattr(self, "up", {}).items():
+                if not up and name in self.engines:
+                    self.scheduler.set_available(name, False)
 
     def add_engine(self, e: Engine) -> None:
         if e.name in self.engines:
@@ -81,8 +86,14 @@ class Router:
         e = self.engines.pop(name)  # KeyError if unknown
         self.up.pop(name, None)
         self._rebuild()
+        self._pump()
         log.info("engine removed: %s", name)
         return e
+
+    def max_decode_kv(self) -> int:
+        """The largest KV capacity (tokens) of a registered decode engine."""
+        return max((e.kv_capacity for e in self.engines.values() if e.role == "decode"),
+                   default=0)
 
     def set_up(self, name: str, up: bool) -> None:
         if self.up.get(name) == up or name not in self.engines:
@@ -123,7 +134,9 @@ class Router:
             return await asyncio.wait_for(fut, self.cfg.queue_timeout_s)
         except (TimeoutError, asyncio.CancelledError) as e:
             self._waiters.pop(req.rid, None)
-            if self.scheduler is not None:
+            if fut.done() and not fut.cancelled():  # planned just before we gave up
+                self.release(req.rid)
+            elif self.scheduler is not None:
                 self.scheduler.cancel(req.rid)
             if isinstance(e, TimeoutError):
                 raise Overloaded(f"no engine pair within {self.cfg.queue_timeout_s:.0f} s") from e
@@ -140,11 +153,14 @@ class Router:
     # ---- dispatch ----
     async def dispatch(self, request: web.Request, body: dict, path: str,
                        plan: Plan) -> web.StreamResponse:
-        pe, de = self.engines[plan.prefill], self.engines[plan.decode]
+        pe, de = self.engines.get(plan.prefill), self.engines.get(plan.decode)
+        if pe is None or de is None:  # removed between planning and dispatch
+            raise EngineUnreachable(plan.prefill if pe is None else plan.decode, "removed")
         payload = {**body, "bootstrap_host": pe.host, "bootstrap_port": pe.bootstrap_port,
                    "bootstrap_room": random.getrandbits(63)}
-        timeout = aiohttp.ClientTimeout(total=self.cfg.request_timeout_s,
-                                        sock_connect=self.cfg.connect_timeout_s)
+        # per-read, not total: a long generation is not a dead engine
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout_s,
+                                        sock_read=self.cfg.request_timeout_s)
         pre_task = asyncio.create_task(self._post_prefill(pe, path, payload, timeout, plan.rid))
         pre_task.add_done_callback(_consume)  # its failure is handled here or only logged
         dec_task = asyncio.create_task(self.session.post(de.url + path, json=payload,
@@ -164,6 +180,7 @@ class Router:
                 raise EngineUnreachable(de.name, str(e) or type(e).__name__) from e
         except BaseException:
             pre_task.cancel()
+            _drop(dec_task)
             raise
         try:
             if resp.status != 200 or not body.get("stream"):
@@ -173,8 +190,27 @@ class Router:
             out = web.StreamResponse(status=200, headers={
                 "Content-Type": resp.headers.get("Content-Type", "text/event-stream")})
             await out.prepare(request)
-            async for chunk in resp.content.iter_any():
-                await out.write(chunk)
+            # a prefill that fails now leaves the decode waiting for KV: cut the stream short
+            pre_task.add_done_callback(lambda t: _failed(t) and resp.close())
+            broke = None
+            try:
+                async for chunk in resp.content.iter_any():
+                    await out.write(chunk)
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
+                broke = e  # cut by us (prefill failed) or the decode broke off
+            msg = None
+            if _failed(pre_task):
+                why = (str(pre_task.exception()) if pre_task.exception() else
+                       f"prefill answered {pre_task.result()[0]}")
+                if pre_task.exception():
+                    self.set_up(pe.name, False)
+                msg = f"prefill {pe.name} failed: {why}"
+            elif broke is not None:
+                self.set_up(de.name, False)
+                msg = f"decode {de.name} broke off the stream: {broke}"
+            if msg:  # the client already has a 200: end the stream with an error event
+                err = {"error": {"message": msg, "code": 502}}
+                await out.write(f"data: {json.dumps(err)}\n\n".encode())
             await out.write_eof()
             return out
         finally:
@@ -258,10 +294,18 @@ class Router:
             sched.report_prefill_rate(e.name, s.prefill_tokens_total, s.prefill_busy_s_total)
         sched.report_read(e.role, e.node, queue_tokens=s.read_queue_tokens,
                           tokens_total=s.read_tokens_total, busy_s_total=s.read_busy_s_total)
+        self._pump()  # freed KV or shorter queues may admit waiting requests
 
 
 def new_rid() -> str:
     return uuid.uuid4().hex
+
+
+def _failed(task: asyncio.Task) -> bool:
+    """A finished prefill POST that raised or did not answer 200."""
+    if not task.done() or task.cancelled():
+        return False
+    return task.exception() is not None or task.result()[0] != 200
 
 
 def _consume(task: asyncio.Task) -> None:

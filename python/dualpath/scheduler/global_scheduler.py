@@ -188,8 +188,11 @@ class GlobalScheduler:
 
     def read_done(self, rid: str) -> None:
         req, plan = self._running(rid)
-        self.pe_read_q[self.pe.node[self._pe_index[plan.prefill]]] -= plan.pe_read_tokens
-        self.de_read_q[self.de.node[self._de_index[plan.decode]]] -= plan.de_read_tokens
+        pn = self.pe.node[self._pe_index[plan.prefill]]
+        dn = self.de.node[self._de_index[plan.decode]]
+        # engine reports may have replaced the queue meanwhile: never below zero
+        self.pe_read_q[pn] = max(0, self.pe_read_q[pn] - plan.pe_read_tokens)
+        self.de_read_q[dn] = max(0, self.de_read_q[dn] - plan.de_read_tokens)
         self.running[rid] = (req, Plan(rid, plan.prefill, plan.decode, 0, 0))
 
     def prefill_done(self, rid: str) -> None:
@@ -249,16 +252,20 @@ class GlobalScheduler:
                     new._prefilled.add(rid)
                 continue
             # the request dies with its removed engine: release what it held on the survivors
-            if pe is not None:
-                if rid not in self._prefilled:
-                    new.pe.tok[pe] -= req.prompt_len
-                    new.pe.seq[pe] -= 1
-                new.pe_read_q[new.pe.node[pe]] -= plan.pe_read_tokens
+            if pe is not None and rid not in self._prefilled:
+                new.pe.tok[pe] -= req.prompt_len
+                new.pe.seq[pe] -= 1
             if de is not None:
                 new.de.tok[de] -= req.prompt_len
                 new.de.seq[de] -= 1
                 new.de.free_kv[de] += req.kv_tokens
-                new.de_read_q[new.de.node[de]] -= plan.de_read_tokens
+            # read queues belong to nodes, which may survive the engine
+            pe_node = self.pe.node_names[self.pe.node[self._pe_index[plan.prefill]]]
+            de_node = self.de.node_names[self.de.node[self._de_index[plan.decode]]]
+            if pe_node in new.pe.node_names:
+                new.pe_read_q[new.pe.node_names.index(pe_node)] -= plan.pe_read_tokens
+            if de_node in new.de.node_names:
+                new.de_read_q[new.de.node_names.index(de_node)] -= plan.de_read_tokens
         new._down = {n for n in self._down if n in new._pe_index or n in new._de_index}
         new.refresh()
         return new
