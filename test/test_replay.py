@@ -1,0 +1,86 @@
+"""The agentic replayer against an in-process /generate that streams cumulative output ids."""
+
+import asyncio
+import json
+
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from dualpath.bench.replay import replay, token_ids
+from dualpath.bench.trace import Trajectory
+
+
+def fake_server(prompts: list, fail_on: int | None = None) -> web.Application:
+    app = web.Application()
+
+    async def gen(request):
+        body = await request.json()
+        prompts.append(body["input_ids"])
+        if fail_on is not None and len(prompts) == fail_on:
+            return web.json_response({"error": "boom"}, status=500)
+        n = body["sampling_params"]["max_new_tokens"]
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        ids = []
+        for i in range(n):
+            ids.append(len(body["input_ids"]) * 7 + i)  # depends on the prompt
+            meta = {"completion_tokens": len(ids), "cached_tokens": len(body["input_ids"]) // 2}
+            await resp.write(f"data: {json.dumps({'output_ids': ids, 'meta_info': meta})}\n\n"
+                             .encode())
+            await asyncio.sleep(0.001)
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    app.router.add_post("/generate", gen)
+    return app
+
+
+def run_replay(trajs, fail_on=None, **kw):
+    prompts = []
+
+    async def main():
+        srv = TestServer(fake_server(prompts, fail_on))
+        await srv.start_server()
+        try:
+            return await replay(str(srv.make_url("")), trajs, **kw)
+        finally:
+            await srv.close()
+
+    summary, records = asyncio.run(main())
+    return summary, records, prompts
+
+
+def test_context_carries_outputs_and_appends():
+    traj = Trajectory(3, 50, [(10, 4), (20, 6), (5, 2)])
+    summary, records, prompts = run_replay([traj], seed=9)
+    assert [len(p) for p in prompts] == traj.prompt_lengths()
+    first, second = prompts[0], prompts[1]
+    outputs = [len(first) * 7 + i for i in range(4)]
+    assert second == first + outputs + token_ids(9, 3, 1, 20)
+    assert first == token_ids(9, 3, -1, 50) + token_ids(9, 3, 0, 10)
+    assert summary["turns_ok"] == 3 and summary["errors"] == 0
+    assert summary["ttft_s_p50"] > 0 and summary["tpot_s_p50"] > 0
+    assert 0.4 < summary["cached_token_ratio"] < 0.6
+
+
+def test_offline_agents_run_concurrently_and_same_seed_same_prompts():
+    trajs = [Trajectory(a, 30, [(5, 3)] * 4) for a in range(8)]
+    s1, _, p1 = run_replay(trajs, seed=1)
+    s2, _, p2 = run_replay(trajs, seed=1)
+    assert sorted(map(tuple, p1)) == sorted(map(tuple, p2))
+    assert s1["turns_ok"] == 32 and s1["jct_s"] <= s1["wall_s"]
+
+
+def test_a_failed_turn_stops_its_agent_and_is_counted():
+    trajs = [Trajectory(0, 10, [(5, 2)] * 3)]
+    summary, records, prompts = run_replay(trajs, fail_on=2)
+    assert len(prompts) == 2 and summary["errors"] == 1 and summary["turns_ok"] == 1
+    assert "HTTP 500" in records[1].error
+
+
+def test_online_mode_waits_for_arrivals():
+    trajs = [Trajectory(0, 10, [(1, 1)], arrival_s=0.0), Trajectory(1, 10, [(1, 1)],
+                                                                    arrival_s=0.3)]
+    _, records, _ = run_replay(trajs, online=True)
+    late = next(r for r in records if r.agent == 1)
+    assert late.start_s >= 0.3
