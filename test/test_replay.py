@@ -84,3 +84,29 @@ def test_online_mode_waits_for_arrivals():
     _, records, _ = run_replay(trajs, online=True)
     late = next(r for r in records if r.agent == 1)
     assert late.start_s >= 0.3
+
+
+def test_cli_generate_then_replay(tmp_path):
+    from aiohttp.test_utils import TestServer as TS
+
+    from dualpath.bench.agentic import main
+
+    trace = tmp_path / "t.jsonl"
+    assert main(["generate", "--preset", "32k", "--scale", "0.01", "--agents", "3",
+                 "--out", str(trace)]) == 0
+    prompts = []
+
+    async def serve_and_replay():
+        srv = TS(fake_server(prompts))
+        await srv.start_server()
+        try:
+            return await asyncio.to_thread(main, ["replay", "--url", str(srv.make_url("")),
+                                                  "--trace", str(trace), "--out",
+                                                  str(tmp_path / "r.json")])
+        finally:
+            await srv.close()
+
+    assert asyncio.run(serve_and_replay()) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["errors"] == 0 and result["turns_ok"] == len(prompts) > 0
+    assert (tmp_path / "r.turns.jsonl").read_text().count("\n") == result["turns"]
