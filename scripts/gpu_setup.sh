@@ -108,11 +108,9 @@ fi
 
 if [ $CHECK = 1 ]; then
   step "import check"
-  mods=torch,triton,transformers,sgl_kernel,flashinfer.sampling,tvm_ffi,xgrammar
-  mods=$mods,sglang.launch_server,sglang.srt.managers.scheduler,sglang.srt.mem_cache.hiradix_cache
-  "$PY" -c "import nixl" 2>/dev/null && mods=$mods,sglang.srt.disaggregation.nixl.conn
-  [ $PROJECT = 1 ] && mods=$mods,dualpath,dualpath._C
-  "$PY" "$REPO/python/dualpath/deploy/bundle.py" check-imports --modules "$mods"
+  no_project=()
+  [ $PROJECT = 1 ] || no_project=(--no-project)
+  "$PY" "$REPO/python/dualpath/deploy/bundle.py" check-imports ${no_project[@]+"${no_project[@]}"}
   [ $PROJECT = 1 ] && "$PY" -m dualpath
   if [ $HASH_EXT = 1 ]; then
     step "build SGLang's HiCache hash extension (JIT; cached in TORCH_EXTENSIONS_DIR)"

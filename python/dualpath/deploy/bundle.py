@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import importlib
 import importlib.metadata as md
+import importlib.util
 import io
 import json
 import os
@@ -225,11 +226,19 @@ def install(bundle: str, target: str, log=print) -> dict:
     return record
 
 
-DEFAULT_IMPORTS = (
+STACK_IMPORTS = (
     "torch", "triton", "transformers", "sgl_kernel", "flashinfer.sampling", "tvm_ffi", "xgrammar",
     "sglang.launch_server", "sglang.srt.managers.scheduler", "sglang.srt.mem_cache.hiradix_cache",
-    "sglang.srt.disaggregation.nixl.conn", "dualpath", "dualpath._C",
 )
+NIXL_IMPORTS = ("sglang.srt.disaggregation.nixl.conn",)  # when the bundle carried NIXL
+PROJECT_IMPORTS = ("dualpath", "dualpath._C")
+
+
+def default_imports(project: bool = True) -> list:
+    mods = list(STACK_IMPORTS)
+    if importlib.util.find_spec("nixl") is not None:
+        mods += NIXL_IMPORTS
+    return mods + (list(PROJECT_IMPORTS) if project else [])
 
 
 def check_imports(modules, log=print) -> list:
@@ -257,7 +266,8 @@ def main(argv=None) -> int:
     p.add_argument("--bundle", default=".bundle")
     p.add_argument("--target", required=True, help="directory to install into (put on PYTHONPATH)")
     p = sub.add_parser("check-imports", help="import the serving stack's modules")
-    p.add_argument("--modules", default=",".join(DEFAULT_IMPORTS), help="comma-separated")
+    p.add_argument("--modules", help="comma-separated (default: the serving stack)")
+    p.add_argument("--no-project", action="store_true", help="leave out dualpath itself")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "verify":
@@ -267,7 +277,9 @@ def main(argv=None) -> int:
         elif args.cmd == "install":
             install(args.bundle, args.target)
         else:
-            failures = check_imports([m for m in args.modules.split(",") if m])
+            mods = (args.modules.split(",") if args.modules
+                    else default_imports(project=not args.no_project))
+            failures = check_imports([m for m in mods if m])
             if failures:
                 print(f"{len(failures)} import(s) failed", file=sys.stderr)
                 return 1

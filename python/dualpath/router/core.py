@@ -218,11 +218,8 @@ class Router:
 
     async def _post_prefill(self, pe: Engine, path: str, payload: dict,
                             timeout: aiohttp.ClientTimeout, rid: str) -> tuple[int, str]:
-        try:
-            async with self.session.post(pe.url + path, json=payload, timeout=timeout) as r:
-                text = await r.text()
-        except (aiohttp.ClientConnectionError, asyncio.TimeoutError):
-            raise
+        async with self.session.post(pe.url + path, json=payload, timeout=timeout) as r:
+            text = await r.text()  # connection errors propagate: dispatch() retries elsewhere
         if r.status != 200:
             log.warning("prefill %s answered %d for %s: %s", pe.name, r.status, rid, text[:200])
         elif self.scheduler is not None and rid in self.scheduler.running:

@@ -15,6 +15,7 @@ blocks (file mtime, refreshed on every hit) are deleted down to `low_watermark` 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -94,6 +95,13 @@ class BlockStore:
             raise ValueError(f"invalid block key {key!r}")
         return os.path.join(self.root, key[0:2], key[2:4], key)
 
+    def _metered(self, op: str, queued: bool = False):
+        """The NIC's accounting (and cap) around one block transfer, if the store has a NIC."""
+        if self.nic is None:
+            return contextlib.nullcontext()
+        return self.nic.transfer(op, self.block_bytes, self.geometry.page_size if op == "read"
+                                 else 0, queued=queued)
+
     # ---- single block ----
     def put(self, key: str, payload) -> bool:
         """Store a block unless it is already there; return True if this call wrote it."""
@@ -101,11 +109,8 @@ class BlockStore:
         if os.path.exists(path):
             return False
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        if self.nic is None:
+        with self._metered("write"):
             write_block(path, key, self.fp, self.geometry, payload)
-        else:
-            with self.nic.transfer("write", self.block_bytes):
-                write_block(path, key, self.fp, self.geometry, payload)
         if self.capacity_bytes:
             with self._lock:
                 self._used += self.block_bytes
@@ -126,12 +131,8 @@ class BlockStore:
         """Read a block into `out` (payload_bytes long). False on a miss (`out` then undefined)."""
         path = self.path(key)
         try:
-            if self.nic is None:
+            with self._metered("read", queued=_queued):
                 read_block_into(path, key, self.fp, self.geometry, out)
-            else:
-                with self.nic.transfer("read", self.block_bytes, self.geometry.page_size,
-                                       queued=_queued):
-                    read_block_into(path, key, self.fp, self.geometry, out)
         except FileNotFoundError:
             return False
         except BlockError as e:
@@ -175,20 +176,27 @@ class BlockStore:
         return list(self._pool.map(self.put, keys, payloads))
 
     # ---- eviction ----
-    def _block_files(self):
+    def _blocks(self) -> list[tuple[float, int, str]]:
+        """(mtime, size, path) of every block; temp files of writers that died over an hour
+        ago are removed on the way."""
+        out, now = [], time.time()
         for dirpath, _, files in os.walk(self.root):
             for name in files:
-                if not name.endswith(".tmp") and name != DESCRIPTOR:
-                    yield os.path.join(dirpath, name)
+                p = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(p)
+                    if name.endswith(".tmp"):
+                        if now - st.st_mtime > 3600:
+                            os.unlink(p)
+                        continue
+                except FileNotFoundError:
+                    continue
+                if name != DESCRIPTOR:
+                    out.append((st.st_mtime, st.st_size, p))
+        return out
 
     def _scan_bytes(self) -> int:
-        total = 0
-        for p in self._block_files():
-            try:
-                total += os.stat(p).st_size
-            except FileNotFoundError:
-                pass
-        return total
+        return sum(size for _, size, _ in self._blocks())
 
     def evict(self) -> int:
         """Delete least recently used blocks down to the low watermark; return bytes freed.
@@ -203,20 +211,7 @@ class BlockStore:
                 return 0  # another process is evicting
             with self._lock:
                 before = self._used
-            entries, now = [], time.time()
-            for dirpath, _, files in os.walk(self.root):
-                for name in files:
-                    p = os.path.join(dirpath, name)
-                    try:
-                        st = os.stat(p)
-                        if name.endswith(".tmp"):
-                            if now - st.st_mtime > 3600:
-                                os.unlink(p)
-                            continue
-                    except FileNotFoundError:
-                        continue
-                    if name != DESCRIPTOR:
-                        entries.append((st.st_mtime, st.st_size, p))
+            entries = self._blocks()
             used = sum(e[1] for e in entries)
             target = int(self.capacity_bytes * self.low_watermark)
             freed = 0
