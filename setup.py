@@ -127,6 +127,9 @@ setup(
     ext_modules=[CMakeExtension("dualpath._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=["numpy>=1.24", "xxhash>=3.0", "aiohttp>=3.9", "prometheus-client>=0.17"],
+    # SGLang loads general plugins from this group in every server process; ours registers its
+    # hooks only under `python -m dualpath.launch_server --enable-dual-path`.
+    entry_points={"sglang.srt.plugins": ["dualpath = dualpath.sglang_plugin:load"]},
     extras_require={
         # The serving stack. On an air-gapped GPU host use the offline bundle instead
         # (scripts/make_gpu_bundle.py, scripts/gpu_setup.sh): it carries these pins.

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-ReadSideMode = Literal["shorter", "split", "pe"]
+ReadSideMode = Literal["shorter", "split", "pe", "de"]
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,8 @@ class SchedulerConfig:
     read_side: ReadSideMode = "shorter"
     """'shorter': the side whose node read queue is shorter (paper); 'split': divide one request's
     blocks between both sides by expected finish time (beyond the paper); 'pe': prefill side only
-    (the paper's Basic baseline)."""
+    (the paper's Basic baseline); 'de': decode side only (an ablation, and how tests force the
+    DE path)."""
     block_tokens: int = 64
     """Granularity of a split read (tokens per KV block = SGLang page size)."""
 
@@ -42,7 +43,7 @@ class SchedulerConfig:
             raise ValueError(f"SchedulerConfig.rate_ewma must be in (0, 1], got {self.rate_ewma}")
         if self.de_high_token_factor < 1:
             raise ValueError("SchedulerConfig.de_high_token_factor must be >= 1")
-        if self.read_side not in ("shorter", "split", "pe"):
+        if self.read_side not in ("shorter", "split", "pe", "de"):
             raise ValueError(f"SchedulerConfig.read_side: unknown mode {self.read_side!r}")
         if self.block_tokens < 1:
             raise ValueError("SchedulerConfig.block_tokens must be >= 1")
@@ -79,8 +80,14 @@ class RouterConfig:
     """Prompt-length estimate for text prompts (the router does not tokenize)."""
     default_max_new_tokens: int = 128
     """Output length assumed when a request does not say (SGLang's default)."""
+    hit_estimate: Literal["prompt", "none"] = "prompt"
+    """Stored-prefix tokens assumed for a request (the router does not see the store): 'prompt'
+    = the prompt rounded down to whole blocks (an upper bound: agentic turns hit ~95%);
+    'none' = 0 (every read is planned on the PE side)."""
 
     def __post_init__(self) -> None:
+        if self.hit_estimate not in ("prompt", "none"):
+            raise ValueError(f"RouterConfig.hit_estimate: unknown mode {self.hit_estimate!r}")
         if self.policy not in ("dualpath", "round_robin", "random"):
             raise ValueError(f"RouterConfig.policy: unknown policy {self.policy!r}")
         for name in ("max_queue", "max_body_bytes", "max_prompt_tokens", "max_attempts",
@@ -93,3 +100,71 @@ class RouterConfig:
                 raise ValueError(f"RouterConfig.{name} must be > 0")
         if not 0 < self.port < 65536:
             raise ValueError(f"RouterConfig.port out of range: {self.port}")
+
+
+ForwardMode = Literal["auto", "shm", "inline"]
+
+
+@dataclass(frozen=True)
+class PluginConfig:
+    """The SGLang plugin in each server (`python -m dualpath.launch_server --dualpath-*`)."""
+
+    enable_dual_path: bool = False
+    """Serve the DE read path: the decode's agent reads stored KV and forwards it to prefills,
+    and a decode keeps the prefix KV it read (miss-only return). Off: stock SGLang PD + HiCache
+    with the DualPath store at the prefill (the baseline)."""
+    root: str = "/dev/shm/dualpath-kv"
+    """Directory of the shared Full Block store (a 3FS/NFS mount in production)."""
+    node: str = ""
+    """This server's node name for the storage-NIC meter ('' = the host name)."""
+    snic_gbps: float = 0.0
+    """Emulated storage-NIC cap of this node in GB/s (0 = no cap: metering only)."""
+    agent_host: str = "127.0.0.1"
+    """Address the agent (in the scheduler process) listens on; peers and the router use it."""
+    agent_port: int = 0
+    """Agent port (0 = the server's --port + 1000)."""
+    buffer_gb: float = 4.0
+    """DE buffer: KV blocks the agent keeps after reading them, in GiB."""
+    forward_mode: ForwardMode = "auto"
+    """How the DE writes into the PE: 'shm' = one-sided copy into the PE's host pool mapped from
+    shared memory (same host), 'inline' = bytes in the reply (any host), 'auto' = shm when the
+    PE's pool is shared memory on this host."""
+    forward_timeout_s: float = 30.0
+    """A DE forward not done by then is abandoned: the PE reads those blocks itself."""
+    plan_ttl_s: float = 600.0
+    """Plans whose request never arrives are dropped after this long."""
+    io_threads: int = 8
+    role: str = ""
+    """'prefill' or 'decode' (set by the launcher from --disaggregation-mode; '' = neither)."""
+
+    def __post_init__(self) -> None:
+        if self.role not in ("", "prefill", "decode"):
+            raise ValueError(f"PluginConfig.role must be '', 'prefill' or 'decode', "
+                             f"got {self.role!r}")
+        if self.snic_gbps < 0 or self.buffer_gb < 0:
+            raise ValueError("PluginConfig: snic_gbps and buffer_gb must be >= 0")
+        if not 0 <= self.agent_port < 65536:
+            raise ValueError(f"PluginConfig.agent_port out of range: {self.agent_port}")
+        if self.forward_mode not in ("auto", "shm", "inline"):
+            raise ValueError(f"PluginConfig.forward_mode: unknown mode {self.forward_mode!r}")
+        for name in ("forward_timeout_s", "plan_ttl_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"PluginConfig.{name} must be > 0")
+        if self.io_threads < 1:
+            raise ValueError("PluginConfig.io_threads must be >= 1")
+
+    def to_json(self) -> str:
+        import json
+        from dataclasses import asdict
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str) -> PluginConfig:
+        import json
+        from dataclasses import fields
+        obj = json.loads(raw)
+        known = {f.name for f in fields(cls)}
+        unknown = set(obj) - known
+        if unknown:
+            raise ValueError(f"PluginConfig: unknown fields {sorted(unknown)}")
+        return cls(**obj)

@@ -108,4 +108,11 @@ LOG_LEVEL = EnvVar(
     "Log level of the dualpath loggers.",
 )
 
-ALL: tuple[EnvVar, ...] = (BUILD_CUDA, CUDA_ARCHS, BUILD_TYPE, BUILD_JOBS, GIT_SHA, LOG_LEVEL)
+PLUGIN_CONFIG = EnvVar(
+    "DUALPATH_PLUGIN_CONFIG", "", str,
+    "JSON of dualpath.config.PluginConfig, set by `python -m dualpath.launch_server` for the "
+    "SGLang processes it starts. Unset: the SGLang plugin registers no hooks (stock SGLang).",
+)
+
+ALL: tuple[EnvVar, ...] = (BUILD_CUDA, CUDA_ARCHS, BUILD_TYPE, BUILD_JOBS, GIT_SHA, LOG_LEVEL,
+                           PLUGIN_CONFIG)

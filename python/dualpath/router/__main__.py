@@ -38,8 +38,11 @@ def parse_args(argv=None) -> tuple[RouterConfig, SchedulerConfig, list[Engine]]:
     ap.add_argument("--port", type=int, default=rc.port)
     ap.add_argument("--policy", choices=["dualpath", "round_robin", "random"], default=rc.policy,
                     help="dualpath: the paper's scheduler; round_robin/random: its Basic pairs")
-    ap.add_argument("--read-side", choices=["shorter", "split", "pe"], default=sc.read_side,
+    ap.add_argument("--read-side", choices=["shorter", "split", "pe", "de"], default=sc.read_side,
                     help="which node reads a stored prefix (dualpath policy)")
+    ap.add_argument("--hit-estimate", choices=["prompt", "none"], default=rc.hit_estimate,
+                    help="stored-prefix tokens assumed per request (the router does not see "
+                         "the store): prompt = whole blocks of the prompt, none = 0")
     ap.add_argument("--max-queue", type=int, default=rc.max_queue,
                     help="waiting requests before 503")
     ap.add_argument("--queue-timeout-s", type=float, default=rc.queue_timeout_s)
@@ -53,7 +56,8 @@ def parse_args(argv=None) -> tuple[RouterConfig, SchedulerConfig, list[Engine]]:
                        max_queue=args.max_queue, queue_timeout_s=args.queue_timeout_s,
                        max_attempts=args.max_attempts, stats_interval_s=args.stats_interval_s,
                        max_body_bytes=args.max_body_bytes,
-                       max_prompt_tokens=args.max_prompt_tokens)
+                       max_prompt_tokens=args.max_prompt_tokens,
+                       hit_estimate=args.hit_estimate)
     engines = [Engine.from_dict({"role": "prefill", "url": u, "bootstrap_port": int(p)})
                for u, p in args.prefill]
     engines += [Engine.from_dict({"role": "decode", "url": u}) for u in args.decode]

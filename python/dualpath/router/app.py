@@ -113,8 +113,10 @@ def make_app(router: Router) -> web.Application:
             n = prompt_tokens(body, kind, cfg.chars_per_token)
             if n > cfg.max_prompt_tokens:
                 raise BadRequest(413, f"prompt of ~{n} tokens exceeds {cfg.max_prompt_tokens}")
-            req = Request(new_rid(), n, 0, max_new_tokens(body, kind,
-                                                          cfg.default_max_new_tokens))
+            block = router.sched_cfg.block_tokens
+            hit = n - n % block if cfg.hit_estimate == "prompt" else 0
+            req = Request(new_rid(), n, hit, max_new_tokens(body, kind,
+                                                            cfg.default_max_new_tokens))
             if req.kv_tokens > router.max_decode_kv():  # would wait forever and block others
                 raise BadRequest(413, f"prompt + max tokens (~{req.kv_tokens}) exceed every "
                                       f"decode engine's KV capacity ({router.max_decode_kv()})")

@@ -55,6 +55,7 @@ class Router:
         self.session: aiohttp.ClientSession | None = None
         self._poller: asyncio.Task | None = None
         self.up: dict[str, bool] = dict.fromkeys(self.engines, True)
+        self.agents: dict[str, str] = {}  # engine -> its dualpath agent URL (from its stats)
 
     # ---- engine set ----
     def _rebuild(self) -> None:
@@ -158,6 +159,9 @@ class Router:
             raise EngineUnreachable(plan.prefill if pe is None else plan.decode, "removed")
         payload = {**body, "bootstrap_host": pe.host, "bootstrap_port": pe.bootstrap_port,
                    "bootstrap_room": random.getrandbits(63)}
+        # both servers must know the request by the same id: the read plan is keyed by it
+        payload["rid"] = body.get("rid") or plan.rid
+        await self._send_plan(plan, pe, de, payload["rid"])
         # per-read, not total: a long generation is not a dead engine
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout_s,
                                         sock_read=self.cfg.request_timeout_s)
@@ -216,6 +220,33 @@ class Router:
         finally:
             resp.release()
 
+    async def _send_plan(self, plan: Plan, pe: Engine, de: Engine, rid: str) -> None:
+        """Tell the engines' agents which share of the stored prefix the decode side reads. A
+        PE-side plan needs no message (it is what a server does without one); if the decode's
+        agent cannot take the plan, the prefill reads everything itself."""
+        total = plan.pe_read_tokens + plan.de_read_tokens
+        pe_agent, de_agent = self.agents.get(pe.name), self.agents.get(de.name)
+        if not plan.de_read_tokens or not total:
+            return
+        if not pe_agent or not de_agent:
+            self.metrics.plan_fallbacks.labels("no_agent").inc()
+            return
+        msg = {"rid": rid, "de_fraction": plan.de_read_tokens / total, "de_agent": de_agent,
+               "prefill_agent": pe_agent}
+        timeout = aiohttp.ClientTimeout(total=self.cfg.connect_timeout_s)
+        for agent in (de_agent, pe_agent):  # the decode first: the prefill acts on its plan
+            try:
+                async with self.session.post(agent + "/dualpath/plan", json=msg,
+                                             timeout=timeout) as r:
+                    if r.status != 200:
+                        raise aiohttp.ClientResponseError(r.request_info, (), status=r.status,
+                                                          message=await r.text())
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                log.warning("plan for %s not delivered to %s (%s): reads fall back to the "
+                            "prefill", rid, agent, e)
+                self.metrics.plan_fallbacks.labels("agent_error").inc()
+                return
+
     async def _post_prefill(self, pe: Engine, path: str, payload: dict,
                             timeout: aiohttp.ClientTimeout, rid: str) -> tuple[int, str]:
         async with self.session.post(pe.url + path, json=payload, timeout=timeout) as r:
@@ -269,7 +300,11 @@ class Router:
         try:
             async with self.session.get(e.url + STATS_PATH, timeout=timeout) as r:
                 if r.status == 200:
-                    self._apply_stats(e, EngineStats.decode(await r.read()))
+                    raw = await r.read()
+                    self._apply_stats(e, EngineStats.decode(raw))
+                    agent = json.loads(raw).get("agent")
+                    if isinstance(agent, str) and agent.startswith("http"):
+                        self.agents[e.name] = agent
                     self.set_up(e.name, True)
                     return
             if self.up.get(e.name):

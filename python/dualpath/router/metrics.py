@@ -21,5 +21,8 @@ class RouterMetrics:
         self.retries = Counter("dualpath_router_retries",
                                "Requests retried because an engine was unreachable",
                                ["engine"], registry=r)
+        self.plan_fallbacks = Counter("dualpath_router_plan_fallbacks",
+                                      "DE-side plans turned into PE-side reads", ["reason"],
+                                      registry=r)
         self.engine_up = Gauge("dualpath_router_engine_up", "1 if the engine takes requests",
                                ["engine", "role"], registry=r)

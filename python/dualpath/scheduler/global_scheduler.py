@@ -161,6 +161,8 @@ class GlobalScheduler:
         mode = self.cfg.read_side
         if mode == "pe":
             pe_read, de_read = req.hit_len, 0
+        elif mode == "de":
+            pe_read, de_read = 0, req.hit_len
         elif mode == "shorter":
             side = shorter_side(self.pe_read_q[pn], self.de_read_q[dn])
             pe_read, de_read = (req.hit_len, 0) if side == "pe" else (0, req.hit_len)

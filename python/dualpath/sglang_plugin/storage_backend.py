@@ -15,6 +15,12 @@ directory stops the server here with StoreMismatch), then from SGLang's prefetch
 threads `batch_exists`, `batch_get_v1`, `batch_set_v1` (zero-copy: host-pool page addresses).
 Each TP rank uses its own subdirectory, so servers with the same model and TP split share
 blocks (prefill, decode, later turns) and anything else is refused.
+
+With the dual path on (`python -m dualpath.launch_server --enable-dual-path`, which sets
+DUALPATH_PLUGIN_CONFIG) the backend also starts the process's agent and serves the two read
+paths: on a prefill, pages whose plan gives them to the decode side are pulled from the decode's
+agent (`dualpath.sglang_plugin.de_path`); on a decode, the pages of its own prefix restore come
+from the DE buffer the agent filled while forwarding (one storage read for both uses).
 """
 
 from __future__ import annotations
@@ -26,7 +32,11 @@ from typing import Any
 
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
 
-from dualpath.storage import BlockGeometry, BlockStore, StorageNic, fingerprint
+from dualpath import env
+from dualpath.config import PluginConfig
+from dualpath.sglang_plugin import de_path
+from dualpath.sglang_plugin.agent import ensure_agent, node_nic
+from dualpath.storage import BlockGeometry, BlockStore, fingerprint
 from dualpath.storage.page_first import PageFirstAdapter
 
 log = logging.getLogger("dualpath.storage_backend")
@@ -40,7 +50,10 @@ class DualPathStorage(HiCacheStorage):
         self.root = extra.get("root", DEFAULT_ROOT)
         self.node = extra.get("node") or socket.gethostname()
         cap = extra.get("snic_gbps")
-        self.nic = StorageNic(self.node, cap_gbps=float(cap) if cap else None)
+        self.nic = node_nic(self.node, float(cap) if cap else None)
+        raw = env.PLUGIN_CONFIG.get()
+        self.plugin = PluginConfig.from_json(raw) if raw else None
+        self.agent = None
         self.io_threads = int(extra.get("io_threads", 8))
         self.capacity_bytes = int(float(extra.get("capacity_gb", 0)) * 2**30)
         self.store: BlockStore | None = None
@@ -67,6 +80,14 @@ class DualPathStorage(HiCacheStorage):
                                 io_threads=self.io_threads, nic=self.nic)
         self.adapter = PageFirstAdapter(self.store, io_threads=self.io_threads)
         self.mem_pool_host = mem_pool_host
+        single = c.tp_size == 1 and c.pp_size == 1
+        if self.plugin is not None and self.plugin.enable_dual_path and not single:
+            raise NotImplementedError("the dual path supports TP=1, PP=1 servers for now")
+        if self.plugin is not None and single:  # launched by dualpath.launch_server: the
+            # agent serves stats (and, with the dual path on, plans and pulls)
+            self.agent = ensure_agent(self.plugin, self.plugin.role, self.node,
+                                      self.plugin.agent_port)
+            self.agent.attach_store(self.adapter)
         log.info("dualpath storage: %s (node %s, NIC cap %s GB/s, geometry %s)", root, self.node,
                  self.nic.cap_gbps or "none", g)
 
@@ -79,7 +100,18 @@ class DualPathStorage(HiCacheStorage):
         return self.store.exists_prefix(keys)
 
     def batch_get_v1(self, keys: list[str], host_indices, extra_info=None) -> list[bool]:
-        return self.adapter.get_pages(keys, *self._pages(host_indices))
+        k_ptrs, v_ptrs = self._pages(host_indices)
+        plan = None
+        if self.agent is not None:
+            rid = ((extra_info.extra_info or {}).get("rid") if extra_info is not None
+                   and getattr(extra_info, "extra_info", None) else None)
+            plan = self.agent.plans.get(rid)
+        if plan is None or plan.de_fraction <= 0:
+            return self.adapter.get_pages(keys, k_ptrs, v_ptrs)
+        if self.agent.role == "prefill":
+            return de_path.prefill_get(self.agent, self.adapter, self.mem_pool_host, plan,
+                                       keys, k_ptrs, v_ptrs)
+        return de_path.decode_restore(self.agent, self.adapter, keys, k_ptrs, v_ptrs)
 
     def batch_set_v1(self, keys: list[str], host_indices, extra_info=None) -> list[bool]:
         return self.adapter.set_pages(keys, *self._pages(host_indices))

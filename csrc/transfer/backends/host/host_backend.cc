@@ -1,6 +1,7 @@
 // `host` backend: memcpy between registered host regions (including POSIX shared memory that
 // another process mapped and registered here).
 #include <cstring>
+#include <stdexcept>
 
 #include "../../engine.h"
 

@@ -1,0 +1,287 @@
+"""The DualPath agent: one per SGLang scheduler process (TP rank), started with the L3 backend.
+
+What it serves over HTTP (aiohttp on its own thread and event loop):
+- ``POST /dualpath/plan``: the router's read plan for one request (`ReadPlan`), before the
+  request itself reaches the server.
+- ``POST /dualpath/pull`` (served by decode agents): a prefill asks for some pages of a request's
+  stored prefix. The agent reads them over its own node's storage NIC into the DE buffer (once,
+  shared with the decode's own restore), then writes them into the prefill's host pool pages:
+  a one-sided copy into the pool mapped from shared memory ("shm", same host, through the C++
+  transfer engine), or the bytes in the reply ("inline", any host). The reply lists which pages
+  landed; the prefill reads the rest itself.
+- ``GET /dualpath/stats``: the router's `EngineStats` (schema v1) plus path counters;
+  ``GET /metrics``: Prometheus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import struct
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+
+from dualpath.config import PluginConfig
+from dualpath.router.contract import EngineStats
+from dualpath.sglang_plugin import engine_stats
+from dualpath.sglang_plugin.block_buffer import BlockBuffer
+from dualpath.sglang_plugin.peer_memory import PeerMemoryError, PeerRegions, RegionDesc
+from dualpath.sglang_plugin.plan import PlanTable, ReadPlan
+from dualpath.storage import StorageNic
+
+log = logging.getLogger("dualpath.agent")
+
+FORWARD_BYTES = Counter("dualpath_forward_bytes", "KV bytes forwarded between engines",
+                        ["node", "direction"])  # de_to_pe (sent by a DE) / received (by a PE)
+PULL_PAGES = Counter("dualpath_pull_pages", "Pages a prefill asked a decode agent for",
+                     ["node", "result"])  # forwarded | failed (read by the prefill itself)
+RESTORE_PAGES = Counter("dualpath_de_restore_pages", "Pages the decode restored from the DE "
+                        "buffer or storage", ["node", "source"])
+
+_NICS: dict[str, StorageNic] = {}
+_NICS_LOCK = threading.Lock()
+
+
+def node_nic(node: str, cap_gbps: float | None) -> StorageNic:
+    """The process's storage NIC of `node`: one meter and cap shared by every backend instance
+    (SGLang may build two: HiCache's and the decode offload manager's)."""
+    with _NICS_LOCK:
+        nic = _NICS.get(node)
+        if nic is None:
+            nic = _NICS[node] = StorageNic(node, cap_gbps=cap_gbps)
+        return nic
+
+
+class Agent:
+    def __init__(self, cfg: PluginConfig, role: str, node: str, port: int):
+        self.cfg, self.role, self.node, self.port = cfg, role, node, port
+        self.url = f"http://{cfg.agent_host}:{port}"
+        self.plans = PlanTable(cfg.plan_ttl_s)
+        self.nic = node_nic(node, cfg.snic_gbps or None)
+        self.adapter = None  # PageFirstAdapter, set by attach_store
+        self.buffer: BlockBuffer | None = None
+        self.engine = None  # dualpath.transfer.TransferEngine (host backend), lazily
+        self._slab_region = None
+        self._peer_regions: dict[tuple, int] = {}
+        self.peers = PeerRegions()
+        self.scheduler = None
+        self.counters = {"forwarded_bytes": 0, "received_bytes": 0, "pull_pages_ok": 0,
+                         "pull_pages_failed": 0, "restore_from_buffer": 0}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="dualpath-agent")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._serve, name="dualpath-agent", daemon=True)
+
+    # ---- wiring ----
+    def attach_store(self, adapter) -> None:
+        """Called by the L3 backend once the host-pool geometry is known."""
+        if self.adapter is not None:
+            return
+        self.adapter = adapter
+        slots = max(1, int(self.cfg.buffer_gb * 2**30) // (2 * adapter.region_bytes))
+        self.buffer = BlockBuffer(adapter.region_bytes, slots, adapter.get_pages)
+        log.info("dualpath agent %s: DE buffer of %d pages (%.2f GiB)", self.url, slots,
+                 slots * self.buffer.slot_bytes / 2**30)
+
+    def attach_scheduler(self, scheduler) -> None:
+        self.scheduler = scheduler
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait(30)
+        if self._error is not None:
+            raise RuntimeError(f"dualpath agent could not listen on {self.url}: "
+                               f"{self._error}") from self._error
+        log.info("dualpath agent (%s, node %s) listening on %s", self.role, self.node, self.url)
+
+    # ---- DE side: serve a pull ----
+    def serve_pull(self, req: dict) -> tuple[list[bool], bytes | None]:
+        """Read the asked pages into the DE buffer and deliver them; returns per-page success
+        and, in inline mode, the bytes of the pages that succeeded."""
+        if self.buffer is None:
+            raise RuntimeError("this agent has no store attached yet")
+        keys = list(req["keys"])
+        deadline = time.monotonic() + float(req.get("timeout_s", self.cfg.forward_timeout_s))
+        slots = self.buffer.acquire(keys)
+        try:
+            ok = [s is not None for s in slots]
+            if time.monotonic() > deadline:  # the prefill has given up on us: write nothing
+                return [False] * len(keys), None
+            if req.get("mode") == "inline":
+                data = b"".join(self.buffer.view(s).tobytes() for s in slots if s is not None)
+                self._count_forward(len(data), ok)
+                return ok, data
+            desc = RegionDesc.from_dict(req["region"])
+            k_off, v_off = req["k_offsets"], req["v_offsets"]
+            if not len(k_off) == len(v_off) == len(keys):
+                raise ValueError("keys, k_offsets and v_offsets differ in length")
+            done = self._write_shm(desc, slots, k_off, v_off, deadline)
+            ok = [a and done for a in ok]
+            self._count_forward(sum(ok) * self.buffer.slot_bytes, ok)
+            return ok, None
+        finally:
+            self.buffer.release(slots)
+
+    def _write_shm(self, desc: RegionDesc, slots, k_off, v_off, deadline: float) -> bool:
+        from dualpath.transfer import TransferBatch, TransferEngine
+        with self._lock:
+            if self.engine is None:
+                self.engine = TransferEngine("host", num_workers=self.cfg.io_threads)
+                self._slab_region = self.engine.register_array(self.buffer.slab)
+            key = (desc.host, desc.pid, desc.fd, desc.ino)
+            dst = self._peer_regions.get(key)
+            if dst is None:
+                dst = self._peer_regions[key] = self.engine.register_array(self.peers.map(desc))
+        src_off, dst_off = [], []
+        rb = self.buffer.region_bytes
+        for s, k, v in zip(slots, k_off, v_off, strict=True):
+            if s is None:
+                continue
+            o = self.buffer.offset(s)
+            if not (0 <= k <= desc.nbytes - rb and 0 <= v <= desc.nbytes - rb):
+                raise ValueError(f"page offsets {k}/{v} outside the {desc.nbytes}-byte region")
+            src_off += [o, o + rb]
+            dst_off += [k, v]
+        if not src_off:
+            return True
+        h = self.engine.submit(TransferBatch.of(self._slab_region, src_off, dst, dst_off, rb),
+                               priority="bulk")
+        status = self.engine.wait(h, max(0.0, deadline - time.monotonic()))
+        if status == "pending":  # the bytes still land, identical to what the PE would read
+            self.engine.cancel(h)
+            self.engine.wait(h)
+        return status == "done"
+
+    def _count_forward(self, nbytes: int, ok: list[bool]) -> None:
+        n_ok = sum(ok)
+        with self._lock:
+            self.counters["forwarded_bytes"] += nbytes
+            self.counters["pull_pages_ok"] += n_ok
+            self.counters["pull_pages_failed"] += len(ok) - n_ok
+        FORWARD_BYTES.labels(self.node, "de_to_pe").inc(nbytes)
+        PULL_PAGES.labels(self.node, "forwarded").inc(n_ok)
+        PULL_PAGES.labels(self.node, "failed").inc(len(ok) - n_ok)
+
+    def count_received(self, nbytes: int, n_ok: int, n_failed: int) -> None:
+        with self._lock:
+            self.counters["received_bytes"] += nbytes
+        FORWARD_BYTES.labels(self.node, "received").inc(nbytes)
+
+    def count_restore(self, n: int, source: str) -> None:
+        with self._lock:
+            if source == "buffer":
+                self.counters["restore_from_buffer"] += n
+        RESTORE_PAGES.labels(self.node, source).inc(n)
+
+    # ---- stats ----
+    def stats(self) -> dict:
+        snap = self.nic.snapshot()
+        load = engine_stats.scheduler_load(self.scheduler, self.role)
+        s = EngineStats(engine=self.url, role=self.role, seq=load.seq, tok=load.tok,
+                        free_kv_tokens=load.free_kv_tokens,
+                        read_queue_tokens=snap.read_queue_tokens,
+                        read_tokens_total=snap.read_bytes // max(1, self._token_bytes()),
+                        read_busy_s_total=snap.read_busy_s, timestamp=time.time())
+        with self._lock:
+            extra = dict(self.counters)
+        return {**json.loads(s.encode()), "node": self.node, "agent": self.url,
+                "storage": {"read_bytes": snap.read_bytes, "write_bytes": snap.write_bytes,
+                            "read_ops": snap.read_ops, "write_ops": snap.write_ops,
+                            "cap_gbps": self.cfg.snic_gbps},
+                "paths": extra, "buffer": self.buffer.stats() if self.buffer else None,
+                "plans": len(self.plans)}
+
+    def _token_bytes(self) -> int:
+        if self.adapter is None:
+            return 1
+        g = self.adapter.g
+        return g.payload_bytes // g.page_size
+
+    # ---- HTTP ----
+    def _serve(self) -> None:
+        loop = self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        app = web.Application(client_max_size=64 << 20)
+        app.router.add_post("/dualpath/plan", self._h_plan)
+        app.router.add_post("/dualpath/pull", self._h_pull)
+        app.router.add_get("/dualpath/stats", self._h_stats)
+        app.router.add_get("/metrics", self._h_metrics)
+        runner = web.AppRunner(app, access_log=None)
+        try:
+            loop.run_until_complete(runner.setup())
+            site = web.TCPSite(runner, self.cfg.agent_host, self.port)
+            loop.run_until_complete(site.start())
+        except BaseException as e:  # noqa: BLE001  (reported by start())
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        loop.run_forever()
+
+    async def _h_plan(self, request: web.Request) -> web.Response:
+        try:
+            plan = ReadPlan.from_dict(await request.json())
+        except (ValueError, TypeError, json.JSONDecodeError) as e:
+            return web.json_response({"error": str(e)}, status=400)
+        self.plans.put(plan)
+        return web.json_response({"ok": True})
+
+    async def _h_pull(self, request: web.Request) -> web.Response:
+        try:
+            req = await request.json()
+            ok, data = await asyncio.get_running_loop().run_in_executor(
+                self._pool, self.serve_pull, req)
+        except (KeyError, ValueError, TypeError, PeerMemoryError, json.JSONDecodeError) as e:
+            log.warning("pull refused: %s", e)
+            return web.json_response({"error": str(e)}, status=400)
+        except Exception as e:  # noqa: BLE001  (the prefill falls back; say why)
+            log.exception("pull failed")
+            return web.json_response({"error": f"{type(e).__name__}: {e}"}, status=500)
+        if data is None:
+            return web.json_response({"ok": ok})
+        head = json.dumps({"ok": ok}).encode()
+        return web.Response(body=struct.pack("<Q", len(head)) + head + data,
+                            content_type="application/octet-stream")
+
+    async def _h_stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats())
+
+    async def _h_metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+_AGENT: Agent | None = None
+_AGENT_LOCK = threading.Lock()
+_SCHEDULER = None  # a scheduler that asked for the agent before it existed
+
+
+def attach_scheduler(scheduler) -> None:
+    global _SCHEDULER
+    with _AGENT_LOCK:
+        _SCHEDULER = scheduler
+        if _AGENT is not None:
+            _AGENT.attach_scheduler(scheduler)
+
+
+def get_agent() -> Agent | None:
+    return _AGENT
+
+
+def ensure_agent(cfg: PluginConfig, role: str, node: str, port: int) -> Agent:
+    """The process's agent, started on first call."""
+    global _AGENT
+    with _AGENT_LOCK:
+        if _AGENT is None:
+            agent = Agent(cfg, role, node, port)
+            agent.start()
+            agent.attach_scheduler(_SCHEDULER)
+            _AGENT = agent
+        return _AGENT

@@ -1,0 +1,129 @@
+"""The DE buffer: KV pages the decode-side agent read from storage, kept in host memory.
+
+Each slot holds one page in SGLang's page_first host layout (the K region, then the V region,
+`region_bytes` each), so forwarding a page to a prefill's host pool, or restoring it into the
+decode's own host pool, is two contiguous copies. The buffer is filled through `fill`
+(normally `PageFirstAdapter.get_pages`, which reads over the node's metered storage NIC).
+
+Reads are single-flight: when the forward to a prefill and the decode's own restore ask for
+the same key, storage is read once and the second caller waits for the first. Entries stay
+after use (least recently used go first) and are pinned while a caller holds them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+Fill = Callable[[Sequence[str], Sequence[int], Sequence[int]], list]
+
+
+@dataclass
+class Slot:
+    key: str
+    index: int
+    refs: int = 0
+    state: str = "loading"  # loading | ready | failed
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class BlockBuffer:
+    def __init__(self, region_bytes: int, capacity_slots: int, fill: Fill):
+        if region_bytes < 1 or capacity_slots < 1:
+            raise ValueError("region_bytes and capacity_slots must be >= 1")
+        self.region_bytes = region_bytes
+        self.slot_bytes = 2 * region_bytes
+        self.capacity = capacity_slots
+        self.slab = np.zeros(capacity_slots * self.slot_bytes, dtype=np.uint8)
+        self.base = self.slab.ctypes.data
+        self._fill = fill
+        self._free = list(range(capacity_slots - 1, -1, -1))
+        self._slots: OrderedDict[str, Slot] = OrderedDict()  # LRU order, oldest first
+        self._lock = threading.Lock()
+        self.hits = self.misses = self.waits = self.no_room = 0
+
+    def offset(self, slot: Slot) -> int:
+        return slot.index * self.slot_bytes
+
+    def view(self, slot: Slot) -> np.ndarray:
+        o = self.offset(slot)
+        return self.slab[o:o + self.slot_bytes]
+
+    def _take_index(self) -> int | None:
+        if self._free:
+            return self._free.pop()
+        for key, s in self._slots.items():  # evict the least recently used idle entry
+            if s.refs == 0 and s.state != "loading":
+                del self._slots[key]
+                return s.index
+        return None
+
+    def acquire(self, keys: Sequence[str]) -> list[Slot | None]:
+        """Pin a slot holding each key, reading the missing ones (one `fill` call) and waiting
+        for those another caller is reading. None where the key could not be read (miss or
+        damaged block) or no slot was free. Release what you got with `release`."""
+        got: list[Slot | None] = [None] * len(keys)
+        mine: list[int] = []
+        with self._lock:
+            for i, k in enumerate(keys):
+                s = self._slots.get(k)
+                if s is not None and s.state != "failed":
+                    s.refs += 1
+                    self._slots.move_to_end(k)
+                    got[i] = s
+                    if s.state == "ready":
+                        self.hits += 1
+                    else:
+                        self.waits += 1
+                    continue
+                idx = self._take_index()
+                if idx is None:
+                    self.no_room += 1
+                    continue
+                if s is not None:  # a failed entry is retried
+                    self._free.append(s.index)
+                    del self._slots[k]
+                s = self._slots[k] = Slot(k, idx, refs=1)
+                got[i] = s
+                mine.append(i)
+                self.misses += 1
+        if mine:
+            ok: list = []
+            try:
+                ok = list(self._fill([keys[i] for i in mine],
+                                     [self.base + self.offset(got[i]) for i in mine],
+                                     [self.base + self.offset(got[i]) + self.region_bytes
+                                      for i in mine]))
+            finally:
+                ok += [False] * (len(mine) - len(ok))
+                with self._lock:
+                    for i, good in zip(mine, ok[:len(mine)], strict=True):
+                        got[i].state = "ready" if good else "failed"
+                        got[i].done.set()
+        for i, s in enumerate(got):
+            if s is None:
+                continue
+            s.done.wait()
+            if s.state != "ready":
+                self.release([s])
+                got[i] = None
+        return got
+
+    def release(self, slots: Sequence[Slot | None]) -> None:
+        with self._lock:
+            for s in slots:
+                if s is None:
+                    continue
+                s.refs -= 1
+                if s.refs == 0 and s.state == "failed" and self._slots.get(s.key) is s:
+                    del self._slots[s.key]
+                    self._free.append(s.index)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"slots": self.capacity, "used": len(self._slots), "hits": self.hits,
+                    "misses": self.misses, "waits": self.waits, "no_room": self.no_room}

@@ -1,0 +1,54 @@
+"""Load numbers the router's scheduler needs, read from a live SGLang Scheduler (0.5.17).
+
+Read from the agent's thread while the scheduler runs: each number is a snapshot that may be a
+step old (`len()` of a list is atomic; iterations work on copies). Nothing here writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Load:
+    seq: int = 0
+    tok: int = 0
+    free_kv_tokens: int = 0
+
+
+def _reqs(q) -> list:
+    if q is None:
+        return []
+    items = getattr(q, "queue", q)  # the PD queues keep their requests in .queue
+    try:
+        items = list(items)
+    except TypeError:
+        return []
+    return [getattr(x, "req", x) for x in items]  # DecodeRequest wraps a Req
+
+
+def _prompt_len(req) -> int:
+    ids = getattr(req, "origin_input_ids", None)
+    return len(ids) if ids is not None else 0
+
+
+def scheduler_load(s, role: str) -> Load:
+    """Unfinished requests and their prompt tokens, and free KV slots, of one scheduler."""
+    if s is None:
+        return Load()
+    try:
+        reqs = _reqs(getattr(s, "waiting_queue", None))
+        running = getattr(s, "running_batch", None)
+        reqs += list(getattr(running, "reqs", None) or [])
+        if role == "prefill":
+            reqs += _reqs(getattr(s, "disagg_prefill_bootstrap_queue", None))
+            reqs += _reqs(getattr(s, "disagg_prefill_inflight_queue", None))
+        else:
+            reqs += _reqs(getattr(s, "disagg_decode_prealloc_queue", None))
+            reqs += _reqs(getattr(s, "disagg_decode_transfer_queue", None))
+        alloc = getattr(s, "token_to_kv_pool_allocator", None)
+        free = int(alloc.available_size()) if alloc is not None else 0
+        return Load(seq=len(reqs), tok=sum(_prompt_len(r) for r in reqs),
+                    free_kv_tokens=max(0, free))
+    except Exception:  # noqa: BLE001  (a torn read: report nothing rather than fail the poll)
+        return Load()

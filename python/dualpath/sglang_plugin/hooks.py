@@ -1,0 +1,87 @@
+"""Every change DualPath makes to SGLang's behaviour, registered through SGLang's HookRegistry.
+
+Each hook names its target and the SGLang version it was checked against; test/sglang_plugin
+asserts that every target exists (with the signature assumed here) in the pinned release. The
+hooks are registered only when the dual path is enabled (DUALPATH_PLUGIN_CONFIG with
+enable_dual_path); otherwise the plugin leaves SGLang untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger("dualpath.hooks")
+CHECKED_VERSION = "0.5.17"
+
+
+@dataclass(frozen=True)
+class Hook:
+    target: str
+    kind: str  # HookType name: BEFORE | AFTER | AROUND | REPLACE
+    fn: Callable
+    why: str
+    checked: str = CHECKED_VERSION
+
+
+# ---- the hook functions ----
+def tag_prefetch_rid(original, self, operation, hash_values, host_indices, extra_info=None):
+    """Hand the request id of a storage prefetch to the L3 backend, so that `batch_get_v1` can
+    look up the request's read plan (stock passes only the page keys)."""
+    if extra_info is not None:
+        extra_info.extra_info = {**(extra_info.extra_info or {}), "rid": operation.request_id}
+    return original(self, operation, hash_values, host_indices, extra_info)
+
+
+def decode_prefix_by_plan(original, self, req, result):
+    """On a decode, count the stored prefix as this decode's own (restored locally, so the prefill
+    sends only the missed tokens' KV) only when the request's plan has the decode side read all
+    of it; otherwise the prefill sends everything, as in stock PD."""
+    match = original(self, req, result)
+    from dualpath.sglang_plugin.agent import get_agent
+
+    agent = get_agent()
+    plan = agent.plans.get(req.rid) if agent is not None else None
+    if match.l3_storage_hit_length > 0 and (plan is None or plan.side != "de"):
+        match.l3_storage_hit_length = 0
+        match.last_host_node = None
+    return match
+
+
+def attach_scheduler(result, self, *args, **kwargs):
+    """Let the agent read the scheduler's queues and free KV for the router's stats."""
+    from dualpath.sglang_plugin.agent import attach_scheduler as attach
+
+    attach(self)
+    return result
+
+
+def add_http_routes(*args, **kwargs):
+    """Serve GET /dualpath/stats on the server's own port (proxied to the agent), so the router
+    needs only the server URL."""
+    from dualpath.sglang_plugin.http_routes import install
+
+    install()
+
+
+HOOKS: tuple[Hook, ...] = (
+    Hook("sglang.srt.managers.cache_controller.HiCacheController._page_get_zero_copy",
+         "AROUND", tag_prefetch_rid, "the L3 backend learns which request a page read is for"),
+    Hook("sglang.srt.disaggregation.decode_hicache_mixin.DecodeHiCachePreallocMixin."
+         "_build_decode_prefix_match", "AROUND", decode_prefix_by_plan,
+         "miss-only return only for requests whose plan reads on the decode side"),
+    Hook("sglang.srt.managers.scheduler.Scheduler.init_disaggregation", "AFTER",
+         attach_scheduler, "engine stats (queues, free KV) for the router"),
+    Hook("sglang.srt.entrypoints.http_server.launch_server", "BEFORE", add_http_routes,
+         "GET /dualpath/stats on the server port"),
+)
+
+
+def register_all() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    for h in HOOKS:
+        HookRegistry.register(h.target, h.fn, HookType[h.kind])
+    log.info("dualpath: registered %d SGLang hooks (checked against %s)", len(HOOKS),
+             CHECKED_VERSION)

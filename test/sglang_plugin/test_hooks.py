@@ -1,0 +1,90 @@
+"""The plugin's hooks: every target exists in the pinned SGLang with the parameters the hook
+assumes (needs SGLang importable: CI installs the wheel without its GPU dependencies), and the
+hook functions do what they say on stand-in objects."""
+
+import inspect
+import pkgutil
+from types import SimpleNamespace
+
+import pytest
+
+from dualpath.sglang_plugin import hooks
+from dualpath.sglang_plugin.plan import PlanTable, ReadPlan
+
+# parameters each target must take, in order (beyond self)
+PARAMS = {
+    "_page_get_zero_copy": ["self", "operation", "hash_values", "host_indices", "extra_info"],
+    "_build_decode_prefix_match": ["self", "req", "result"],
+    "init_disaggregation": ["self"],
+}
+
+
+def test_every_hook_names_a_version_and_a_reason():
+    assert hooks.HOOKS
+    for h in hooks.HOOKS:
+        assert h.checked == "0.5.17" and h.why and h.kind in ("BEFORE", "AFTER", "AROUND")
+
+
+@pytest.mark.parametrize("hook", hooks.HOOKS, ids=lambda h: h.target.rsplit(".", 2)[-2])
+def test_targets_exist_in_the_pinned_sglang(hook):
+    sglang = pytest.importorskip("sglang")
+    assert sglang.__version__ == hook.checked
+    obj_path, attr = hook.target.rsplit(".", 1)
+    obj = pkgutil.resolve_name(obj_path)
+    fn = getattr(obj, attr)
+    assert callable(fn)
+    if attr in PARAMS:
+        assert list(inspect.signature(fn).parameters)[:len(PARAMS[attr])] == PARAMS[attr]
+
+
+def test_hicache_extra_info_has_a_dict_field():
+    hs = pytest.importorskip("sglang.srt.mem_cache.hicache_storage")
+    info = hs.HiCacheStorageExtraInfo(prefix_keys=None)
+    info.extra_info = {"a": 1}  # tag_prefetch_rid writes this field
+    assert info.extra_info == {"a": 1}
+
+
+def test_tag_prefetch_rid_passes_the_request_id():
+    seen = {}
+
+    def original(self, op, hashes, idx, extra_info=None):
+        seen.update(extra_info.extra_info)
+        return "ok"
+
+    info = SimpleNamespace(prefix_keys=None, extra_info={"keep": 1})
+    out = hooks.tag_prefetch_rid(original, None, SimpleNamespace(request_id="r9"), [], [], info)
+    assert out == "ok" and seen == {"keep": 1, "rid": "r9"}
+
+
+@pytest.mark.parametrize("side,kept", [("de", True), ("split", False), ("pe", False),
+                                       (None, False)])
+def test_decode_keeps_its_storage_hit_only_for_de_plans(monkeypatch, side, kept):
+    from dualpath.sglang_plugin import agent as agent_mod
+
+    plans = PlanTable()
+    if side is not None:
+        frac = {"de": 1.0, "split": 0.5, "pe": 0.0}[side]
+        plans.put(ReadPlan("r1", frac, de_agent="http://127.0.0.1:1"))
+    monkeypatch.setattr(agent_mod, "_AGENT", SimpleNamespace(plans=plans))
+
+    def original(self, req, result):
+        return SimpleNamespace(l3_storage_hit_length=256, last_host_node="node")
+
+    m = hooks.decode_prefix_by_plan(original, None, SimpleNamespace(rid="r1"), None)
+    assert (m.l3_storage_hit_length, m.last_host_node) == ((256, "node") if kept else (0, None))
+
+
+def test_load_registers_nothing_without_the_flag(monkeypatch):
+    from dualpath import sglang_plugin
+
+    monkeypatch.delenv("DUALPATH_PLUGIN_CONFIG", raising=False)
+    called = []
+    monkeypatch.setattr(hooks, "register_all", lambda: called.append(1))
+    sglang_plugin.load()
+    assert called == []
+    monkeypatch.setenv("DUALPATH_PLUGIN_CONFIG", '{"enable_dual_path": false}')
+    sglang_plugin.load()
+    assert called == []
+    monkeypatch.setenv("DUALPATH_PLUGIN_CONFIG", '{"enable_dual_path": true, "role": "decode"}')
+    sglang_plugin.load()
+    assert called == [1]
