@@ -128,19 +128,36 @@ def test_split_reads_on_both_nodes(world):
     assert reads(de) == 4 * block and reads(pe) == 4 * block
 
 
-def test_decode_restore_reuses_what_the_agent_read(world):
+def test_decode_restore_reuses_what_the_agent_read_once(world):
     src, keys, pe, de = world
     pool = ShmPool()
-    de_path.prefill_get(pe, pe.adapter, pool, ReadPlan("r3", 1.0, de_agent=de.url), keys[:4],
-                        *pool.ptrs(range(4)))
+    plan = ReadPlan("r3", 1.0, de_agent=de.url)
+    de.plans.put(plan)  # the router tells both agents
+    de_path.prefill_get(pe, pe.adapter, pool, plan, keys[:4], *pool.ptrs(range(4)))
+    block = de.adapter.store.block_bytes
     before = reads(de)
     own = ShmPool(shared=False)  # the decode's host pool
-    got = de_path.decode_restore(de, de.adapter, keys[:6], *own.ptrs([3, 4, 5, 6, 7, 8]))
+    got = de_path.decode_restore(de, de.adapter, keys[:6], *own.ptrs([3, 4, 5, 6, 7, 8]), "r3")
     assert got == [True] * 6
     for i in range(6):
         assert np.array_equal(own.page(3 + i), src.page(i))
-    assert reads(de) - before == 2 * de.adapter.store.block_bytes  # only keys 4, 5 were new
+    assert reads(de) - before == 2 * block  # only keys 4, 5 were new
     assert de.buffer.stats()["hits"] >= 4
+    # a staging buffer, not a cache: once both consumers are done the pages are gone
+    assert de.buffer.stats()["used"] == 2  # keys 4, 5 still wait for their forward
+    before = reads(de)
+    de_path.decode_restore(de, de.adapter, keys[:4], *own.ptrs([9, 10, 11, 12]), "r3")
+    assert reads(de) - before == 4 * block
+
+
+def test_split_forward_frees_the_buffer(world):
+    _, keys, pe, de = world
+    pool = ShmPool()
+    plan = ReadPlan("r6", 0.5, de_agent=de.url)
+    de.plans.put(plan)
+    assert de_path.prefill_get(pe, pe.adapter, pool, plan, keys[:6], *pool.ptrs(range(6))) \
+        == [True] * 6
+    assert de.buffer.stats()["used"] == 0
 
 
 def test_dead_decode_agent_means_the_prefill_reads_itself(world):

@@ -164,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         for c in summary["configs"]:
             de_read = sum(t["bytes"]["de"]["read_bytes"] for t in c["turns"])
             pe_read = sum(t["bytes"]["pe"]["read_bytes"] for t in c["turns"])
-            c["read_bytes"] = {"pe": pe_read, "de": de_read}
+            c["read_bytes"] = {"pe": pe_read, "de": de_read, "total": pe_read + de_read}
+            c["forwarded_bytes"] = sum(t["bytes"]["de"]["forwarded_bytes"] for t in c["turns"])
+            c["write_bytes"] = {r: sum(t["bytes"][r]["write_bytes"] for t in c["turns"])
+                                for r in ("pe", "de")}
             if c["config"] == "de":
                 check(de_read > 0, f"'de': the decode node read {de_read} bytes from storage")
             if c["config"] == "split":

@@ -223,13 +223,16 @@ def gpu_facts() -> dict:
 
 
 def git_sha() -> str:
+    """DUALPATH_GIT_SHA when set (a copied tree may carry a stale .git), else git's HEAD."""
+    if env.GIT_SHA.get():
+        return env.GIT_SHA.get()
     try:
         r = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
                            capture_output=True, text=True)
         sha = r.stdout.strip()
     except OSError:
         sha = ""
-    return sha or env.GIT_SHA.get() or "unknown"
+    return sha or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

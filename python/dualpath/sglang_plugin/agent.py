@@ -109,7 +109,7 @@ class Agent:
             raise RuntimeError("this agent has no store attached yet")
         keys = list(req["keys"])
         deadline = time.monotonic() + float(req.get("timeout_s", self.cfg.forward_timeout_s))
-        slots = self.buffer.acquire(keys)
+        slots = self.buffer.acquire(keys, uses=self.buffer_uses(req.get("rid")))
         try:
             ok = [s is not None for s in slots]
             if time.monotonic() > deadline:  # the prefill has given up on us: write nothing
@@ -128,6 +128,12 @@ class Agent:
             return ok, None
         finally:
             self.buffer.release(slots)
+
+    def buffer_uses(self, rid: str | None) -> int:
+        """Consumers of a DE read: the forward, plus the decode's own restore when the plan
+        reads the whole prefix on the decode side (miss-only return)."""
+        plan = self.plans.get(rid)
+        return 2 if plan is not None and plan.side == "de" else 1
 
     def _write_shm(self, desc: RegionDesc, slots, k_off, v_off, deadline: float) -> bool:
         from dualpath.transfer import TransferBatch, TransferEngine

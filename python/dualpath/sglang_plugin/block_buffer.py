@@ -6,8 +6,11 @@ decode's own host pool, is two contiguous copies. The buffer is filled through `
 (normally `PageFirstAdapter.get_pages`, which reads over the node's metered storage NIC).
 
 Reads are single-flight: when the forward to a prefill and the decode's own restore ask for
-the same key, storage is read once and the second caller waits for the first. Entries stay
-after use (least recently used go first) and are pinned while a caller holds them.
+the same key, storage is read once and the second caller waits for the first. The buffer is a
+staging area, not a cache: an entry is created expecting `uses` consumers (2 when the decode
+restores what it forwards, else 1) and is freed when the last one releases it, so a later turn
+reads storage again, as it would at cluster scale. Entries whose consumers never come are
+reclaimed least recently used first when space runs out.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class Slot:
     key: str
     index: int
     refs: int = 0
+    uses: int = 1  # consumers still expected; the entry is freed after the last
     state: str = "loading"  # loading | ready | failed
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -62,10 +66,13 @@ class BlockBuffer:
                 return s.index
         return None
 
-    def acquire(self, keys: Sequence[str]) -> list[Slot | None]:
+    def acquire(self, keys: Sequence[str], uses: int = 1) -> list[Slot | None]:
         """Pin a slot holding each key, reading the missing ones (one `fill` call) and waiting
         for those another caller is reading. None where the key could not be read (miss or
-        damaged block) or no slot was free. Release what you got with `release`."""
+        damaged block) or no slot was free. Entries made here expect `uses` consumers (this
+        caller included). Release what you got with `release`."""
+        if uses < 1:
+            raise ValueError("uses must be >= 1")
         got: list[Slot | None] = [None] * len(keys)
         mine: list[int] = []
         with self._lock:
@@ -87,7 +94,7 @@ class BlockBuffer:
                 if s is not None:  # a failed entry is retried
                     self._free.append(s.index)
                     del self._slots[k]
-                s = self._slots[k] = Slot(k, idx, refs=1)
+                s = self._slots[k] = Slot(k, idx, refs=1, uses=uses)
                 got[i] = s
                 mine.append(i)
                 self.misses += 1
@@ -109,17 +116,21 @@ class BlockBuffer:
                 continue
             s.done.wait()
             if s.state != "ready":
-                self.release([s])
+                self.release([s], consumed=False)
                 got[i] = None
         return got
 
-    def release(self, slots: Sequence[Slot | None]) -> None:
+    def release(self, slots: Sequence[Slot | None], consumed: bool = True) -> None:
+        """Unpin; `consumed` counts this caller as one of the entry's expected consumers."""
         with self._lock:
             for s in slots:
                 if s is None:
                     continue
                 s.refs -= 1
-                if s.refs == 0 and s.state == "failed" and self._slots.get(s.key) is s:
+                if consumed:
+                    s.uses -= 1
+                done = s.state == "failed" or s.uses <= 0
+                if s.refs == 0 and done and self._slots.get(s.key) is s:
                     del self._slots[s.key]
                     self._free.append(s.index)
 

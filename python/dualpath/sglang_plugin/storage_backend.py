@@ -111,7 +111,7 @@ class DualPathStorage(HiCacheStorage):
         if self.agent.role == "prefill":
             return de_path.prefill_get(self.agent, self.adapter, self.mem_pool_host, plan,
                                        keys, k_ptrs, v_ptrs)
-        return de_path.decode_restore(self.agent, self.adapter, keys, k_ptrs, v_ptrs)
+        return de_path.decode_restore(self.agent, self.adapter, keys, k_ptrs, v_ptrs, plan.rid)
 
     def batch_set_v1(self, keys: list[str], host_indices, extra_info=None) -> list[bool]:
         return self.adapter.set_pages(keys, *self._pages(host_indices))
