@@ -114,5 +114,13 @@ PLUGIN_CONFIG = EnvVar(
     "SGLang processes it starts. Unset: the SGLang plugin registers no hooks (stock SGLang).",
 )
 
+# ---- test time (read by scripts/run_tests.sh) ----
+TEST_SGLANG = EnvVar(
+    "DUALPATH_TEST_SGLANG", "1", parse_bool,
+    "scripts/run_tests.sh installs SGLang 0.5.17 without its GPU dependencies (the wheel with "
+    "--no-deps, then test/requirements-sglang-cpu.txt) so that test/sglang_plugin runs; "
+    "0 skips the install and those tests.",
+)
+
 ALL: tuple[EnvVar, ...] = (BUILD_CUDA, CUDA_ARCHS, BUILD_TYPE, BUILD_JOBS, GIT_SHA, LOG_LEVEL,
-                           PLUGIN_CONFIG)
+                           PLUGIN_CONFIG, TEST_SGLANG)

@@ -23,16 +23,18 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     t0 = time.time()
-    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                            str(ROOT / "test/ops")], env=env, capture_output=True, text=True)
-    (args.out / "tests.log").write_text(tests.stdout + tests.stderr)
-    print(tests.stdout[-2000:], flush=True)
+    with open(args.out / "tests.log", "w") as log:  # streamed: a killed run keeps its log
+        tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                "--durations=5", str(ROOT / "test/ops")], env=env, stdout=log,
+                               stderr=subprocess.STDOUT, text=True)
+    print((args.out / "tests.log").read_text()[-2000:], flush=True)
     t1 = time.time()
-    bench = subprocess.run([sys.executable, str(ROOT / "benchmark/kernels/bench_copy_kv.py"),
-                            "--out", str(args.out / "bench_copy_kv.jsonl"),
-                            *args.bench_args.split()], env=env, capture_output=True, text=True)
-    (args.out / "bench.log").write_text(bench.stdout + bench.stderr)
-    print(bench.stdout[-6000:], bench.stderr[-2000:], flush=True)
+    with open(args.out / "bench.log", "w") as log:
+        bench = subprocess.run([sys.executable, str(ROOT / "benchmark/kernels/bench_copy_kv.py"),
+                                "--out", str(args.out / "bench_copy_kv.jsonl"),
+                                *args.bench_args.split()], env=env, stdout=log,
+                               stderr=subprocess.STDOUT, text=True)
+    print((args.out / "bench.log").read_text()[-6000:], flush=True)
     summary = {"tests_rc": tests.returncode, "bench_rc": bench.returncode,
                "tests_s": round(t1 - t0, 1), "bench_s": round(time.time() - t1, 1),
                "setup_s": args.setup_s}

@@ -50,7 +50,7 @@ def run(args, out: Path, summary: dict) -> None:
         check(status == 200, f"chat through the router answered 200 ({status}: {str(resp)[:200]})")
         summary["chat_usage"] = resp.get("usage")
         bench_out = out / "bench_serving.jsonl"
-        cmd = [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang",
+        cmd = [sys.executable, "-m", "dualpath.bench.sglang_serving", "--backend", "sglang",
                "--base-url", router.url, "--model", str(args.model),
                "--tokenizer", str(args.model), "--dataset-name", "random-ids",
                "--num-prompts", str(args.num_prompts), "--random-input-len",
