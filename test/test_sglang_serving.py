@@ -12,7 +12,7 @@ def test_placeholder_datasets_fails_clearly():
 
 
 def test_runs_sglang_benchmark_help(monkeypatch, capsys):
-    pytest.importorskip("sglang.benchmark.serving")
+    pytest.importorskip("sglang")  # datasets may be missing: the wrapper covers it
     monkeypatch.setattr("sys.argv", ["x", "--help"])
     with pytest.raises(SystemExit) as e:
         sglang_serving.main()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ sys.path.insert(0, str(ROOT / "python"))
 
 from dualpath.ops import layout as L  # noqa: E402
 from dualpath.ops.kv_copy import copy_kv  # noqa: E402
+from dualpath.version import git_sha  # noqa: E402
 
 MODELS = {"8b": (32, 8, 128), "70b": (80, 8, 128)}
 L2_BYTES = 50 << 20
@@ -191,8 +191,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU (kernel correctness on the CPU: pytest test/ops)")
         return 2
-    sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
-                         capture_output=True, text=True).stdout.strip() or "unknown"
+    sha = git_sha()
     meta = {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
             "git_sha": sha}
     pk = peaks()

@@ -18,7 +18,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ sys.path.insert(0, str(ROOT / "python"))
 
 from dualpath.config import SchedulerConfig  # noqa: E402
 from dualpath.scheduler import EngineSpec, GlobalScheduler, Request  # noqa: E402
+from dualpath.version import git_sha  # noqa: E402
 
 
 def build(n_engines: int, seed: int) -> GlobalScheduler:
@@ -86,8 +86,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=2048)
     ap.add_argument("--out", type=Path, help="append one JSON row per case to this file")
     args = ap.parse_args()
-    sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
-                         capture_output=True, text=True).stdout.strip() or "unknown"
+    sha = git_sha()
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
                 .splitlines() if ln.startswith("model name")), platform.machine())
     meta = {"git_sha": sha, "cpu": cpu, "cores": os.cpu_count(),

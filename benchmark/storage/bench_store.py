@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "python"))
 
 from dualpath.storage import BlockGeometry, BlockStore, fingerprint  # noqa: E402
+from dualpath.version import git_sha  # noqa: E402
 
 
 def geometry(page_size: int) -> BlockGeometry:
@@ -101,8 +102,7 @@ def main() -> int:
     ap.add_argument("--sglang", action="store_true", help="also measure SGLang's HiCacheFile")
     ap.add_argument("--out", type=Path, help="append one JSON row per case")
     args = ap.parse_args()
-    sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
-                         capture_output=True, text=True).stdout.strip() or "unknown"
+    sha = git_sha()
     fs = subprocess.run(["df", "--output=fstype", str(args.dir.parent)], capture_output=True,
                         text=True).stdout.split()[-1]
     meta = {"git_sha": sha, "date": time.strftime("%Y-%m-%d"), "dir": str(args.dir),

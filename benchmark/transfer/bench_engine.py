@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "python"))
 
 from dualpath.transfer import TransferBatch, TransferEngine  # noqa: E402
+from dualpath.version import git_sha  # noqa: E402
 
 BUF = 512 << 20
 
@@ -47,8 +47,7 @@ def main() -> int:
     ap.add_argument("--message-sizes", default="4096,65536,1048576,16777216,67108864")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
-                         capture_output=True, text=True).stdout.strip() or "unknown"
+    sha = git_sha()
     meta = {"backend": args.backend, "workers": args.workers, "cores": os.cpu_count(),
             "date": time.strftime("%Y-%m-%d"), "git_sha": sha}
     eng = TransferEngine(args.backend, num_workers=args.workers)

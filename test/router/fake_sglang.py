@@ -34,6 +34,9 @@ class FakeEngine:
     late_status: int | None = None  # prefill: accept the room, then fail after delay_s
     chunk_delay_s: float = 0.0  # decode: pause between streamed chunks
     bodies: list[dict] = field(default_factory=list)
+    agent: bool = False  # also act as the engine's dualpath agent (stats name it; takes plans)
+    plans: list[dict] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)  # "plan:<rid>" / "request:<rid>", in order
     server: TestServer | None = None
 
     @property
@@ -46,6 +49,7 @@ class FakeEngine:
         async def handle(request: web.Request) -> web.StreamResponse:
             body = await request.json()
             self.bodies.append(body)
+            self.events.append(f"request:{body.get('rid')}")
             room = body.get("bootstrap_room")
             if self.status != 200:
                 return web.json_response({"error": {"message": "fake failure"}},
@@ -78,7 +82,16 @@ class FakeEngine:
         async def stats(request: web.Request) -> web.Response:
             if self.stats is None:
                 return web.Response(status=404)
-            return web.Response(body=self.stats.encode(), content_type="application/json")
+            obj = json.loads(self.stats.encode())
+            if self.agent:
+                obj["agent"] = self.url
+            return web.json_response(obj)
+
+        async def plan(request: web.Request) -> web.Response:
+            body = await request.json()
+            self.plans.append(body)
+            self.events.append(f"plan:{body.get('rid')}")
+            return web.json_response({"ok": True})
 
         async def ok(request: web.Request) -> web.Response:
             return web.json_response({"ok": True})
@@ -89,6 +102,7 @@ class FakeEngine:
         for path in ("/generate", "/v1/completions", "/v1/chat/completions"):
             app.router.add_post(path, handle)
         app.router.add_get("/dualpath/stats", stats)
+        app.router.add_post("/dualpath/plan", plan)
         app.router.add_get("/health", ok)
         app.router.add_post("/flush_cache", ok)
         app.router.add_get("/v1/models", models)

@@ -9,7 +9,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from fake_sglang import FakeEngine, Rooms
 
-from dualpath.config import RouterConfig
+from dualpath.config import RouterConfig, SchedulerConfig
 from dualpath.router.app import make_app
 from dualpath.router.contract import ContractError, EngineStats
 from dualpath.router.core import Router
@@ -303,4 +303,31 @@ def test_removed_and_readded_engine_stays_down_until_it_answers():
             router.up[name] = False
             router._rebuild()
             assert name in router.scheduler._down
+    run(main())
+
+
+@pytest.mark.parametrize("side", ["de", "split", "pe"])
+def test_plans_reach_both_agents_before_the_request(side):
+    async def main():
+        sched = SchedulerConfig(read_side=side)
+        async with cluster(sched=sched, agent=True) as (client, router, (pre,), (dec,)):
+            for f, role in ((pre, "prefill"), (dec, "decode")):
+                f.stats = EngineStats(engine=role, role=role, seq=0, tok=0, free_kv_tokens=10**6)
+            for _ in range(100):  # the router learns the agents from the stats
+                await asyncio.sleep(0.02)
+                if len(router.agents) == 2:
+                    break
+            body = {"input_ids": list(range(640)), "sampling_params": {"max_new_tokens": 3}}
+            assert (await client.post("/generate", json=body)).status == 200
+            (pb,), (db,) = pre.bodies, dec.bodies
+            assert pb["rid"] == db["rid"], "both servers know the request by one id"
+            if side == "pe":  # the default needs no message
+                assert pre.plans == dec.plans == []
+                return
+            (pp,), (dp,) = pre.plans, dec.plans
+            assert pp == dp and pp["rid"] == pb["rid"] and pp["de_agent"] == dec.url
+            assert pp["de_fraction"] == (1.0 if side == "de" else pytest.approx(0.5, abs=0.5))
+            for f in (pre, dec):
+                assert f.events.index(f"plan:{pb['rid']}") < f.events.index(
+                    f"request:{pb['rid']}")
     run(main())

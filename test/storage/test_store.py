@@ -194,3 +194,24 @@ def test_concurrent_puts_evict_to_the_watermark_not_below(tmp_path):
     s.close()
     n = sum(1 for _, _, fs in os.walk(tmp_path) for f in fs if f != "STORE.json")
     assert 50 <= n <= 100, n  # under the cap, and not emptied by overlapping evictions
+
+
+def test_a_claimed_key_is_written_once(tmp_path):
+    """Two engines backing up the same page at once: the second sees the claim and skips."""
+    import time
+
+    from dualpath.storage import store as store_mod
+
+    g = GEOMETRIES[1]
+    s = open_store(tmp_path, g)
+    payload = np.zeros(g.payload_bytes, np.uint8)
+    KEY = key(5)
+    claim = s.path(KEY) + ".claim"
+    os.makedirs(os.path.dirname(claim), exist_ok=True)
+    open(claim, "w").close()  # another writer is busy with it
+    assert s.put(KEY, payload) is False and not os.path.exists(s.path(KEY))
+    old = time.time() - store_mod.CLAIM_STALE_S - 1
+    os.utime(claim, (old, old))  # ... and died long ago: taken over
+    assert s.put(KEY, payload) is True and os.path.exists(s.path(KEY))
+    assert not os.path.exists(claim)
+    assert s.put(KEY, payload) is False  # stored: nothing to do

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from dualpath import env
+from dualpath import version
 from dualpath.bench import client
 from dualpath.bench.servers import ServerError, ServerProcess
 
@@ -223,16 +223,7 @@ def gpu_facts() -> dict:
 
 
 def git_sha() -> str:
-    """DUALPATH_GIT_SHA when set (a copied tree may carry a stale .git), else git's HEAD."""
-    if env.GIT_SHA.get():
-        return env.GIT_SHA.get()
-    try:
-        r = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
-                           capture_output=True, text=True)
-        sha = r.stdout.strip()
-    except OSError:
-        sha = ""
-    return sha or "unknown"
+    return version.git_sha()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,5 +28,5 @@ def copy_kv_ref(src: KVLayout, dst: KVLayout, src_pages: torch.Tensor, dst_pages
     dst_layers = list(range(dst.num_layers)) if dst_layers is None else list(dst_layers)
     for ls, ld in zip(src_layers, dst_layers, strict=True):
         for c in range(src.kv_parts):
-            d = rows_view(dst, ld, c)
-            d[dst_pages.to(d.device)] = rows_view(src, ls, c)[src_pages.to(d.device)].to(d.device)
+            d, s = rows_view(dst, ld, c), rows_view(src, ls, c)  # may live on other devices
+            d[dst_pages.to(d.device)] = s[src_pages.to(s.device)].to(d.device)

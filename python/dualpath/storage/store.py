@@ -39,6 +39,7 @@ from dualpath.storage.nic import StorageNic
 log = logging.getLogger(__name__)
 _KEY = re.compile(r"^[0-9A-Za-z_-]{4,200}$")
 DESCRIPTOR = "STORE.json"
+CLAIM_STALE_S = 60.0  # a write claim this old belongs to a writer that died
 
 
 class StoreMismatch(RuntimeError):
@@ -104,13 +105,28 @@ class BlockStore:
 
     # ---- single block ----
     def put(self, key: str, payload) -> bool:
-        """Store a block unless it is already there; return True if this call wrote it."""
+        """Store a block unless it is already there or another writer (any process, any
+        engine) is writing it; return True if this call wrote it. The writer claims the key
+        first (`<block>.claim`, exclusive create), so two engines backing up the same page at
+        once move its bytes over the storage NIC once. A claim older than `CLAIM_STALE_S` is a
+        writer that died: it is taken over."""
         path = self.path(key)
         if os.path.exists(path):
             return False
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with self._metered("write"):
-            write_block(path, key, self.fp, self.geometry, payload)
+        claim = path + ".claim"
+        if not self._claim_key(claim):
+            return False
+        try:
+            if os.path.exists(path):  # finished by another writer between the checks
+                return False
+            with self._metered("write"):
+                write_block(path, key, self.fp, self.geometry, payload)
+        finally:
+            try:
+                os.unlink(claim)
+            except FileNotFoundError:
+                pass
         if self.capacity_bytes:
             with self._lock:
                 self._used += self.block_bytes
@@ -126,6 +142,21 @@ class BlockStore:
                 finally:
                     self._evicting.release()
         return True
+
+    @staticmethod
+    def _claim_key(claim: str) -> bool:
+        for _ in range(2):
+            try:
+                os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                return True
+            except FileExistsError:
+                try:
+                    if time.time() - os.stat(claim).st_mtime < CLAIM_STALE_S:
+                        return False  # someone is writing it now
+                    os.unlink(claim)  # its writer died: take over
+                except FileNotFoundError:
+                    pass  # released meanwhile: try again
+        return False
 
     def get_into(self, key: str, out, _queued: bool = False) -> bool:
         """Read a block into `out` (payload_bytes long). False on a miss (`out` then undefined)."""
@@ -185,7 +216,7 @@ class BlockStore:
                 p = os.path.join(dirpath, name)
                 try:
                     st = os.stat(p)
-                    if name.endswith(".tmp"):
+                    if name.endswith((".tmp", ".claim")):
                         if now - st.st_mtime > 3600:
                             os.unlink(p)
                         continue
