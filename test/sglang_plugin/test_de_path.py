@@ -213,3 +213,21 @@ def test_plans_and_stats_over_http(world):
     from dualpath.router.contract import EngineStats
     assert EngineStats.decode(stats).role == "decode"
     assert stats["agent"] == de.url and "forwarded_bytes" in stats["paths"]
+
+
+def test_mappings_of_exited_peers_are_dropped():
+    import subprocess
+    import sys
+
+    from dualpath.sglang_plugin.peer_memory import PeerRegions, describe_region
+
+    pool = ShmPool()
+    regions = PeerRegions()
+    mine = describe_region(pool.fd, pool.arr.nbytes)
+    regions.map(mine)
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True)
+    dead = (mine.host, int(child.stdout), 3, 1)  # a pid that has exited
+    regions._maps[dead] = regions._maps[(mine.host, mine.pid, mine.fd, mine.ino)]
+    assert regions.prune() == [dead]
+    assert list(regions._maps) == [(mine.host, mine.pid, mine.fd, mine.ino)]

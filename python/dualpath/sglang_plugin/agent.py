@@ -144,6 +144,10 @@ class Agent:
             key = (desc.host, desc.pid, desc.fd, desc.ino)
             dst = self._peer_regions.get(key)
             if dst is None:
+                for old in self.peers.prune():  # prefills that exited since: let go of them
+                    region = self._peer_regions.pop(old, None)
+                    if region is not None:
+                        self.engine.deregister(region)
                 dst = self._peer_regions[key] = self.engine.register_array(self.peers.map(desc))
         src_off, dst_off = [], []
         rb = self.buffer.region_bytes

@@ -87,3 +87,12 @@ class PeerRegions:
     def forget(self, desc: RegionDesc) -> None:
         with self._lock:
             self._maps.pop((desc.host, desc.pid, desc.fd, desc.ino), None)
+
+    def prune(self) -> list[tuple]:
+        """Drop the mappings of peers that exited (a restarted prefill gets a new pid): a kept
+        mapping would hold the dead server's whole host pool in memory. Returns their keys."""
+        with self._lock:
+            gone = [k for k in self._maps if not os.path.exists(f"/proc/{k[1]}")]
+            for k in gone:
+                del self._maps[k]  # unmapped once the last view of it is dropped
+            return gone
