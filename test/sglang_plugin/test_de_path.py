@@ -231,3 +231,20 @@ def test_mappings_of_exited_peers_are_dropped():
     regions._maps[dead] = regions._maps[(mine.host, mine.pid, mine.fd, mine.ino)]
     assert regions.prune() == [dead]
     assert list(regions._maps) == [(mine.host, mine.pid, mine.fd, mine.ino)]
+
+
+def test_a_failing_fill_leaves_nothing_pinned():
+    from dualpath.sglang_plugin.block_buffer import BlockBuffer
+
+    def fill(keys, k, v):
+        if "b" in keys:
+            raise OSError("storage went away")
+        return [True] * len(keys)
+
+    buf = BlockBuffer(8, 2, fill)
+    a = buf.acquire(["a"], uses=2)  # ready, still expects another consumer
+    with pytest.raises(OSError):
+        buf.acquire(["a", "b"])  # "a" is taken from the buffer, "b" fails to load
+    assert a[0].refs == 1, "the failed call released what it had pinned"
+    buf.release(a, consumed=False)
+    assert buf.acquire(["c"])[0] is not None  # "b"'s slot came back: there is room

@@ -108,7 +108,11 @@ class Agent:
         if self.buffer is None:
             raise RuntimeError("this agent has no store attached yet")
         keys = list(req["keys"])
-        deadline = time.monotonic() + float(req.get("timeout_s", self.cfg.forward_timeout_s))
+        # a one-sided write must never land after the prefill gave up on it (it then reads the
+        # pages itself and may reuse them): shm pulls carry the prefill's deadline on the
+        # host-wide monotonic clock, which the prefill waits out with a margin before falling back
+        deadline = float(req["deadline_mono"]) if "deadline_mono" in req else (
+            time.monotonic() + float(req.get("timeout_s", self.cfg.forward_timeout_s)))
         slots = self.buffer.acquire(keys, uses=self.buffer_uses(req.get("rid")))
         try:
             ok = [s is not None for s in slots]
@@ -146,8 +150,11 @@ class Agent:
             if dst is None:
                 for old in self.peers.prune():  # prefills that exited since: let go of them
                     region = self._peer_regions.pop(old, None)
-                    if region is not None:
-                        self.engine.deregister(region)
+                    try:
+                        if region is not None:
+                            self.engine.deregister(region)
+                    except Exception as e:  # noqa: BLE001  (still in use: retried next prune)
+                        log.warning("region of exited peer %s still in use: %s", old, e)
                 dst = self._peer_regions[key] = self.engine.register_array(self.peers.map(desc))
         src_off, dst_off = [], []
         rb = self.buffer.region_bytes
@@ -161,6 +168,8 @@ class Agent:
             dst_off += [k, v]
         if not src_off:
             return True
+        if time.monotonic() > deadline:
+            return False
         h = self.engine.submit(TransferBatch.of(self._slab_region, src_off, dst, dst_off, rb),
                                priority="bulk")
         status = self.engine.wait(h, max(0.0, deadline - time.monotonic()))

@@ -98,6 +98,21 @@ class BlockBuffer:
                 got[i] = s
                 mine.append(i)
                 self.misses += 1
+        try:
+            self._load(keys, got, mine)
+        except BaseException:
+            self.release(got, consumed=False)  # nothing stays pinned by a failed call
+            raise
+        for i, s in enumerate(got):
+            if s is None:
+                continue
+            s.done.wait()
+            if s.state != "ready":
+                self.release([s], consumed=False)
+                got[i] = None
+        return got
+
+    def _load(self, keys, got, mine) -> None:
         if mine:
             ok: list = []
             try:
@@ -111,14 +126,6 @@ class BlockBuffer:
                     for i, good in zip(mine, ok[:len(mine)], strict=True):
                         got[i].state = "ready" if good else "failed"
                         got[i].done.set()
-        for i, s in enumerate(got):
-            if s is None:
-                continue
-            s.done.wait()
-            if s.state != "ready":
-                self.release([s], consumed=False)
-                got[i] = None
-        return got
 
     def release(self, slots: Sequence[Slot | None], consumed: bool = True) -> None:
         """Unpin; `consumed` counts this caller as one of the entry's expected consumers."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import socket
 import struct
 import threading
 import time
@@ -27,6 +28,7 @@ from dualpath.storage.page_first import host_view
 
 log = logging.getLogger("dualpath.de_path")
 _local = threading.local()
+_LOCAL_NAMES = {"127.0.0.1", "localhost", "::1", socket.gethostname()}
 _side_pool = ThreadPoolExecutor(4, thread_name_prefix="dualpath-pe-read")
 
 
@@ -75,7 +77,9 @@ def _pool_region(pool):
 def pull(agent, pool, plan, keys, k_ptrs, v_ptrs) -> list[bool]:
     """Ask the plan's decode agent for `keys` and have them land at k_ptrs/v_ptrs."""
     cfg = agent.cfg
-    region = _pool_region(pool) if cfg.forward_mode != "inline" else None
+    local = urlsplit(plan.de_agent).hostname in _LOCAL_NAMES
+    use_shm = cfg.forward_mode == "shm" or (cfg.forward_mode == "auto" and local)
+    region = _pool_region(pool) if use_shm else None
     if region is None and cfg.forward_mode == "shm":
         raise RuntimeError("forward_mode 'shm' needs the host pool in shared memory "
                            '("allocator": "shm" in the storage backend extra config)')
@@ -83,7 +87,8 @@ def pull(agent, pool, plan, keys, k_ptrs, v_ptrs) -> list[bool]:
     if region is not None:
         base, desc = region
         body.update(mode="shm", region=desc.to_dict(), k_offsets=[p - base for p in k_ptrs],
-                    v_offsets=[p - base for p in v_ptrs])
+                    v_offsets=[p - base for p in v_ptrs],
+                    deadline_mono=time.monotonic() + cfg.forward_timeout_s)
     else:
         body["mode"] = "inline"
     status, raw, ctype = _post(plan.de_agent, "/dualpath/pull", body, cfg.forward_timeout_s + 5)

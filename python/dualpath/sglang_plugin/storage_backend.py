@@ -100,6 +100,16 @@ class DualPathStorage(HiCacheStorage):
         return self.store.exists_prefix(keys)
 
     def batch_get_v1(self, keys: list[str], host_indices, extra_info=None) -> list[bool]:
+        # SGLang calls this from its one prefetch IO thread, which dies on an exception and
+        # leaves every later prefetch waiting: a failure here is a miss, logged, never raised
+        try:
+            return self._get_v1(keys, host_indices, extra_info)
+        except Exception:
+            log.exception("dualpath storage: reading %d pages failed; treated as misses",
+                          len(keys))
+            return [False] * len(keys)
+
+    def _get_v1(self, keys: list[str], host_indices, extra_info) -> list[bool]:
         k_ptrs, v_ptrs = self._pages(host_indices)
         plan = None
         if self.agent is not None:
