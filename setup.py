@@ -135,7 +135,8 @@ setup(
         # (scripts/make_gpu_bundle.py, scripts/gpu_setup.sh): it carries these pins.
         "sglang": ["sglang==0.5.17"],
         "dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "torch>=2.4", "triton>=3.1",
-                "pybind11>=2.12", "tokenizers>=0.21", "transformers>=4.50", "jinja2>=3.1"],
+                "pybind11>=2.12", "tokenizers>=0.21", "transformers>=4.50", "jinja2>=3.1",
+                "matplotlib>=3.8"],
     },
     zip_safe=False,
 )

@@ -136,6 +136,10 @@ class PluginConfig:
     io_threads: int = 8
     role: str = ""
     """'prefill' or 'decode' (set by the launcher from --disaggregation-mode; '' = neither)."""
+    oracle: bool = False
+    """Benchmark ceiling only: stored pages are reported loaded without reading them (no storage
+    traffic, the pages keep whatever they held), so outputs are meaningless; the paper's
+    'oracle' that assumes the hit KV is already present."""
 
     def __post_init__(self) -> None:
         if self.role not in ("", "prefill", "decode"):

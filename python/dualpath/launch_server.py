@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                     default=d.forward_mode, help="how a DE writes KV into a prefill")
     ap.add_argument("--dualpath-forward-timeout-s", type=float, default=d.forward_timeout_s)
     ap.add_argument("--dualpath-io-threads", type=int, default=d.io_threads)
+    ap.add_argument("--dualpath-oracle", action="store_true",
+                    help="benchmark ceiling: skip storage reads, report them done (outputs are "
+                         "meaningless)")
     return ap
 
 
@@ -77,7 +80,7 @@ def sglang_args(ours: argparse.Namespace, rest: list[str]) -> tuple[list[str], P
         agent_host=ours.dualpath_agent_host, agent_port=ours.dualpath_agent_port or port + 1000,
         buffer_gb=ours.dualpath_buffer_gb, forward_mode=ours.dualpath_forward_mode,
         forward_timeout_s=ours.dualpath_forward_timeout_s, io_threads=ours.dualpath_io_threads,
-        role=mode if mode != "null" else "")
+        role=mode if mode != "null" else "", oracle=ours.dualpath_oracle)
     if cfg.enable_dual_path and mode == "null":
         raise SystemExit("error: --enable-dual-path needs --disaggregation-mode prefill or decode")
     out = list(rest)
@@ -94,6 +97,8 @@ def sglang_args(ours: argparse.Namespace, rest: list[str]) -> tuple[list[str], P
                  "io_threads": cfg.io_threads}
         if cfg.snic_gbps:
             extra["snic_gbps"] = cfg.snic_gbps
+        if cfg.oracle:
+            extra["oracle"] = True
         out += ["--hicache-storage-backend", "dynamic",
                 "--hicache-storage-backend-extra-config", json.dumps(extra)]
     defaults = [("--enable-hierarchical-cache", None), ("--hicache-mem-layout", "page_first"),

@@ -21,52 +21,16 @@ import logging
 import shutil
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from dualpath.bench import client
-from dualpath.bench.servers import ServerError, ServerProcess
+from dualpath.bench.pd_cluster import DEC_PORT, PRE_PORT, ClusterSpec, PDCluster, agent_stats
+from dualpath.bench.pd_cluster import path_bytes as meters
+from dualpath.bench.servers import ServerError
 from dualpath.bench.smoke import DEFAULT_MODEL, SmokeFailure, check, git_sha, gpu_facts, prompt
 
 log = logging.getLogger("dualpath.dualpath_pd")
-PRE_PORT, DEC_PORT, BOOT_PORT, ROUTER_PORT = 30010, 30020, 8998, 8000
-
-
-def server(name: str, args, role: str, port: int, gpu: str, out: Path, on: bool,
-           root: Path) -> ServerProcess:
-    flags = ["-m", "dualpath.launch_server", "--model-path", str(args.model),
-             "--load-format", "dummy", "--attention-backend", "triton",
-             "--sampling-backend", "pytorch", "--disable-cuda-graph", "--page-size", "64",
-             "--host", "127.0.0.1", "--port", str(port), "--mem-fraction-static", "0.5",
-             "--max-total-tokens", str(args.max_total_tokens), "--hicache-ratio", "2",
-             "--hicache-write-policy", "write_through", "--enable-cache-report",
-             "--log-level", "info", "--disaggregation-mode", role,
-             "--disaggregation-transfer-backend", args.pd_backend,
-             "--dualpath-root", str(root), "--dualpath-node", f"{role}-node",
-             "--dualpath-snic-gbps", str(args.snic_gbps)]
-    if role == "prefill":
-        flags += ["--disaggregation-bootstrap-port", str(BOOT_PORT)]
-    if on:
-        flags.append("--enable-dual-path")
-    return ServerProcess(name, flags, port, out / f"server_{name}.log",
-                         env={"CUDA_VISIBLE_DEVICES": gpu})
-
-
-def agent_stats(port: int) -> dict:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port + 1000}/dualpath/stats",
-                                    timeout=5) as r:
-            return json.loads(r.read())
-    except OSError as e:
-        return {"error": str(e)}
-
-
-def meters(s: dict) -> dict:
-    st, paths = s.get("storage") or {}, s.get("paths") or {}
-    return {"read_bytes": st.get("read_bytes", 0), "write_bytes": st.get("write_bytes", 0),
-            "forwarded_bytes": paths.get("forwarded_bytes", 0),
-            "received_bytes": paths.get("received_bytes", 0),
-            "restore_from_buffer": paths.get("restore_from_buffer", 0)}
+READ_SIDE = {"off": "pe", "de": "de", "split": "split"}
 
 
 def flush(url: str) -> None:
@@ -82,27 +46,13 @@ def run_config(name: str, args, out: Path) -> dict:
     on = name != "off"
     root = Path(args.store_dir) / name
     shutil.rmtree(root, ignore_errors=True)
-    cdir = out / name
-    pre = server("prefill", args, "prefill", PRE_PORT, "0", cdir, on, root)
-    dec = server("decode", args, "decode", DEC_PORT, "1", cdir, on, root)
-    router = ServerProcess("router", ["-m", "dualpath.router", "--prefill", pre.url,
-                                      str(BOOT_PORT), "--decode", dec.url, "--port",
-                                      str(ROUTER_PORT), "--read-side",
-                                      {"off": "pe", "de": "de", "split": "split"}[name],
-                                      "--stats-interval-s", "0.5"],
-                           ROUTER_PORT, cdir / "router.log")
+    spec = ClusterSpec(model=args.model, root=root, dual_path=on, read_side=READ_SIDE[name],
+                       snic_gbps=args.snic_gbps, max_total_tokens=args.max_total_tokens,
+                       pd_backend=args.pd_backend)
     res: dict = {"config": name, "dual_path": on, "turns": []}
-    procs = [pre, dec, router]
-    try:
-        t0 = time.time()
-        pre.start()
-        dec.start()
-        pre.wait_healthy(args.health_timeout)
-        dec.wait_healthy(args.health_timeout)
-        res["startup_s"] = round(time.time() - t0, 1)
-        router.start()
-        router.wait_healthy(60)
-        time.sleep(1.5)  # the router learns the agents from the engines' stats
+    with PDCluster(spec, out / name, args.health_timeout) as c:
+        res["startup_s"] = c.startup_s
+        pre, dec, router = c.pre, c.dec, c.router
         ctx = prompt(7, args.first_len)
         for turn in range(args.turns):
             if turn:
@@ -123,9 +73,6 @@ def run_config(name: str, args, out: Path) -> dict:
             check(len(g.output_ids) == args.output_len, f"{name} turn {turn}: full output")
             ctx = ctx + g.output_ids + prompt(100 + turn, args.append_len)
         res["agents"] = {"pe": agent_stats(PRE_PORT), "de": agent_stats(DEC_PORT)}
-    finally:
-        for p in reversed(procs):
-            p.stop()
     return res
 
 

@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import aiohttp
+import xxhash
 
 from dualpath.bench.client import iter_sse, merge_stream_ids
 from dualpath.bench.trace import Trajectory
@@ -34,6 +35,8 @@ class TurnRecord:
     end_s: float | None = None
     output_len: int = 0
     cached_tokens: int | None = None
+    output_digest: str | None = None
+    """xxh64 of the output ids: runs that should agree (DualPath on/off) compare these."""
     error: str | None = None
 
     @property
@@ -69,6 +72,7 @@ async def _turn(session: aiohttp.ClientSession, url: str, prompt: list[int], gen
                 last = obj
     rec.end_s = time.perf_counter() - t0
     rec.output_len = len(ids)
+    rec.output_digest = xxhash.xxh64(json.dumps(ids).encode()).hexdigest()
     rec.cached_tokens = (last.get("meta_info") or {}).get("cached_tokens")
     if len(ids) != gen:
         rec.error = f"generated {len(ids)} tokens, asked for {gen}"

@@ -56,6 +56,10 @@ class DualPathStorage(HiCacheStorage):
         self.agent = None
         self.io_threads = int(extra.get("io_threads", 8))
         self.capacity_bytes = int(float(extra.get("capacity_gb", 0)) * 2**30)
+        self.oracle = bool(extra.get("oracle", False))  # benchmark ceiling: reads skipped
+        if self.oracle:
+            log.warning("dualpath storage: ORACLE mode: stored pages are reported loaded "
+                        "without reading them; outputs are meaningless (timing ceiling only)")
         self.store: BlockStore | None = None
         self.adapter: PageFirstAdapter | None = None
         self.mem_pool_host = None
@@ -110,6 +114,8 @@ class DualPathStorage(HiCacheStorage):
             return [False] * len(keys)
 
     def _get_v1(self, keys: list[str], host_indices, extra_info) -> list[bool]:
+        if self.oracle:
+            return [True] * len(keys)
         k_ptrs, v_ptrs = self._pages(host_indices)
         plan = None
         if self.agent is not None:

@@ -1,0 +1,214 @@
+"""The 1P1D comparison on a 2-GPU host: the same agentic trace, DualPath off and on.
+
+For each configuration: boot prefill (GPU 0) + decode (GPU 1) with `python -m
+dualpath.launch_server` and the router, sample GPU utilisation (NVML) and both nodes' path
+counters (storage reads, DE->PE forwards) every 0.5 s, replay the trace offline (all agents at
+t=0: JCT), then optionally an online sweep (Poisson agent arrivals at each APS, a fresh token
+seed per run so nothing is reused across runs: TTFT/TPOT percentiles and SLO attainment),
+stop. Configurations: `off` (stock PD + HiCache, our store at the prefill, PE-side reads),
+`on` (--enable-dual-path, the router's read-side rule), `oracle` (reads skipped: the ceiling;
+outputs meaningless), and the forced `de` / `split` ablations. Prints a side-by-side table and
+writes result.json (config, trace shape and scaling, working set vs pools, card, commit, caps,
+summaries, per-interval samples, per-turn records). Plots: `python -m dualpath.bench.plots`.
+Run on the GPU host through scripts/bench_1p1d.sh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from dualpath.bench import client
+from dualpath.bench.pd_cluster import (
+    DEC_PORT,
+    PRE_PORT,
+    ClusterSpec,
+    PDCluster,
+    agent_stats,
+    path_bytes,
+)
+from dualpath.bench.replay import replay
+from dualpath.bench.samplers import agents_sampler, gpu_sampler, mean_util, rates
+from dualpath.bench.servers import ServerError
+from dualpath.bench.smoke import DEFAULT_MODEL, git_sha, gpu_facts
+from dualpath.bench.trace import PRESETS, Trajectory, describe, generate
+
+log = logging.getLogger("dualpath.compare_1p1d")
+CONFIGS = {"off": (False, "pe", False), "on": (True, "shorter", False),
+           "de": (True, "de", False), "split": (True, "split", False),
+           "oracle": (False, "pe", True)}  # name -> (dual path, router read side, oracle)
+SLO_TTFT_S, SLO_TPOT_S = 4.0, 0.050  # the paper's online SLO
+
+
+def make_trace(args, arrival_rate: float | None = None, seed: int = 0) -> list[Trajectory]:
+    shape = PRESETS[args.preset].scaled(args.scale)
+    if args.initial:
+        shape = dataclasses.replace(shape, initial_mean=float(args.initial))
+    trajs = generate(shape, args.agents, seed, arrival_rate)
+    for t in trajs:
+        t.turns = t.turns[:args.max_turns]
+    return trajs
+
+
+def slo_attainment(records) -> float | None:
+    done = [r for r in records if not r.error and r.ttft_s is not None]
+    if not records:
+        return None
+    ok = [r for r in done if r.ttft_s <= SLO_TTFT_S and (r.tpot_s or 0) <= SLO_TPOT_S]
+    return round(len(ok) / len(records), 4)
+
+
+def _flush(url: str) -> None:
+    for _ in range(60):
+        if client.post_json(url + "/flush_cache")[0] == 200:
+            return
+        time.sleep(0.5)
+
+
+def run_once(c: PDCluster, trajs, online: bool, seed: int) -> dict:
+    gpus = gpu_sampler().start()
+    agents = agents_sampler({"pe": lambda: agent_stats(PRE_PORT, 2),
+                             "de": lambda: agent_stats(DEC_PORT, 2)}, path_bytes).start()
+    summary, records = asyncio.run(replay(c.url, trajs, online=online, seed=seed))
+    g_rows, a_rows = gpus.stop(), agents.stop()
+    wall = summary["wall_s"]
+    out = {**summary, "slo_attainment": slo_attainment(records),
+           "gpu_util_mean": {"prefill": mean_util(g_rows, 0, 0, wall),
+                             "decode": mean_util(g_rows, 1, 0, wall)},
+           "sampler_errors": {"gpu": gpus.error, "agents": agents.error},
+           "samples": {"gpu": g_rows, "agents": a_rows},
+           "turn_records": [dataclasses.asdict(r) for r in records]}
+    if a_rows:
+        first, last = a_rows[0][1], a_rows[-1][1]
+        span = max(1e-9, a_rows[-1][0] - a_rows[0][0])
+        out["bytes"] = {k: last.get(k, 0) - first.get(k, 0) for k in last}
+        for node in ("pe", "de"):
+            r = rates(a_rows, f"{node}_read_bytes")
+            out[f"{node}_read_gbps_mean"] = round(out["bytes"].get(f"{node}_read_bytes", 0)
+                                                  / span / 1e9, 3)
+            out[f"{node}_read_gbps_peak"] = round(max((x for _, x in r), default=0.0), 3)
+    return out
+
+
+def run_config(name: str, args, out: Path, trajs) -> dict:
+    dual, side, oracle = CONFIGS[name]
+    root = Path(args.store_dir) / name
+    shutil.rmtree(root, ignore_errors=True)
+    spec = ClusterSpec(model=args.model, root=root, dual_path=dual, read_side=side,
+                       snic_gbps=args.snic_gbps, max_total_tokens=args.max_total_tokens,
+                       oracle=oracle)
+    res: dict = {"config": name, "dual_path": dual, "read_side": side, "oracle": oracle}
+    with PDCluster(spec, out / name, args.health_timeout) as c:
+        res["startup_s"] = c.startup_s
+        log.info("%s: offline replay of %d agents", name, len(trajs))
+        res["offline"] = run_once(c, trajs, online=False, seed=args.seed)
+        log.info("%s offline: JCT %s s, errors %d", name, res["offline"]["jct_s"],
+                 res["offline"]["errors"])
+        res["online"] = []
+        for k, aps in enumerate(args.online_aps):
+            _flush(c.pre.url)
+            _flush(c.dec.url)
+            run = run_once(c, make_trace(args, aps, seed=args.seed + 1 + k), True,
+                           args.seed + 1 + k)
+            res["online"].append({"aps": aps, **run})
+            log.info("%s online %.2f APS: SLO %.2f, TTFT p90 %s", name, aps,
+                     run["slo_attainment"] or 0, run["ttft_s_p90"])
+    return res
+
+
+def outputs_match(a: dict, b: dict) -> bool | None:
+    """Same greedy outputs turn by turn (digests of the output ids)?"""
+    da = {(r["agent"], r["turn"]): r.get("output_digest") for r in a["turn_records"]}
+    db = {(r["agent"], r["turn"]): r.get("output_digest") for r in b["turn_records"]}
+    common = set(da) & set(db)
+    return None if not common else all(da[k] == db[k] for k in common)
+
+
+def table(results: list[dict]) -> str:
+    rows = [("JCT s", "jct_s"), ("turns/s", "turns_per_s"), ("TTFT p50 s", "ttft_s_p50"),
+            ("TTFT p90 s", "ttft_s_p90"), ("TPOT p50 s", "tpot_s_p50"),
+            ("PE read GB/s", "pe_read_gbps_mean"), ("DE read GB/s", "de_read_gbps_mean"),
+            ("errors", "errors")]
+    head = f"{'':16}" + "".join(f"{r['config']:>12}" for r in results)
+    lines = [head]
+    for label, key in rows:
+        vals = []
+        for r in results:
+            v = r["offline"].get(key)
+            vals.append(f"{v:>12.3f}" if isinstance(v, float) else f"{v!s:>12}")
+        lines.append(f"{label:16}" + "".join(vals))
+    base = next((r for r in results if r["config"] == "off"), None)
+    if base and base["offline"].get("jct_s"):
+        lines.append(f"{'JCT speed-up':16}" + "".join(
+            f"{base['offline']['jct_s'] / r['offline']['jct_s']:>12.2f}"
+            if r["offline"].get("jct_s") else f"{'-':>12}" for r in results))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--configs", default="off,on", help=f"from {sorted(CONFIGS)}")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="64k")
+    ap.add_argument("--scale", type=float, default=0.25, help="trace length scaling (stated "
+                                                              "with every result)")
+    ap.add_argument("--initial", type=int, default=8192,
+                    help="mean initial context (tokens), overriding the scaled preset's")
+    ap.add_argument("--agents", type=int, default=16)
+    ap.add_argument("--max-turns", type=int, default=10, help="turns kept per trajectory")
+    ap.add_argument("--online-aps", type=lambda s: [float(x) for x in s.split(",") if x],
+                    default=[], help="comma-separated agent arrival rates for the online sweep")
+    ap.add_argument("--snic-gbps", type=float, default=6.25)
+    ap.add_argument("--max-total-tokens", type=int, default=32768)
+    ap.add_argument("--store-dir", default="/dev/shm/dualpath-1p1d")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--health-timeout", type=float, default=400)
+    ap.add_argument("--setup-s", type=float)
+    args = ap.parse_args(argv)
+    unknown = set(args.configs.split(",")) - set(CONFIGS)
+    if unknown:
+        ap.error(f"unknown configs {sorted(unknown)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="[1p1d %(asctime)s] %(message)s",
+                        datefmt="%H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
+    trajs = make_trace(args, seed=args.seed)
+    shape = describe(trajs)
+    working_set = sum(t.prompt_lengths()[-1] + t.turns[-1][1] for t in trajs if t.turns)
+    result = {"date": time.strftime("%Y-%m-%d"), "git_sha": git_sha(), **gpu_facts(),
+              "model": args.model.name, "setup_s": args.setup_s, "snic_gbps": args.snic_gbps,
+              "trace": {"preset": args.preset, "scale": args.scale, "initial": args.initial,
+                        "agents": args.agents, "max_turns": args.max_turns, **shape},
+              "working_set_tokens": working_set,
+              "device_pool_tokens": args.max_total_tokens,
+              "host_pool_tokens": 2 * args.max_total_tokens, "slo": {"ttft_s": SLO_TTFT_S,
+                                                                     "tpot_s": SLO_TPOT_S},
+              "configs": [], "ok": False}
+    rc = 1
+    try:
+        for name in args.configs.split(","):
+            result["configs"].append(run_config(name, args, args.out, trajs))
+        base = next((r for r in result["configs"] if r["config"] == "off"), None)
+        for r in result["configs"]:
+            if base is not None and r is not base and not r["oracle"]:
+                r["outputs_match_off"] = outputs_match(base["offline"], r["offline"])
+        result["ok"] = all(r["offline"]["errors"] == 0 for r in result["configs"])
+        rc = 0 if result["ok"] else 1
+        print(table(result["configs"]), flush=True)
+    except (ServerError, OSError, RuntimeError) as e:
+        result["failure"] = f"{type(e).__name__}: {e}"
+        log.error("FAIL %s", result["failure"])
+    finally:
+        (args.out / "result.json").write_text(json.dumps(result) + "\n")
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""One prefill + one decode server (`python -m dualpath.launch_server`) and the DualPath router
+on a 2-GPU host, as the GPU checks and benchmarks start them. Each server is its own storage
+"node" (its own storage-NIC meter and cap); each writes its log into the run's folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dualpath.bench.servers import ServerProcess
+
+PRE_PORT, DEC_PORT, BOOT_PORT, ROUTER_PORT = 30010, 30020, 8998, 8000
+
+
+@dataclass
+class ClusterSpec:
+    model: Path
+    root: Path  # the store directory of this run
+    dual_path: bool = False
+    read_side: str = "pe"  # the router's --read-side
+    snic_gbps: float = 6.25
+    max_total_tokens: int = 32768
+    hicache_ratio: float = 2.0
+    pd_backend: str = "nixl"
+    oracle: bool = False  # storage reads skipped (timing ceiling; outputs not meaningful)
+    extra: list[str] = field(default_factory=list)  # more SGLang flags for both servers
+
+
+def server(spec: ClusterSpec, role: str, out: Path) -> ServerProcess:
+    port, gpu = (PRE_PORT, "0") if role == "prefill" else (DEC_PORT, "1")
+    flags = ["-m", "dualpath.launch_server", "--model-path", str(spec.model),
+             "--load-format", "dummy", "--attention-backend", "triton",
+             "--sampling-backend", "pytorch", "--disable-cuda-graph", "--page-size", "64",
+             "--host", "127.0.0.1", "--port", str(port), "--mem-fraction-static", "0.5",
+             "--max-total-tokens", str(spec.max_total_tokens),
+             "--hicache-ratio", str(spec.hicache_ratio),
+             "--hicache-write-policy", "write_through", "--enable-cache-report",
+             "--log-level", "info", "--disaggregation-mode", role,
+             "--disaggregation-transfer-backend", spec.pd_backend,
+             "--dualpath-root", str(spec.root), "--dualpath-node", f"{role}-node",
+             "--dualpath-snic-gbps", str(spec.snic_gbps), *spec.extra]
+    if role == "prefill":
+        flags += ["--disaggregation-bootstrap-port", str(BOOT_PORT)]
+    if spec.dual_path:
+        flags.append("--enable-dual-path")
+    if spec.oracle:
+        flags.append("--dualpath-oracle")
+    return ServerProcess(role, flags, port, out / f"server_{role}.log",
+                         env={"CUDA_VISIBLE_DEVICES": gpu})
+
+
+def router(spec: ClusterSpec, out: Path) -> ServerProcess:
+    return ServerProcess("router", [
+        "-m", "dualpath.router", "--prefill", f"http://127.0.0.1:{PRE_PORT}", str(BOOT_PORT),
+        "--decode", f"http://127.0.0.1:{DEC_PORT}", "--port", str(ROUTER_PORT),
+        "--read-side", spec.read_side, "--stats-interval-s", "0.5"],
+        ROUTER_PORT, out / "router.log")
+
+
+class PDCluster:
+    """Start with `start()`, stop with `stop()` (also on errors: use it as a context manager)."""
+
+    def __init__(self, spec: ClusterSpec, out: Path, health_timeout_s: float = 400):
+        self.spec, self.out, self.health_timeout_s = spec, out, health_timeout_s
+        self.pre = server(spec, "prefill", out)
+        self.dec = server(spec, "decode", out)
+        self.router = router(spec, out)
+        self.startup_s: float | None = None
+
+    @property
+    def url(self) -> str:
+        return self.router.url
+
+    def start(self) -> PDCluster:
+        t0 = time.time()
+        self.pre.start()
+        self.dec.start()
+        self.pre.wait_healthy(self.health_timeout_s)
+        self.dec.wait_healthy(self.health_timeout_s)
+        self.startup_s = round(time.time() - t0, 1)
+        self.router.start()
+        self.router.wait_healthy(60)
+        time.sleep(1.5)  # the router learns the agents from the engines' stats
+        return self
+
+    def stop(self) -> None:
+        for p in (self.router, self.dec, self.pre):
+            p.stop()
+
+    def __enter__(self) -> PDCluster:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def agent_stats(server_port: int, timeout_s: float = 5.0) -> dict:
+    """A server's agent stats (the agent listens on the server port + 1000), or {'error': ...}."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server_port + 1000}/dualpath/stats",
+                                    timeout=timeout_s) as r:
+            return json.loads(r.read())
+    except OSError as e:
+        return {"error": str(e)}
+
+
+def path_bytes(stats: dict) -> dict:
+    """The cumulative byte counters of one agent's stats."""
+    st, paths = stats.get("storage") or {}, stats.get("paths") or {}
+    return {"read_bytes": st.get("read_bytes", 0), "write_bytes": st.get("write_bytes", 0),
+            "forwarded_bytes": paths.get("forwarded_bytes", 0),
+            "received_bytes": paths.get("received_bytes", 0),
+            "restore_from_buffer": paths.get("restore_from_buffer", 0)}

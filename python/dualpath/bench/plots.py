@@ -1,0 +1,102 @@
+"""`python -m dualpath.bench.plots RESULT.json [--out DIR]`: PNG plots of a 1P1D comparison.
+
+- jct.png: offline JCT per configuration (bars);
+- storage.png: each node's storage read GB/s over time, per configuration (offline run);
+- gpu_util.png: prefill and decode GPU utilisation over time, per configuration;
+- online.png (with an online sweep): turns/s and TTFT p90 vs agent arrival rate.
+Runs where the result is (the CPU machine is fine): needs matplotlib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from dualpath.bench.samplers import rates
+
+
+def plot(result: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfgs = result["configs"]
+    tr = result.get("trace", {})
+    caption = (f"{result.get('gpu_name')}, {result.get('date')}, {result.get('git_sha')}, "
+               f"cap {result.get('snic_gbps')} GB/s/node, trace {tr.get('preset')} "
+               f"x{tr.get('scale')}")
+    written = []
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    names = [c["config"] for c in cfgs]
+    ax.bar(names, [c["offline"].get("jct_s") or 0 for c in cfgs], color="tab:blue")
+    ax.set_ylabel("offline JCT (s)")
+    ax.set_title(caption, fontsize=7)
+    written.append(_save(fig, out / "jct.png"))
+
+    for key, fname, ylabel in (("agents", "storage.png", "storage read (GB/s)"),
+                               ("gpu", "gpu_util.png", "GPU utilisation (%)")):
+        fig, axes = plt.subplots(len(cfgs), 1, figsize=(6, 2.2 * len(cfgs)), squeeze=False)
+        for ax, c in zip(axes[:, 0], cfgs, strict=True):
+            rows = [(t, r) for t, r in c["offline"]["samples"][key]]
+            if key == "agents":
+                for node in ("pe", "de"):
+                    pts = rates(rows, f"{node}_read_bytes")
+                    ax.plot([t for t, _ in pts], [v for _, v in pts], label=f"{node} node")
+                ax.axhline(result.get("snic_gbps") or 0, color="grey", ls=":", lw=1)
+            else:
+                for gpu, label in ((0, "prefill"), (1, "decode")):
+                    ax.plot([t for t, r in rows if f"gpu{gpu}_util" in r],
+                            [r[f"gpu{gpu}_util"] for t, r in rows if f"gpu{gpu}_util" in r],
+                            label=label)
+            ax.set_title(c["config"], fontsize=8)
+            ax.set_ylabel(ylabel, fontsize=7)
+            ax.legend(fontsize=7)
+        axes[-1, 0].set_xlabel("time (s)")
+        fig.suptitle(caption, fontsize=7)
+        written.append(_save(fig, out / fname))
+
+    if any(c.get("online") for c in cfgs):
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+        for c in cfgs:
+            runs = c.get("online") or []
+            a1.plot([r["aps"] for r in runs], [r.get("turns_per_s") or 0 for r in runs], "o-",
+                    label=c["config"])
+            a2.plot([r["aps"] for r in runs], [r.get("ttft_s_p90") or 0 for r in runs], "o-",
+                    label=c["config"])
+        a1.set_xlabel("agents per second")
+        a1.set_ylabel("turns/s")
+        a2.set_xlabel("agents per second")
+        a2.set_ylabel("TTFT p90 (s)")
+        a2.axhline(result.get("slo", {}).get("ttft_s", 4.0), color="grey", ls=":", lw=1)
+        a1.legend(fontsize=7)
+        fig.suptitle(caption, fontsize=7)
+        written.append(_save(fig, out / "online.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("result", type=Path)
+    ap.add_argument("--out", type=Path, help="default: next to the result")
+    args = ap.parse_args(argv)
+    result = json.loads(args.result.read_text())
+    for p in plot(result, args.out or args.result.parent):
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""The 1P1D comparison's pieces that run without GPUs: trace shaping, run_once against an
+in-process /generate with fake agent stats, SLO attainment, output matching, the table, plots."""
+
+import argparse
+import asyncio
+import threading
+import time
+
+import pytest
+from aiohttp.test_utils import TestServer
+from test_replay import fake_server
+
+from dualpath.bench import compare_1p1d as cmp
+from dualpath.bench.replay import TurnRecord
+from dualpath.bench.samplers import Sampler, gpu_sampler, mean_util, rates
+
+
+def args(**kw):
+    base = {"preset": "64k", "scale": 0.25, "initial": 4096, "agents": 4, "max_turns": 3, "seed": 0}
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_trace_is_truncated_and_seeded():
+    a, b = cmp.make_trace(args()), cmp.make_trace(args())
+    assert [t.turns for t in a] == [t.turns for t in b]
+    assert all(1 <= len(t.turns) <= 3 for t in a) and len(a) == 4
+    online = cmp.make_trace(args(), arrival_rate=2.0, seed=1)
+    assert all(t.arrival_s > 0 for t in online)
+
+
+def test_slo_attainment_counts_failures_as_misses():
+    def rec(ttft, end, err=None):
+        r = TurnRecord(0, 0, 10, 11, start_s=0.0, ttft_s=ttft, end_s=end, output_len=11)
+        r.error = err
+        return r
+    # tpot = (end - ttft) / 10
+    recs = [rec(1.0, 1.3), rec(5.0, 5.1), rec(1.0, 2.0), rec(1.0, 1.1, err="boom")]
+    assert cmp.slo_attainment(recs) == 0.25
+
+
+def test_outputs_match_by_agent_and_turn():
+    a = {"turn_records": [{"agent": 0, "turn": 0, "output_digest": "x"},
+                          {"agent": 0, "turn": 1, "output_digest": "y"}]}
+    b = {"turn_records": [{"agent": 0, "turn": 1, "output_digest": "y"},
+                          {"agent": 0, "turn": 0, "output_digest": "x"}]}
+    assert cmp.outputs_match(a, b) is True
+    b["turn_records"][0]["output_digest"] = "z"
+    assert cmp.outputs_match(a, b) is False
+    assert cmp.outputs_match(a, {"turn_records": []}) is None
+
+
+def test_samplers_and_rates():
+    n = {"v": 0}
+
+    def read():
+        n["v"] += 10**9
+        return {"x_read_bytes": n["v"]}
+    s = Sampler(read, 0.02).start()
+    time.sleep(0.15)
+    rows = s.stop()
+    assert len(rows) >= 3 and s.error is None
+    assert all(v > 0 for _, v in rates(rows, "x_read_bytes"))
+    assert mean_util([(0.0, {"gpu0_util": 50}), (1.0, {"gpu0_util": 100})], 0) == 75.0
+    bad = Sampler(lambda: 1 / 0, 0.01).start()
+    time.sleep(0.05)
+    bad.stop()
+    assert "ZeroDivisionError" in bad.error
+    g = gpu_sampler().start()  # no NVML on CI: an error, no rows, no exception
+    assert g.stop() == [] or g.error is None
+
+
+def test_run_once_against_a_fake_cluster(monkeypatch):
+    counters = {"pe": 0, "de": 0}
+
+    def fake_stats(port, timeout):
+        node = "pe" if port == cmp.PRE_PORT else "de"
+        counters[node] += 64 << 20
+        return {"storage": {"read_bytes": counters[node]}, "paths": {}}
+    monkeypatch.setattr(cmp, "agent_stats", fake_stats)
+
+    prompts = []
+    loop = asyncio.new_event_loop()
+    srv = TestServer(fake_server(prompts))
+    loop.run_until_complete(srv.start_server())
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    try:
+        class C:
+            url = str(srv.make_url("")).rstrip("/")
+        res = cmp.run_once(C(), cmp.make_trace(args()), online=False, seed=0)
+    finally:
+        asyncio.run_coroutine_threadsafe(srv.close(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+    assert res["errors"] == 0 and res["turns_ok"] == res["turns"] == len(prompts)
+    assert all(r["output_digest"] for r in res["turn_records"])
+    assert res["bytes"]["pe_read_bytes"] > 0 and res["pe_read_gbps_mean"] > 0
+
+
+def synthetic_result():
+    def cfg(name, jct):
+        rows = [(0.0, {"pe_read_bytes": 0, "de_read_bytes": 0}),
+                (1.0, {"pe_read_bytes": 5e9, "de_read_bytes": 4e9})]
+        off = {"jct_s": jct, "turns_per_s": 3.0, "ttft_s_p50": 0.5, "ttft_s_p90": 1.0,
+               "tpot_s_p50": 0.03, "pe_read_gbps_mean": 5.0, "de_read_gbps_mean": 4.0,
+               "errors": 0, "samples": {"agents": rows, "gpu": [(0.0, {"gpu0_util": 40})]}}
+        return {"config": name, "oracle": False, "offline": off,
+                "online": [{"aps": 1.0, "turns_per_s": 2.0, "ttft_s_p90": 1.5}]}
+    return {"gpu_name": "H100", "date": "d", "git_sha": "s", "snic_gbps": 6.25,
+            "trace": {"preset": "64k", "scale": 0.25}, "slo": {"ttft_s": 4.0},
+            "configs": [cfg("off", 100.0), cfg("on", 55.0)]}
+
+
+def test_table_shows_the_speedup():
+    text = cmp.table(synthetic_result()["configs"])
+    assert "JCT speed-up" in text and "1.82" in text and "off" in text.splitlines()[0]
+
+
+def test_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    from dualpath.bench.plots import plot
+
+    files = plot(synthetic_result(), tmp_path)
+    assert {p.name for p in files} == {"jct.png", "storage.png", "gpu_util.png", "online.png"}
+    assert all(p.stat().st_size > 1000 for p in files)
+
+
+def test_unknown_config_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        cmp.main(["--out", "/tmp/x", "--configs", "off,bogus"])
+    assert "unknown configs" in capsys.readouterr().err
