@@ -134,6 +134,9 @@ class PluginConfig:
     plan_ttl_s: float = 600.0
     """Plans whose request never arrives are dropped after this long."""
     io_threads: int = 8
+    prefetch_io_threads: int = 4
+    """Storage loads (requests) in flight per server; SGLang runs one (a launcher hook, so the
+    baseline gets the same)."""
     role: str = ""
     """'prefill' or 'decode' (set by the launcher from --disaggregation-mode; '' = neither)."""
     oracle: bool = False
@@ -154,8 +157,8 @@ class PluginConfig:
         for name in ("forward_timeout_s", "plan_ttl_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"PluginConfig.{name} must be > 0")
-        if self.io_threads < 1:
-            raise ValueError("PluginConfig.io_threads must be >= 1")
+        if self.io_threads < 1 or self.prefetch_io_threads < 1:
+            raise ValueError("PluginConfig.io_threads and prefetch_io_threads must be >= 1")
 
     def to_json(self) -> str:
         import json

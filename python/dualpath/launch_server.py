@@ -48,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dualpath-forward-mode", choices=["auto", "shm", "inline"],
                     default=d.forward_mode, help="how a DE writes KV into a prefill")
     ap.add_argument("--dualpath-forward-timeout-s", type=float, default=d.forward_timeout_s)
-    ap.add_argument("--dualpath-io-threads", type=int, default=d.io_threads)
+    ap.add_argument("--dualpath-io-threads", type=int, default=d.io_threads,
+                    help="block reads/writes in flight per load")
+    ap.add_argument("--dualpath-prefetch-io-threads", type=int, default=d.prefetch_io_threads,
+                    help="storage loads (requests) in flight per server (SGLang: 1)")
     ap.add_argument("--dualpath-oracle", action="store_true",
                     help="benchmark ceiling: skip storage reads, report them done (outputs are "
                          "meaningless)")
@@ -80,7 +83,8 @@ def sglang_args(ours: argparse.Namespace, rest: list[str]) -> tuple[list[str], P
         agent_host=ours.dualpath_agent_host, agent_port=ours.dualpath_agent_port or port + 1000,
         buffer_gb=ours.dualpath_buffer_gb, forward_mode=ours.dualpath_forward_mode,
         forward_timeout_s=ours.dualpath_forward_timeout_s, io_threads=ours.dualpath_io_threads,
-        role=mode if mode != "null" else "", oracle=ours.dualpath_oracle)
+        role=mode if mode != "null" else "", oracle=ours.dualpath_oracle,
+        prefetch_io_threads=ours.dualpath_prefetch_io_threads)
     if cfg.enable_dual_path and mode == "null":
         raise SystemExit("error: --enable-dual-path needs --disaggregation-mode prefill or decode")
     out = list(rest)

@@ -16,16 +16,18 @@ PARAMS = {
     "_page_get_zero_copy": ["self", "operation", "hash_values", "host_indices", "extra_info"],
     "_build_decode_prefix_match": ["self", "req", "result"],
     "init_disaggregation": ["self"],
+    "prefetch_io_aux_func": ["self"],
 }
+ALL_HOOKS = hooks.LAUNCHER_HOOKS + hooks.HOOKS
 
 
 def test_every_hook_names_a_version_and_a_reason():
-    assert hooks.HOOKS
-    for h in hooks.HOOKS:
+    assert hooks.HOOKS and hooks.LAUNCHER_HOOKS
+    for h in ALL_HOOKS:
         assert h.checked == "0.5.17" and h.why and h.kind in ("BEFORE", "AFTER", "AROUND")
 
 
-@pytest.mark.parametrize("hook", hooks.HOOKS, ids=lambda h: h.target.rsplit(".", 2)[-2])
+@pytest.mark.parametrize("hook", ALL_HOOKS, ids=lambda h: h.target.rsplit(".", 1)[-1])
 def test_targets_exist_in_the_pinned_sglang(hook):
     sglang = pytest.importorskip("sglang")
     assert sglang.__version__ == hook.checked
@@ -74,17 +76,35 @@ def test_decode_keeps_its_storage_hit_only_for_de_plans(monkeypatch, side, kept)
     assert (m.l3_storage_hit_length, m.last_host_node) == ((256, "node") if kept else (0, None))
 
 
-def test_load_registers_nothing_without_the_flag(monkeypatch):
+def test_load_registers_by_flag(monkeypatch):
     from dualpath import sglang_plugin
 
     monkeypatch.delenv("DUALPATH_PLUGIN_CONFIG", raising=False)
     called = []
-    monkeypatch.setattr(hooks, "register_all", lambda: called.append(1))
+    monkeypatch.setattr(hooks, "register_all", lambda dual_path: called.append(dual_path))
     sglang_plugin.load()
-    assert called == []
+    assert called == [], "not started by our launcher: SGLang stays untouched"
     monkeypatch.setenv("DUALPATH_PLUGIN_CONFIG", '{"enable_dual_path": false}')
     sglang_plugin.load()
-    assert called == []
+    assert called == [False], "baseline: launcher hooks only"
     monkeypatch.setenv("DUALPATH_PLUGIN_CONFIG", '{"enable_dual_path": true, "role": "decode"}')
     sglang_plugin.load()
-    assert called == [1]
+    assert called == [False, True]
+
+
+def test_prefetch_io_runs_on_several_threads(monkeypatch):
+    import threading
+    import time
+
+    monkeypatch.setenv("DUALPATH_PLUGIN_CONFIG", '{"prefetch_io_threads": 3}')
+    seen, lock = [], threading.Lock()
+
+    def original(self):
+        with lock:
+            seen.append((self, threading.current_thread().name))
+        time.sleep(0.05)
+
+    hooks.parallel_prefetch_io(original, "ctl")
+    time.sleep(0.1)
+    assert len(seen) == 3 and {s for s, _ in seen} == {"ctl"}
+    assert len({n for _, n in seen}) == 3

@@ -49,6 +49,24 @@ def decode_prefix_by_plan(original, self, req, result):
     return match
 
 
+def parallel_prefetch_io(original, self):
+    """SGLang 0.5.17 runs one prefetch IO thread per server, so one request's storage load at a
+    time: with per-request read sides, at most one node's storage NIC is ever busy. Run the same
+    loop on `prefetch_io_threads` threads over the same queue (operations are independent;
+    each one's batches stay in order on its thread). Applied with the flag off too, so the
+    baseline differs from DualPath only in the read path."""
+    import threading
+
+    from dualpath.sglang_plugin import launcher_config
+
+    cfg = launcher_config()
+    n = cfg.prefetch_io_threads if cfg is not None else 1
+    for i in range(1, n):
+        threading.Thread(target=original, args=(self,), daemon=True,
+                         name=f"dualpath-prefetch-io-{i}").start()
+    return original(self)
+
+
 def attach_scheduler(result, self, *args, **kwargs):
     """Let the agent read the scheduler's queues and free KV for the router's stats."""
     from dualpath.sglang_plugin.agent import attach_scheduler as attach
@@ -65,6 +83,13 @@ def add_http_routes(*args, **kwargs):
     install()
 
 
+# registered whenever the server was started by dualpath.launch_server (flag on or off)
+LAUNCHER_HOOKS: tuple[Hook, ...] = (
+    Hook("sglang.srt.managers.cache_controller.HiCacheController.prefetch_io_aux_func",
+         "AROUND", parallel_prefetch_io, "several storage loads in flight, not one"),
+)
+
+# registered only with --enable-dual-path
 HOOKS: tuple[Hook, ...] = (
     Hook("sglang.srt.managers.cache_controller.HiCacheController._page_get_zero_copy",
          "AROUND", tag_prefetch_rid, "the L3 backend learns which request a page read is for"),
@@ -78,10 +103,11 @@ HOOKS: tuple[Hook, ...] = (
 )
 
 
-def register_all() -> None:
+def register_all(dual_path: bool = True) -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    for h in HOOKS:
+    hooks = LAUNCHER_HOOKS + (HOOKS if dual_path else ())
+    for h in hooks:
         HookRegistry.register(h.target, h.fn, HookType[h.kind])
-    log.info("dualpath: registered %d SGLang hooks (checked against %s)", len(HOOKS),
+    log.info("dualpath: registered %d SGLang hooks (checked against %s)", len(hooks),
              CHECKED_VERSION)
