@@ -248,3 +248,39 @@ def test_a_failing_fill_leaves_nothing_pinned():
     assert a[0].refs == 1, "the failed call released what it had pinned"
     buf.release(a, consumed=False)
     assert buf.acquire(["c"])[0] is not None  # "b"'s slot came back: there is room
+
+
+def test_a_hanging_decode_agent_costs_at_most_the_timeout(world):
+    """A DE agent that accepts the pull and never answers: the prefill reads the pages itself
+    after forward_timeout_s plus a margin (here 2 x 0.5 s), not after the socket gives up."""
+    import asyncio
+    import threading
+    import time
+
+    from aiohttp import web
+
+    src, keys, pe, _ = world
+    port = free_port()
+    loop = asyncio.new_event_loop()
+
+    async def hang(request):
+        await asyncio.sleep(30)
+        return web.json_response({})
+
+    async def serve():
+        app = web.Application()
+        app.router.add_post("/dualpath/pull", hang)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+
+    loop.run_until_complete(serve())
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    pe.cfg = PluginConfig(enable_dual_path=True, role="prefill", forward_timeout_s=0.5)
+    pool = ShmPool()
+    t0 = time.monotonic()
+    got = de_path.prefill_get(pe, pe.adapter, pool,
+                              ReadPlan("r7", 1.0, de_agent=f"http://127.0.0.1:{port}"),
+                              keys[:2], *pool.ptrs([0, 1]))
+    assert got == [True, True] and time.monotonic() - t0 < 3
+    assert np.array_equal(pool.page(0), src.page(0))

@@ -30,6 +30,7 @@ log = logging.getLogger("dualpath.de_path")
 _local = threading.local()
 _LOCAL_NAMES = {"127.0.0.1", "localhost", "::1", socket.gethostname()}
 _side_pool = ThreadPoolExecutor(4, thread_name_prefix="dualpath-pe-read")
+_pull_pool = ThreadPoolExecutor(8, thread_name_prefix="dualpath-pull")
 
 
 def _conn(url: str, timeout: float) -> http.client.HTTPConnection:
@@ -91,7 +92,12 @@ def pull(agent, pool, plan, keys, k_ptrs, v_ptrs) -> list[bool]:
                     deadline_mono=time.monotonic() + cfg.forward_timeout_s)
     else:
         body["mode"] = "inline"
-    status, raw, ctype = _post(plan.de_agent, "/dualpath/pull", body, cfg.forward_timeout_s + 5)
+    # the whole pull is bounded (http.client's timeout is per socket read): past the deadline
+    # plus a margin the prefill reads the pages itself; a late shm write cannot land any more
+    # (the agent checks the deadline before writing) and a late inline reply is dropped
+    limit = cfg.forward_timeout_s + min(5.0, cfg.forward_timeout_s)
+    fut = _pull_pool.submit(_post, plan.de_agent, "/dualpath/pull", body, limit)
+    status, raw, ctype = fut.result(timeout=limit)
     if status != 200:
         raise RuntimeError(f"decode agent {plan.de_agent} answered {status}: {raw[:300]!r}")
     head_len = 0
