@@ -26,7 +26,7 @@ const char* status_name(Status s) {
 
 void bind_transfer(py::module_& m) {
   py::class_<Batch, Handle>(m, "TransferHandle")
-      .def_property_readonly("size", [](const Batch& b) { return b.descs.size(); })
+      .def_property_readonly("size", [](const Batch& b) { return b.size; })
       .def_property_readonly("failed_index", [](const Batch& b) { return b.failed_index.load(); })
       .def_property_readonly("error", [](Batch& b) {
         std::lock_guard<std::mutex> lk(b.mu);
@@ -39,6 +39,9 @@ void bind_transfer(py::module_& m) {
       .def_property_readonly("backend", &Engine::backend_name)
       .def("register_region", &Engine::register_region, py::arg("addr"), py::arg("length"),
            py::arg("kind") = "host")
+      .def("register_remote", &Engine::register_remote, py::arg("address"),
+           py::arg("remote_region"), py::arg("length"), py::arg("connections") = 4)
+      .def("listen", &Engine::listen, py::arg("host") = "127.0.0.1", py::arg("port") = 0)
       .def("deregister_region", &Engine::deregister_region, py::arg("region"))
       .def(
           "submit",

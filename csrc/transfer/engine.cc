@@ -1,16 +1,30 @@
 #include "engine.h"
 
+#include <algorithm>
 #include <chrono>
 #include <stdexcept>
 #include <unordered_set>
 
 namespace dualpath::transfer {
 
+std::string Backend::write_remote(Region&, uint64_t, const void*, uint64_t, int) {
+  return "remote regions need a network backend (tcp), not '" + name() + "'";
+}
+std::string Backend::read_remote(void*, Region&, uint64_t, uint64_t, int) {
+  return "remote regions need a network backend (tcp), not '" + name() + "'";
+}
+int Backend::listen(Engine&, const std::string&, int) {
+  throw std::invalid_argument("the '" + name() + "' backend does not serve peers (use tcp)");
+}
+std::shared_ptr<Peer> Backend::connect(const std::string&, int) {
+  throw std::invalid_argument("the '" + name() + "' backend has no remote regions (use tcp)");
+}
+
 Engine::Engine(const std::string& backend, int num_workers, uint64_t slice_bytes)
     : backend_(make_backend(backend)), slice_bytes_(slice_bytes ? slice_bytes : 1) {
   if (num_workers < 1) throw std::invalid_argument("num_workers must be >= 1");
   try {
-    for (int i = 0; i < num_workers; ++i) workers_.emplace_back([this] { worker_loop(); });
+    for (int i = 0; i < num_workers; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
   } catch (...) {  // a thread failed to start: stop the ones that did before rethrowing
     {
       std::lock_guard<std::mutex> lk(q_mu_);
@@ -23,6 +37,7 @@ Engine::Engine(const std::string& backend, int num_workers, uint64_t slice_bytes
 }
 
 Engine::~Engine() {
+  backend_->shutdown();  // no peer request may touch the regions while they are destroyed
   {
     std::lock_guard<std::mutex> lk(q_mu_);
     stopping_ = true;
@@ -45,6 +60,50 @@ uint64_t Engine::register_region(uintptr_t addr, uint64_t length, const std::str
   return id;
 }
 
+uint64_t Engine::register_remote(const std::string& address, uint64_t remote_region,
+                                 uint64_t length, int connections) {
+  if (connections < 1) throw std::invalid_argument("connections must be >= 1");
+  std::shared_ptr<Peer> peer;
+  {
+    std::lock_guard<std::mutex> lk(peers_mu_);
+    auto it = peers_.find(address);
+    if (it != peers_.end()) {
+      peer = it->second;
+    } else {
+      peer = backend_->connect(address, connections);
+      peers_.emplace(address, peer);
+    }
+  }
+  std::lock_guard<std::mutex> lk(regions_mu_);
+  auto r = std::make_unique<Region>();
+  r->id = next_region_++;
+  r->addr = 0;
+  r->length = length;
+  r->kind = "remote";
+  r->peer = peer;
+  r->remote_id = remote_region;
+  const uint64_t id = r->id;
+  regions_.emplace(id, std::move(r));
+  return id;
+}
+
+int Engine::listen(const std::string& host, int port) { return backend_->listen(*this, host, port); }
+
+std::string Engine::pin_local(uint64_t id, uint64_t offset, uint64_t length, Region** out) {
+  std::lock_guard<std::mutex> lk(regions_mu_);
+  auto it = regions_.find(id);
+  if (it == regions_.end() || it->second->kind == "remote")
+    return "region " + std::to_string(id) + " is not registered";
+  Region& r = *it->second;
+  if (offset > r.length || length > r.length - offset)
+    return "range [" + std::to_string(offset) + ", +" + std::to_string(length) +
+           ") is outside region " + std::to_string(id) + " (" + std::to_string(r.length) +
+           " bytes)";
+  r.in_use.fetch_add(1);
+  *out = &r;
+  return "";
+}
+
 void Engine::deregister_region(uint64_t id) {
   std::lock_guard<std::mutex> lk(regions_mu_);
   auto it = regions_.find(id);
@@ -63,32 +122,62 @@ Handle Engine::submit(std::vector<Desc> descs, Priority priority) {
     std::lock_guard<std::mutex> lk(regions_mu_);
     std::unordered_set<Region*> used;
     auto resolve = [&](size_t i, uint64_t id, uint64_t off, uint64_t len,
-                       const char* side) -> uintptr_t {
+                       const char* side) -> Region* {
       auto it = regions_.find(id);
       if (it == regions_.end())
         throw std::invalid_argument("descriptor " + std::to_string(i) + ": " + side +
                                     " region " + std::to_string(id) + " is not registered");
-      const Region& r = *it->second;
+      Region& r = *it->second;
       if (off > r.length || len > r.length - off)
         throw std::invalid_argument("descriptor " + std::to_string(i) + ": " + side + " range [" +
                                     std::to_string(off) + ", +" + std::to_string(len) +
                                     ") is outside region " + std::to_string(id) + " (" +
                                     std::to_string(r.length) + " bytes)");
-      used.insert(it->second.get());
-      return r.addr + off;
+      used.insert(&r);
+      return &r;
     };
     for (size_t i = 0; i < descs.size(); ++i) {
       const Desc& d = descs[i];
-      const uintptr_t s = resolve(i, d.src_region, d.src_offset, d.length, "src");
-      const uintptr_t t = resolve(i, d.dst_region, d.dst_offset, d.length, "dst");
-      h->ptrs[i] = {reinterpret_cast<void*>(t), reinterpret_cast<const void*>(s)};
+      Region* s = resolve(i, d.src_region, d.src_offset, d.length, "src");
+      Region* t = resolve(i, d.dst_region, d.dst_offset, d.length, "dst");
+      if (s->peer && t->peer)
+        throw std::invalid_argument("descriptor " + std::to_string(i) +
+                                    ": both ends are remote regions");
+      Resolved& out = h->ptrs[i];
+      if (s->peer) out.remote_src = s;
+      else out.src = reinterpret_cast<const void*>(s->addr + d.src_offset);
+      if (t->peer) out.remote_dst = t;
+      else out.dst = reinterpret_cast<void*>(t->addr + d.dst_offset);
     }
     for (Region* r : used) {
       r->in_use.fetch_add(1);
       h->regions.push_back(r);
     }
   }
-  h->descs = std::move(descs);
+  h->size = descs.size();
+  // pieces of at most slice_bytes_, so one large descriptor keeps several workers busy
+  std::vector<Desc> pieces;
+  std::vector<Resolved> ptrs;
+  pieces.reserve(descs.size());
+  ptrs.reserve(descs.size());
+  h->origin.reserve(descs.size());
+  for (size_t i = 0; i < descs.size(); ++i) {
+    const Desc& d = descs[i];
+    const Resolved& r = h->ptrs[i];
+    uint64_t done = 0;
+    do {
+      const uint64_t n = std::min<uint64_t>(d.length - done, slice_bytes_);
+      pieces.push_back({d.src_region, d.src_offset + done, d.dst_region, d.dst_offset + done, n});
+      Resolved p = r;
+      if (p.src) p.src = static_cast<const char*>(r.src) + done;
+      if (p.dst) p.dst = static_cast<char*>(r.dst) + done;
+      ptrs.push_back(p);
+      h->origin.push_back(i);
+      done += n;
+    } while (done < d.length);
+  }
+  h->ptrs = std::move(ptrs);
+  h->descs = std::move(pieces);
   if (h->descs.empty()) {
     h->status.store(static_cast<int>(Status::kDone));
     return h;
@@ -118,7 +207,7 @@ Handle Engine::next_slice(uint64_t* begin, uint64_t* end) {
   return nullptr;
 }
 
-void Engine::worker_loop() {
+void Engine::worker_loop(int index) {
   for (;;) {
     Handle h;
     uint64_t b = 0, e = 0;
@@ -133,15 +222,20 @@ void Engine::worker_loop() {
       const Desc& d = h->descs[i];
       if (d.length == 0) continue;
       std::string err;
+      const Resolved& r = h->ptrs[i];
       try {
-        err = backend_->copy(h->ptrs[i].first, h->ptrs[i].second, d.length);
+        if (r.remote_dst) err = backend_->write_remote(*r.remote_dst, d.dst_offset, r.src,
+                                                       d.length, index);
+        else if (r.remote_src) err = backend_->read_remote(r.dst, *r.remote_src, d.src_offset,
+                                                           d.length, index);
+        else err = backend_->copy(r.dst, r.src, d.length);
       } catch (const std::exception& ex) {  // a backend bug must fail the batch, not the process
         err = std::string("exception: ") + ex.what();
       }
       if (!err.empty()) {
         std::lock_guard<std::mutex> lk(h->mu);
         if (h->failed_index.load() < 0) {
-          h->failed_index.store(static_cast<int64_t>(i));
+          h->failed_index.store(static_cast<int64_t>(h->origin[i]));
           h->error = backend_->name() + ": " + err;
         }
       }

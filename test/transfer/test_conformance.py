@@ -1,4 +1,4 @@
-"""Conformance of every transfer backend built here (for now: host) to the contract in
+"""Conformance of every transfer backend built here (host, tcp) to the contract in
 csrc/transfer/engine.h."""
 
 import time
@@ -8,7 +8,7 @@ import pytest
 
 from dualpath.transfer import TransferBatch, TransferEngine
 
-BACKENDS = ["host"]
+BACKENDS = ["host", "tcp"]  # local copies: the same contract for both
 
 
 @pytest.fixture(params=BACKENDS)
@@ -56,7 +56,7 @@ def test_bad_descriptors_are_refused_naming_the_descriptor(engine):
                                     np.array([0]), np.array([1])))
     with pytest.raises(ValueError, match="priority"):
         engine.submit(TransferBatch.of(r, 0, r, 50, 10), priority="urgent")
-    with pytest.raises(ValueError, match="unknown transfer backend 'rdmaa'"):
+    with pytest.raises(ValueError, match="unknown transfer backend 'rdmaa'; built: host, tcp"):
         TransferEngine("rdmaa")
 
 

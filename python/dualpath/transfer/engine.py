@@ -1,5 +1,7 @@
 """Python face of the C++ transfer engine (`dualpath._C.TransferEngine`); the contract is in
-csrc/transfer/engine.h.
+csrc/transfer/engine.h. Backends: `host` (memcpy between registered regions) and `tcp` (the same
+locally, plus one-sided writes/reads into another engine's regions: `listen` on one side,
+`register_remote` on the other).
 
     eng = TransferEngine("host")
     a, b = eng.register_array(src), eng.register_array(dst)
@@ -71,6 +73,17 @@ class TransferEngine:
             keep = arr
         self._keep[region] = keep
         return region
+
+    def listen(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Serve this engine's regions to peer engines (tcp backend); returns the port."""
+        return self._e.listen(host, port)
+
+    def register_remote(self, address: str, remote_region: int, nbytes: int,
+                        connections: int = 4) -> int:
+        """A region of the engine listening at `address` ("host:port"), usable here as the
+        destination (one-sided write) or source (one-sided read) of descriptors (tcp backend).
+        `connections` sockets carry the batches to that peer."""
+        return self._e.register_remote(address, remote_region, nbytes, connections)
 
     def deregister(self, region: int) -> None:
         self._e.deregister_region(region)

@@ -1,7 +1,6 @@
 // `host` backend: memcpy between registered host regions (including POSIX shared memory that
 // another process mapped and registered here).
 #include <cstring>
-#include <stdexcept>
 
 #include "../../engine.h"
 
@@ -16,9 +15,6 @@ class HostBackend final : public Backend {
   }
 };
 
-std::unique_ptr<Backend> make_backend(const std::string& name) {
-  if (name == "host") return std::make_unique<HostBackend>();
-  throw std::invalid_argument("unknown transfer backend '" + name + "'; built: host");
-}
+std::unique_ptr<Backend> make_host_backend() { return std::make_unique<HostBackend>(); }
 
 }  // namespace dualpath::transfer
