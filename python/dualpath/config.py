@@ -102,7 +102,7 @@ class RouterConfig:
             raise ValueError(f"RouterConfig.port out of range: {self.port}")
 
 
-ForwardMode = Literal["auto", "shm", "inline"]
+ForwardMode = Literal["auto", "shm", "tcp", "inline"]
 
 
 @dataclass(frozen=True)
@@ -127,8 +127,9 @@ class PluginConfig:
     """DE buffer: KV blocks the agent keeps after reading them, in GiB."""
     forward_mode: ForwardMode = "auto"
     """How the DE writes into the PE: 'shm' = one-sided copy into the PE's host pool mapped from
-    shared memory (same host), 'inline' = bytes in the reply (any host), 'auto' = shm when the
-    PE's pool is shared memory on this host."""
+    shared memory (same host); 'tcp' = one-sided writes into the pool over TCP by the transfer
+    engine (any host); 'inline' = bytes in the HTTP reply; 'auto' = shm for a decode agent on
+    this host with a shared-memory pool, else tcp."""
     forward_timeout_s: float = 30.0
     """A DE forward not done by then is abandoned: the PE reads those blocks itself."""
     plan_ttl_s: float = 600.0
@@ -152,7 +153,7 @@ class PluginConfig:
             raise ValueError("PluginConfig: snic_gbps and buffer_gb must be >= 0")
         if not 0 <= self.agent_port < 65536:
             raise ValueError(f"PluginConfig.agent_port out of range: {self.agent_port}")
-        if self.forward_mode not in ("auto", "shm", "inline"):
+        if self.forward_mode not in ("auto", "shm", "tcp", "inline"):
             raise ValueError(f"PluginConfig.forward_mode: unknown mode {self.forward_mode!r}")
         for name in ("forward_timeout_s", "plan_ttl_s"):
             if not getattr(self, name) > 0:

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="agent port (0 = SGLang --port + 1000)")
     ap.add_argument("--dualpath-buffer-gb", type=float, default=d.buffer_gb,
                     help="DE buffer size (GiB)")
-    ap.add_argument("--dualpath-forward-mode", choices=["auto", "shm", "inline"],
+    ap.add_argument("--dualpath-forward-mode", choices=["auto", "shm", "tcp", "inline"],
                     default=d.forward_mode, help="how a DE writes KV into a prefill")
     ap.add_argument("--dualpath-forward-timeout-s", type=float, default=d.forward_timeout_s)
     ap.add_argument("--dualpath-io-threads", type=int, default=d.io_threads,

@@ -99,9 +99,14 @@ def reads(agent):
     return node_nic(agent.node, None).snapshot().read_bytes
 
 
-@pytest.mark.parametrize("shared", [True, False], ids=["shm", "inline"])
-def test_de_reads_and_forwards_into_the_prefill_pool(world, shared):
+@pytest.mark.parametrize("mode,shared", [("auto", True), ("tcp", True), ("inline", False),
+                                         ("auto", False)], ids=["shm", "tcp", "inline",
+                                                                 "auto-no-shm"])
+def test_de_reads_and_forwards_into_the_prefill_pool(world, mode, shared):
+    import dataclasses
+
     src, keys, pe, de = world
+    pe.cfg = dataclasses.replace(pe.cfg, forward_mode=mode)
     pool = ShmPool(shared=shared)
     plan = ReadPlan("r1", 1.0, de_agent=de.url)
     pages = [7, 2, 9, 0, 5]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import struct
 import threading
 import time
@@ -65,9 +66,10 @@ class Agent:
         self.nic = node_nic(node, cfg.snic_gbps or None)
         self.adapter = None  # PageFirstAdapter, set by attach_store
         self.buffer: BlockBuffer | None = None
-        self.engine = None  # dualpath.transfer.TransferEngine (host backend), lazily
+        self.engine = None  # dualpath.transfer.TransferEngine (tcp backend), lazily
         self._slab_region = None
         self._peer_regions: dict[tuple, int] = {}
+        self._pool_served: dict | None = None
         self.peers = PeerRegions()
         self.scheduler = None
         self.counters = {"forwarded_bytes": 0, "received_bytes": 0, "pull_pages_ok": 0,
@@ -111,8 +113,9 @@ class Agent:
         # a one-sided write must never land after the prefill gave up on it (it then reads the
         # pages itself and may reuse them): shm pulls carry the prefill's deadline on the
         # host-wide monotonic clock, which the prefill waits out with a margin before falling back
+        # (tcp mode, maybe across hosts: from arrival, a second short of the prefill's timeout)
         deadline = float(req["deadline_mono"]) if "deadline_mono" in req else (
-            time.monotonic() + float(req.get("timeout_s", self.cfg.forward_timeout_s)))
+            time.monotonic() + float(req.get("timeout_s", self.cfg.forward_timeout_s)) - 1.0)
         slots = self.buffer.acquire(keys, uses=self.buffer_uses(req.get("rid")))
         try:
             ok = [s is not None for s in slots]
@@ -122,11 +125,14 @@ class Agent:
                 data = b"".join(self.buffer.view(s).tobytes() for s in slots if s is not None)
                 self._count_forward(len(data), ok)
                 return ok, data
-            desc = RegionDesc.from_dict(req["region"])
             k_off, v_off = req["k_offsets"], req["v_offsets"]
             if not len(k_off) == len(v_off) == len(keys):
                 raise ValueError("keys, k_offsets and v_offsets differ in length")
-            done = self._write_shm(desc, slots, k_off, v_off, deadline)
+            if req.get("mode") == "tcp":
+                dst, nbytes = self._dst_tcp(req["region"])
+            else:
+                dst, nbytes = self._dst_shm(RegionDesc.from_dict(req["region"]))
+            done = self._write(dst, nbytes, slots, k_off, v_off, deadline)
             ok = [a and done for a in ok]
             self._count_forward(sum(ok) * self.buffer.slot_bytes, ok)
             return ok, None
@@ -139,12 +145,19 @@ class Agent:
         plan = self.plans.get(rid)
         return 2 if plan is not None and plan.side == "de" else 1
 
-    def _write_shm(self, desc: RegionDesc, slots, k_off, v_off, deadline: float) -> bool:
-        from dualpath.transfer import TransferBatch, TransferEngine
+    def _engine(self):
+        """The agent's transfer engine (tcp backend: local copies and remote one-sided writes),
+        with the DE buffer registered."""
+        from dualpath.transfer import TransferEngine
         with self._lock:
             if self.engine is None:
-                self.engine = TransferEngine("host", num_workers=self.cfg.io_threads)
+                self.engine = TransferEngine("tcp", num_workers=self.cfg.io_threads)
                 self._slab_region = self.engine.register_array(self.buffer.slab)
+            return self.engine
+
+    def _dst_shm(self, desc: RegionDesc) -> tuple[int, int]:
+        eng = self._engine()
+        with self._lock:
             key = (desc.host, desc.pid, desc.fd, desc.ino)
             dst = self._peer_regions.get(key)
             if dst is None:
@@ -152,31 +165,70 @@ class Agent:
                     region = self._peer_regions.pop(old, None)
                     try:
                         if region is not None:
-                            self.engine.deregister(region)
+                            eng.deregister(region)
                     except Exception as e:  # noqa: BLE001  (still in use: retried next prune)
                         log.warning("region of exited peer %s still in use: %s", old, e)
-                dst = self._peer_regions[key] = self.engine.register_array(self.peers.map(desc))
+                dst = self._peer_regions[key] = eng.register_array(self.peers.map(desc))
+        return dst, desc.nbytes
+
+    def _dst_tcp(self, region: dict) -> tuple[int, int]:
+        eng = self._engine()
+        key = ("tcp", str(region["address"]), int(region["region"]))
+        nbytes = int(region["nbytes"])
+        with self._lock:
+            dst = self._peer_regions.get(key)
+            if dst is None:
+                dst = self._peer_regions[key] = eng.register_remote(
+                    key[1], key[2], nbytes, connections=self.cfg.io_threads)
+        return dst, nbytes
+
+    def _write(self, dst: int, nbytes: int, slots, k_off, v_off, deadline: float) -> bool:
+        """Copy the slots' K and V regions to the destination region's page offsets."""
+        from dualpath.transfer import TransferBatch
+        eng = self._engine()
         src_off, dst_off = [], []
         rb = self.buffer.region_bytes
         for s, k, v in zip(slots, k_off, v_off, strict=True):
             if s is None:
                 continue
             o = self.buffer.offset(s)
-            if not (0 <= k <= desc.nbytes - rb and 0 <= v <= desc.nbytes - rb):
-                raise ValueError(f"page offsets {k}/{v} outside the {desc.nbytes}-byte region")
+            if not (0 <= k <= nbytes - rb and 0 <= v <= nbytes - rb):
+                raise ValueError(f"page offsets {k}/{v} outside the {nbytes}-byte region")
             src_off += [o, o + rb]
             dst_off += [k, v]
         if not src_off:
             return True
         if time.monotonic() > deadline:
             return False
-        h = self.engine.submit(TransferBatch.of(self._slab_region, src_off, dst, dst_off, rb),
-                               priority="bulk")
-        status = self.engine.wait(h, max(0.0, deadline - time.monotonic()))
-        if status == "pending":  # the bytes still land, identical to what the PE would read
-            self.engine.cancel(h)
-            self.engine.wait(h)
+        h = eng.submit(TransferBatch.of(self._slab_region, src_off, dst, dst_off, rb),
+                       priority="bulk")
+        status = eng.wait(h, max(0.0, deadline - time.monotonic()))
+        if status == "pending":  # stop what has not started; the rest lands (identical bytes)
+            eng.cancel(h)
+            eng.wait(h)
+        elif status == "failed":
+            log.warning("forward of %d pages failed: %s", len(src_off) // 2, h.error)
         return status == "done"
+
+    def serve_pool(self, pool) -> dict:
+        """Prefill side, tcp mode: serve the host pool to decode agents (once); returns the
+        region descriptor a pull names."""
+        eng = self._engine() if self.buffer is not None else None
+        if eng is None:
+            raise RuntimeError("no store attached yet")
+        buf = pool.kv_buffer
+        with self._lock:
+            if self._pool_served is None:
+                region = eng.register(buf.data_ptr(), buf.numel() * buf.element_size())
+                self._pool_keep = pool  # the pool outlives its registration
+                port = eng.listen(self.cfg.agent_host, 0)
+                host = self.cfg.agent_host
+                if host in ("0.0.0.0", "::", ""):
+                    host = socket.gethostname()
+                self._pool_served = {"address": f"{host}:{port}", "region": region,
+                                     "nbytes": buf.numel() * buf.element_size(),
+                                     "base": buf.data_ptr()}
+            return self._pool_served
 
     def _count_forward(self, nbytes: int, ok: list[bool]) -> None:
         n_ok = sum(ok)

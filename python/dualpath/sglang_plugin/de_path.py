@@ -79,17 +79,22 @@ def pull(agent, pool, plan, keys, k_ptrs, v_ptrs) -> list[bool]:
     """Ask the plan's decode agent for `keys` and have them land at k_ptrs/v_ptrs."""
     cfg = agent.cfg
     local = urlsplit(plan.de_agent).hostname in _LOCAL_NAMES
-    use_shm = cfg.forward_mode == "shm" or (cfg.forward_mode == "auto" and local)
-    region = _pool_region(pool) if use_shm else None
-    if region is None and cfg.forward_mode == "shm":
+    mode = cfg.forward_mode
+    region = _pool_region(pool) if mode == "shm" or (mode == "auto" and local) else None
+    if region is None and mode == "shm":
         raise RuntimeError("forward_mode 'shm' needs the host pool in shared memory "
                            '("allocator": "shm" in the storage backend extra config)')
     body = {"rid": plan.rid, "keys": list(keys), "timeout_s": cfg.forward_timeout_s}
-    if region is not None:
+    if region is not None:  # same host: one-sided copy into the pool mapped from the memfd
         base, desc = region
         body.update(mode="shm", region=desc.to_dict(), k_offsets=[p - base for p in k_ptrs],
                     v_offsets=[p - base for p in v_ptrs],
                     deadline_mono=time.monotonic() + cfg.forward_timeout_s)
+    elif mode in ("auto", "tcp"):  # any host: one-sided writes into the pool over TCP
+        served = agent.serve_pool(pool)
+        base = served["base"]
+        body.update(mode="tcp", region={k: served[k] for k in ("address", "region", "nbytes")},
+                    k_offsets=[p - base for p in k_ptrs], v_offsets=[p - base for p in v_ptrs])
     else:
         body["mode"] = "inline"
     # the whole pull is bounded (http.client's timeout is per socket read): past the deadline
@@ -101,14 +106,14 @@ def pull(agent, pool, plan, keys, k_ptrs, v_ptrs) -> list[bool]:
     if status != 200:
         raise RuntimeError(f"decode agent {plan.de_agent} answered {status}: {raw[:300]!r}")
     head_len = 0
-    if body["mode"] == "shm":
+    if body["mode"] != "inline":
         ok = json.loads(raw)["ok"]
     else:
         (head_len,) = struct.unpack_from("<Q", raw)
         ok = json.loads(raw[8:8 + head_len])["ok"]
     if len(ok) != len(keys):
         raise RuntimeError(f"decode agent answered {len(ok)} results for {len(keys)} pages")
-    if body["mode"] == "shm":
+    if body["mode"] != "inline":
         nbytes = sum(ok) * 2 * agent.adapter.region_bytes
     else:
         rb, pos = agent.adapter.region_bytes, 8 + head_len
