@@ -15,6 +15,7 @@ choice is dropped; phase 2 does not keep global FIFO order (nor does the paper's
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -106,7 +107,6 @@ class GlobalScheduler:
     def schedule(self) -> list[Plan]:
         if not self.queue:
             return []
-        waiting = list(self.queue)
         alpha, beta = self._alpha_beta()
         de, gtok = self.de, self._de_group_tok
         if self._down:  # unavailable engines: beta < 0 never admits, free KV < 0 never fits
@@ -119,8 +119,10 @@ class GlobalScheduler:
             for g, members in enumerate(self._de_members):
                 if (de.free_kv[members] < 0).all():  # phase 1 must not pick a dead group
                     gtok[g] = 1 << 62  # never the least (and no overflow when added to)
-        pe_of = schedule_prefill(waiting, self.pe, self.pe_read_q, alpha, beta)
-        got_pe = waiting[: len(pe_of)]
+        # Algorithm 1 stops at the first request no engine can take: cost ~ requests admitted,
+        # not the queue length (tens of thousands wait at once in offline runs)
+        pe_of = schedule_prefill(self.queue, self.pe, self.pe_read_q, alpha, beta)
+        got_pe = list(itertools.islice(self.queue, len(pe_of)))
         by_group: dict[int, list[int]] = {}
         for i, g in enumerate(assign_groups(got_pe, de, gtok)):
             by_group.setdefault(g, []).append(i)
@@ -133,13 +135,11 @@ class GlobalScheduler:
         for i, req in enumerate(got_pe):
             if i in de_of:
                 plans.append(self._commit(req, pe_of[i], de_of[i]))
-        if len(plans) == len(waiting):
-            self.queue.clear()
-            self._queued.clear()
-        elif plans:
+        if plans:  # they are among the first len(got_pe): only that head is rebuilt
             done = {p.rid for p in plans}
             self._queued -= done
-            self.queue = deque(r for r in self.queue if r.rid not in done)
+            head = [self.queue.popleft() for _ in range(len(got_pe))]
+            self.queue.extendleft(r for r in reversed(head) if r.rid not in done)
         return plans
 
     def cancel(self, rid: str) -> bool:

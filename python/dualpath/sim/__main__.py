@@ -1,30 +1,64 @@
-"""`python -m dualpath.sim bounds --g 8 --s 1 [--mem-over-storage 10]`: the paper's
-bottleneck-free P:D range for a cluster shape, which resource sets it, and small node ratios
-inside it. (Trace-driven advice needs the simulator, which is not built yet.)"""
+"""`python -m dualpath.sim`: the cluster simulator and the paper's P:D bounds.
+
+  bounds    --g 8 --s 1 [--mem-over-storage 10]        bottleneck-free P:D range (paper §4.2)
+  run       --prefill-nodes 2 --decode-nodes 4 --trace T.jsonl | --preset 64k --agents 512
+            [--policy dualpath|basic] [--read-side shorter|split|pe|de] [--perf MODEL.json]
+            [--online]                                  simulate one cluster, print the metrics
+  calibrate RESULT.json [...] --out MODEL.json          fit engine speeds from GPU-host runs
+            (dualpath.bench.compare_1p1d results: prefill from TTFT, decode from TPOT)
+  advise    --g 8 --s 1 --nodes 12 --preset 64k --agents 512 [--perf MODEL.json]
+            simulate every P:D split of N nodes inside the bounds; recommend the fastest
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
 from fractions import Fraction
+from pathlib import Path
 
 from dualpath.sim.bounds import as_fraction, pd_bounds
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dualpath.sim", description=__doc__)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("bounds", help="bottleneck-free P:D range (paper §4.2)")
-    b.add_argument("--g", type=int, required=True, help="GPUs (compute NICs) per node")
-    b.add_argument("--s", type=float, required=True,
-                   help="node storage bandwidth / one compute NIC's bandwidth")
-    b.add_argument("--mem-over-storage", type=float,
-                   help="node memory bandwidth / node storage bandwidth (M / Bs)")
-    b.add_argument("--max-nodes", type=int, default=8, help="largest P or D to list")
-    args = ap.parse_args(argv)
+def _trace(args):
+    from dualpath.bench.trace import PRESETS, generate, read_jsonl
+
+    if args.trace:
+        return read_jsonl(args.trace)
+    shape = PRESETS[args.preset].scaled(args.scale)
+    return generate(shape, args.agents, args.seed, args.arrival_rate)
+
+
+def _perf(args):
+    from dualpath.sim.model import PerfModel
+
+    return PerfModel.load(args.perf) if args.perf else PerfModel()
+
+
+def _trace_args(p: argparse.ArgumentParser, cluster: bool = True) -> None:
+    p.add_argument("--trace", type=Path, help="trajectories (JSONL); else generated")
+    p.add_argument("--preset", default="64k", choices=["32k", "48k", "64k"])
+    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--agents", type=int, default=512)
+    p.add_argument("--arrival-rate", type=float, help="agents/s (online traces)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--perf", type=Path, help="engine speeds (calibrate's output)")
+    p.add_argument("--compute-nic-gbps", type=float, default=50.0)
+    if cluster:
+        p.add_argument("--gpus-per-node", type=int, default=8)
+        p.add_argument("--storage-ratio", type=float, default=1.0,
+                       help="s: node storage NIC / one compute NIC")
+
+
+def cmd_bounds(args) -> int:
     try:
         r = pd_bounds(args.g, args.s, args.mem_over_storage)
     except ValueError as e:
-        ap.error(str(e))
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"P/D range: {as_fraction(r.lower)} ({r.lower:.3f}) .. {as_fraction(r.upper)} "
           f"({r.upper:.3f}); set by {r.binding()}")
     for name, v in sorted(r.limits.items(), key=lambda kv: kv[1]):
@@ -36,6 +70,127 @@ def main(argv: list[str] | None = None) -> int:
                      for d in range(1, args.max_nodes + 1) if r.admits(p, d)})
     print("node ratios inside:", ", ".join(f"{x.numerator}P{x.denominator}D" for x in ratios))
     return 0
+
+
+def cmd_run(args) -> int:
+    from dualpath.sim.des import simulate
+    from dualpath.sim.model import SimCluster
+
+    c = SimCluster(args.prefill_nodes, args.decode_nodes, gpus_per_node=args.gpus_per_node,
+                   storage_ratio=args.storage_ratio, compute_nic_gbps=args.compute_nic_gbps,
+                   policy=args.policy, read_side=args.read_side)
+    trajs = _trace(args)
+    t0 = time.time()
+    r = simulate(c, _perf(args), trajs, online=args.online)
+    out = {"cluster": asdict(c), "perf": asdict(_perf(args)), "online": args.online,
+           **asdict(r), "wall_s": round(time.time() - t0, 2)}
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    """Prefill: TTFT minus the read at the cap and one decode step ~ prefill time; decode: TPOT
+    at the measured concurrency. Crude on few points: the fit and its inputs are printed."""
+    import numpy as np
+
+    from dualpath.sim.model import PerfModel, fit_decode, fit_prefill
+
+    miss, ctx, pre_s, running, dctx, step = [], [], [], [], [], []
+    for path in args.results:
+        res = json.loads(Path(path).read_text())
+        kvb, cap = args.kv_bytes_per_token, (res.get("snic_gbps") or 0) * 1e9
+        for cfg in res.get("configs", []):
+            if cfg.get("config") != "off":
+                continue
+            recs = [r for r in cfg["offline"]["turn_records"] if not r.get("error")]
+            conc = max(1, round(len(recs) / max(1, len({r["agent"] for r in recs}))))
+            for r in recs:
+                hit = r.get("cached_tokens") or 0
+                read_s = hit * kvb / cap if cap else 0.0
+                tp = None
+                if r.get("end_s") and r.get("ttft_s") and r["output_len"] > 1:
+                    tp = (r["end_s"] - r["start_s"] - r["ttft_s"]) / (r["output_len"] - 1)
+                if r.get("ttft_s"):
+                    miss.append(r["prompt_len"] - hit)
+                    ctx.append(r["prompt_len"])
+                    pre_s.append(max(0.0, r["ttft_s"] - read_s - (tp or 0.0)))
+                if tp:
+                    running.append(conc)
+                    dctx.append(conc * r["prompt_len"])
+                    step.append(tp)
+    if len(pre_s) < 3 or len(step) < 3:
+        print("error: need >= 3 prefill and decode samples from 'off' runs", file=sys.stderr)
+        return 2
+    p = fit_prefill(np.array(miss), np.array(ctx), np.array(pre_s))
+    d = fit_decode(np.array(running), np.array(dctx), np.array(step))
+    model = PerfModel(*p, *d, source=f"calibrated from {', '.join(map(str, args.results))} "
+                                     f"({len(pre_s)} prefill, {len(step)} decode samples)")
+    model.save(args.out)
+    print(json.dumps(asdict(model), indent=1))
+    return 0
+
+
+def cmd_advise(args) -> int:
+    from dualpath.sim.des import simulate
+    from dualpath.sim.model import SimCluster
+
+    r = pd_bounds(args.g, args.s, args.mem_over_storage)
+    trajs, perf = _trace(args), _perf(args)
+    rows = []
+    for p in range(1, args.nodes):
+        d = args.nodes - p
+        inside = r.admits(p, d)
+        if not inside and not args.all:
+            continue
+        c = SimCluster(p, d, gpus_per_node=args.g, storage_ratio=args.s,
+                       compute_nic_gbps=args.compute_nic_gbps)
+        res = simulate(c, perf, trajs)
+        rows.append((p, d, inside, res))
+        print(f"{p}P{d}D  inside bounds: {'yes' if inside else 'no '}  JCT {res.jct_s:9.1f} s  "
+              f"turns/s {res.turns_per_s:8.2f}  TTFT p90 {res.ttft_p90:7.2f} s  storage busy "
+              f"PE {res.storage_busy_pe:.2f} DE {res.storage_busy_de:.2f}", flush=True)
+    if not rows:
+        print("no P:D split of these nodes is inside the bounds (use --all)")
+        return 1
+    best = min(rows, key=lambda x: x[3].jct_s)
+    print(f"recommended: {best[0]}P{best[1]}D (JCT {best[3].jct_s:.1f} s; bounds "
+          f"{r.lower:.3f} .. {r.upper:.3f})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dualpath.sim", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("bounds", help="bottleneck-free P:D range (paper §4.2)")
+    b.add_argument("--g", type=int, required=True, help="GPUs (compute NICs) per node")
+    b.add_argument("--s", type=float, required=True,
+                   help="node storage bandwidth / one compute NIC's bandwidth")
+    b.add_argument("--mem-over-storage", type=float,
+                   help="node memory bandwidth / node storage bandwidth (M / Bs)")
+    b.add_argument("--max-nodes", type=int, default=8, help="largest P or D to list")
+    r = sub.add_parser("run", help="simulate one cluster")
+    r.add_argument("--prefill-nodes", type=int, required=True)
+    r.add_argument("--decode-nodes", type=int, required=True)
+    r.add_argument("--policy", choices=["dualpath", "basic"], default="dualpath")
+    r.add_argument("--read-side", choices=["shorter", "split", "pe", "de"], default="shorter")
+    r.add_argument("--online", action="store_true", help="honour the trace's arrival times")
+    _trace_args(r)
+    cal = sub.add_parser("calibrate", help="fit engine speeds from GPU-host results")
+    cal.add_argument("results", nargs="+", type=Path)
+    cal.add_argument("--out", type=Path, required=True)
+    cal.add_argument("--kv-bytes-per-token", type=int, default=131072)
+    adv = sub.add_parser("advise", help="recommend a P:D split of N nodes")
+    adv.add_argument("--g", type=int, default=8)
+    adv.add_argument("--s", type=float, default=1.0)
+    adv.add_argument("--mem-over-storage", type=float)
+    adv.add_argument("--nodes", type=int, required=True, help="prefill + decode nodes")
+    adv.add_argument("--all", action="store_true", help="also simulate splits outside bounds")
+    _trace_args(adv, cluster=False)
+    args = ap.parse_args(argv)
+    return {"bounds": cmd_bounds, "run": cmd_run, "calibrate": cmd_calibrate,
+            "advise": cmd_advise}[args.cmd](args)
 
 
 if __name__ == "__main__":

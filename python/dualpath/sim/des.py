@@ -1,0 +1,244 @@
+"""Discrete-event simulation of a PD cluster serving agentic trajectories, driven by the very
+scheduler the router runs (`dualpath.scheduler`, unchanged).
+
+Each turn: it arrives (offline: when the agent's previous turn ends; online: the agent arrives
+at its `arrival_s`); the scheduler places it (run every `schedule_interval_s` while requests
+wait); its stored prefix (the whole earlier context, page-aligned) is read over the chosen
+node(s)' storage NIC (first come first served at line rate), a decode-side read then crosses
+the decode GPU's compute NIC to the prefill; the prefill engine (FIFO) computes the missed
+tokens; the KV the decode lacks crosses the prefill GPU's compute NIC (everything, or only the
+missed tokens when the decode read the prefix itself and restores it over H2D); the decode
+engine generates the turn's tokens at the step time of its batch when the request joins it.
+Outputs: JCT, turns/s, TTFT/TPOT percentiles, SLO attainment, per-node storage-NIC busy share.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from dualpath.config import SchedulerConfig
+from dualpath.scheduler import EngineSpec, GlobalScheduler, PairScheduler, Request
+from dualpath.sim.model import PerfModel, SimCluster
+
+PAGE = 64
+ARRIVE, SCHEDULE, READ_DONE, PREFILL_DONE, DECODE_START, DONE = range(6)
+
+
+@dataclass
+class SimResult:
+    jct_s: float
+    turns: int
+    turns_per_s: float
+    ttft_p50: float
+    ttft_p90: float
+    ttft_p99: float
+    tpot_mean: float
+    slo_attainment: float
+    storage_busy_pe: float
+    """Mean over prefill nodes of the share of the run their storage NIC was busy."""
+    storage_busy_de: float
+    read_bytes_pe: float
+    read_bytes_de: float
+    prefill_busy: float
+    """Mean share of the run the prefill GPUs were computing."""
+    events: int
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return math.nan
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))]
+
+
+class Simulator:
+    def __init__(self, cluster: SimCluster, perf: PerfModel, trajectories, *,
+                 online: bool = False, slo_ttft_s: float = 4.0, slo_tpot_s: float = 0.050):
+        self.c, self.perf, self.online = cluster, perf, online
+        self.slo = (slo_ttft_s, slo_tpot_s)
+        g = cluster.gpus_per_node
+        pre = [EngineSpec(f"p{n}.{i}", f"pn{n}", f"pn{n}") for n in range(cluster.prefill_nodes)
+               for i in range(g)]
+        dec = [EngineSpec(f"d{n}.{i}", f"dn{n}", f"dn{n}", cluster.decode_kv_tokens)
+               for n in range(cluster.decode_nodes) for i in range(g)]
+        self.n_pe, self.n_de = len(pre), len(dec)
+        # per-turn arrays (index = turn id); agents' turns are consecutive ids
+        self.agent_first, self.turn_agent, self.prompt, self.hit, self.gen = [], [], [], [], []
+        self.arrival_at = []
+        for traj in trajectories:
+            self.agent_first.append(len(self.prompt))
+            ctx = traj.initial
+            for t, (append, gen) in enumerate(traj.turns):
+                self.turn_agent.append(len(self.agent_first) - 1)
+                self.hit.append(0 if t == 0 else ctx - ctx % PAGE)
+                ctx += append
+                self.prompt.append(ctx)
+                self.gen.append(gen)
+                ctx += gen
+            self.arrival_at.append(traj.arrival_s if online else 0.0)
+        self.agent_end = self.agent_first[1:] + [len(self.prompt)]
+        if cluster.policy == "basic":
+            self.sched = PairScheduler(pre, dec, "round_robin")
+        else:
+            mean_prompt = sum(self.prompt) / max(1, len(self.prompt))
+            mean_miss = sum(p - h for p, h in zip(self.prompt, self.hit, strict=True)) / max(
+                1, len(self.prompt))
+            cfg = SchedulerConfig(
+                read_side=cluster.read_side,
+                initial_read_tokens_per_s=cluster.storage_bytes_per_s / cluster.kv_bytes_per_token,
+                initial_prefill_tokens_per_s=mean_prompt / perf.prefill_s(int(mean_miss),
+                                                                          int(mean_prompt)))
+            self.sched = GlobalScheduler(pre, dec, cfg)
+        self.pe_index = {s.name: i for i, s in enumerate(pre)}
+        self.de_index = {s.name: i for i, s in enumerate(dec)}
+        self.pe_node = [i // g for i in range(self.n_pe)]
+        self.de_node = [i // g for i in range(self.n_de)]
+
+    def run(self) -> SimResult:
+        c, perf = self.c, self.perf
+        kvb, store_bps = c.kv_bytes_per_token, c.storage_bytes_per_s
+        nic_bps, h2d_bps = c.compute_nic_gbps * 1e9, c.h2d_gbps * 1e9
+        n_turns = len(self.prompt)
+        pe_link = [0.0] * c.prefill_nodes
+        de_link = [0.0] * c.decode_nodes
+        pe_link_busy = [0.0] * c.prefill_nodes
+        de_link_busy = [0.0] * c.decode_nodes
+        read_bytes = [0.0, 0.0]
+        pe_nic = [0.0] * self.n_pe
+        de_nic = [0.0] * self.n_de
+        pe_queue = [deque() for _ in range(self.n_pe)]
+        pe_busy = [False] * self.n_pe
+        pe_busy_s = 0.0
+        de_running = [0] * self.n_de
+        de_ctx = [0] * self.n_de
+        plan_pe, plan_de, plan_de_read = [0] * n_turns, [0] * n_turns, [0] * n_turns
+        arrive_t, ttft, tpot = [0.0] * n_turns, [0.0] * n_turns, [0.0] * n_turns
+        heap: list = []
+        seq = 0
+
+        def push(t, kind, x):
+            nonlocal seq
+            seq += 1
+            heapq.heappush(heap, (t, seq, kind, x))
+
+        for a, first in enumerate(self.agent_first):
+            if first < self.agent_end[a]:
+                push(self.arrival_at[a], ARRIVE, first)
+        sched, waiting, tick_pending, events, done, last_t = self.sched, 0, False, 0, 0, 0.0
+
+        def start_prefill(pe, now):
+            nonlocal pe_busy_s
+            tid = pe_queue[pe].popleft()
+            pe_busy[pe] = True
+            dt = perf.prefill_s(self.prompt[tid] - self.hit[tid], self.prompt[tid])
+            pe_busy_s += dt
+            push(now + dt, PREFILL_DONE, tid)
+
+        while heap:
+            now, _, kind, tid = heapq.heappop(heap)
+            events += 1
+            if kind == ARRIVE:
+                arrive_t[tid] = now
+                sched.submit(Request(str(tid), self.prompt[tid], self.hit[tid], self.gen[tid]))
+                waiting += 1
+                if not tick_pending:
+                    tick_pending = True
+                    push(now, SCHEDULE, -1)
+            elif kind == SCHEDULE:
+                tick_pending = False
+                for plan in sched.schedule():
+                    waiting -= 1
+                    t = int(plan.rid)
+                    pe, de = self.pe_index[plan.prefill], self.de_index[plan.decode]
+                    plan_pe[t], plan_de[t] = pe, de
+                    # tokens the plan reads -> bytes actually stored (the trace knows the hit)
+                    total = plan.pe_read_tokens + plan.de_read_tokens
+                    de_share = plan.de_read_tokens / total if total else 0.0
+                    de_bytes = round(self.hit[t] * de_share) * kvb
+                    pe_bytes = self.hit[t] * kvb - de_bytes
+                    plan_de_read[t] = de_bytes
+                    ready = now
+                    if pe_bytes:
+                        n = self.pe_node[pe]
+                        start = max(now, pe_link[n])
+                        pe_link[n] = start + pe_bytes / store_bps
+                        pe_link_busy[n] += pe_bytes / store_bps
+                        read_bytes[0] += pe_bytes
+                        ready = pe_link[n]
+                    if de_bytes:
+                        n = self.de_node[de]
+                        start = max(now, de_link[n])
+                        de_link[n] = start + de_bytes / store_bps
+                        de_link_busy[n] += de_bytes / store_bps
+                        read_bytes[1] += de_bytes
+                        fwd = max(de_link[n], de_nic[de]) + de_bytes / nic_bps  # DE -> PE
+                        de_nic[de] = fwd
+                        ready = max(ready, fwd)
+                    push(ready, READ_DONE, t)
+                if waiting:
+                    if not heap:  # nothing in flight, nothing to arrive: it can never run
+                        break
+                    tick_pending = True
+                    push(now + c.schedule_interval_s, SCHEDULE, -1)
+            elif kind == READ_DONE:
+                sched.read_done(str(tid))
+                pe = plan_pe[tid]
+                pe_queue[pe].append(tid)
+                if not pe_busy[pe]:
+                    start_prefill(pe, now)
+            elif kind == PREFILL_DONE:
+                pe, de = plan_pe[tid], plan_de[tid]
+                sched.prefill_done(str(tid))
+                pe_busy[pe] = False
+                if pe_queue[pe]:
+                    start_prefill(pe, now)
+                # miss-only return when the decode read the whole prefix itself
+                miss_only = plan_de_read[tid] == self.hit[tid] * kvb and self.hit[tid] > 0
+                send = (self.prompt[tid] - self.hit[tid] if miss_only else self.prompt[tid]) * kvb
+                arrive = max(now, pe_nic[pe]) + send / nic_bps
+                pe_nic[pe] = arrive
+                if miss_only:  # the decode restores the prefix it read: H2D, overlapped
+                    arrive = max(arrive, now + self.hit[tid] * kvb / h2d_bps)
+                push(arrive, DECODE_START, tid)
+            elif kind == DECODE_START:
+                de = plan_de[tid]
+                de_running[de] += 1
+                de_ctx[de] += self.prompt[tid]
+                step = perf.decode_step_s(de_running[de], de_ctx[de])
+                tpot[tid] = step
+                ttft[tid] = now + step - arrive_t[tid]
+                push(now + step * max(1, self.gen[tid]), DONE, tid)
+            else:  # DONE
+                de = plan_de[tid]
+                de_running[de] -= 1
+                de_ctx[de] -= self.prompt[tid]
+                sched.finish(str(tid))
+                done += 1
+                last_t = now
+                a = self.turn_agent[tid]
+                if tid + 1 < self.agent_end[a]:
+                    push(now, ARRIVE, tid + 1)  # the agent's next turn (no tool time)
+                if waiting and not tick_pending:
+                    tick_pending = True
+                    push(now, SCHEDULE, -1)
+        if done != n_turns:
+            raise RuntimeError(f"simulation ended with {n_turns - done} turns unserved "
+                               "(a request larger than any engine's KV capacity?)")
+        jct = max(last_t, 1e-9)
+        ok = sum(1 for i in range(n_turns)
+                 if ttft[i] <= self.slo[0] and tpot[i] <= self.slo[1])
+        return SimResult(
+            jct_s=jct, turns=n_turns, turns_per_s=n_turns / jct,
+            ttft_p50=_pct(ttft, 0.5), ttft_p90=_pct(ttft, 0.9), ttft_p99=_pct(ttft, 0.99),
+            tpot_mean=sum(tpot) / max(1, n_turns), slo_attainment=ok / max(1, n_turns),
+            storage_busy_pe=sum(pe_link_busy) / (c.prefill_nodes * jct),
+            storage_busy_de=sum(de_link_busy) / (c.decode_nodes * jct),
+            read_bytes_pe=read_bytes[0], read_bytes_de=read_bytes[1],
+            prefill_busy=pe_busy_s / (self.n_pe * jct), events=events)
+
+
+def simulate(cluster: SimCluster, perf: PerfModel, trajectories, **kw) -> SimResult:
+    return Simulator(cluster, perf, trajectories, **kw).run()

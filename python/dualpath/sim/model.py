@@ -1,0 +1,102 @@
+"""What the simulator is told about a cluster and its engines.
+
+`SimCluster`: node counts and links (per node: g GPUs with one compute NIC each, one storage NIC
+of s x a compute NIC), KV bytes per token, decode KV capacity, which scheduler runs.
+`PerfModel`: engine speeds, fitted from GPU-host measurements (`fit_prefill`, `fit_decode`) or
+given by hand:
+  prefill time  = p0 + p1 * miss_tokens + p2 * miss_tokens * context_tokens / 1e3
+  decode step   = d0 + d1 * running_requests + d2 * running_context_tokens / 1e3
+  a request's decode time = its output tokens x the step time when it starts decoding.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SimCluster:
+    prefill_nodes: int
+    decode_nodes: int
+    gpus_per_node: int = 8
+    compute_nic_gbps: float = 50.0
+    """One GPU's compute NIC, GB/s (400 Gb/s)."""
+    storage_ratio: float = 1.0
+    """s: a node's storage NIC / one compute NIC (the paper's testbed: 1)."""
+    kv_bytes_per_token: int = 131072
+    """Llama-3.1-8B bf16: 32 layers x 8 KV heads x 128 x 2 (K, V) x 2 bytes."""
+    decode_kv_tokens: int = 1_000_000
+    """KV slots per decode engine (GPU)."""
+    h2d_gbps: float = 50.0
+    """Host -> GPU per GPU (the DE's restore of the KV it read, miss-only return)."""
+    policy: str = "dualpath"
+    """'dualpath' (the global scheduler, read side by `read_side`) or 'basic' (round-robin
+    pairs, prefill-side reads: the paper's baseline)."""
+    read_side: str = "shorter"
+    schedule_interval_s: float = 0.005
+    """How often the scheduler runs while requests wait (the router's tick)."""
+
+    def __post_init__(self) -> None:
+        if min(self.prefill_nodes, self.decode_nodes, self.gpus_per_node) < 1:
+            raise ValueError("SimCluster: node and GPU counts must be >= 1")
+        for name in ("compute_nic_gbps", "storage_ratio", "h2d_gbps", "schedule_interval_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"SimCluster.{name} must be > 0")
+        if self.policy not in ("dualpath", "basic"):
+            raise ValueError(f"SimCluster.policy: unknown {self.policy!r}")
+
+    @property
+    def storage_bytes_per_s(self) -> float:
+        return self.storage_ratio * self.compute_nic_gbps * 1e9
+
+
+@dataclass(frozen=True)
+class PerfModel:
+    p0: float = 0.010
+    p1: float = 2.0e-5
+    p2: float = 1.0e-6
+    d0: float = 0.012
+    d1: float = 5.0e-5
+    d2: float = 2.0e-6
+    source: str = "default (not calibrated)"
+
+    def prefill_s(self, miss: int, context: int) -> float:
+        return self.p0 + self.p1 * miss + self.p2 * miss * context / 1e3
+
+    def decode_step_s(self, running: int, context_tokens: int) -> float:
+        return self.d0 + self.d1 * running + self.d2 * context_tokens / 1e3
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> PerfModel:
+        return cls(**json.loads(path.read_text()))
+
+
+def _lstsq(cols: list[np.ndarray], y: np.ndarray) -> np.ndarray:
+    a = np.stack(cols, axis=1)
+    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+    return np.maximum(coef, 0.0)  # times do not shrink with more work
+
+
+def fit_prefill(miss: np.ndarray, context: np.ndarray, seconds: np.ndarray) -> tuple:
+    """(p0, p1, p2) by least squares (clamped at >= 0) from measured prefill times."""
+    miss, context = np.asarray(miss, float), np.asarray(context, float)
+    if len(miss) < 3:
+        raise ValueError("need at least 3 prefill samples")
+    return tuple(float(x) for x in _lstsq([np.ones_like(miss), miss, miss * context / 1e3],
+                                          np.asarray(seconds, float)))
+
+
+def fit_decode(running: np.ndarray, context: np.ndarray, step_s: np.ndarray) -> tuple:
+    """(d0, d1, d2) from measured decode step times (TPOT) at known batch sizes."""
+    running, context = np.asarray(running, float), np.asarray(context, float)
+    if len(running) < 3:
+        raise ValueError("need at least 3 decode samples")
+    return tuple(float(x) for x in _lstsq([np.ones_like(running), running, context / 1e3],
+                                          np.asarray(step_s, float)))

@@ -1,0 +1,101 @@
+"""The cluster simulator: conservation, which node reads what, the storage-bound speed-up and its
+disappearance when compute-bound, the paper's scaling shape, online SLOs, the model fits."""
+
+import json
+
+import numpy as np
+import pytest
+
+from dualpath.bench.trace import PRESETS, TraceShape, Trajectory, generate
+from dualpath.sim.__main__ import main as sim_main
+from dualpath.sim.des import simulate
+from dualpath.sim.model import PerfModel, SimCluster, fit_decode, fit_prefill
+
+KVB = 131072
+FAST = PerfModel(p0=0.001, p1=1e-6, p2=0.0, d0=0.001, d1=0.0, d2=0.0)  # storage-bound
+SHAPE = TraceShape(max_len=16384, mean_turns=40, mean_append=300, mean_generate=50,
+                   initial_mean=4096)
+
+
+def trajs(n=64, seed=0, rate=None):
+    return generate(SHAPE, n, seed, rate)
+
+
+def test_every_turn_served_and_every_stored_byte_read_once():
+    t = trajs()
+    stored = sum((sum(p for p in tr.prompt_lengths()[1:]) and 0) for tr in t)  # placeholder
+    runs = {side: simulate(SimCluster(1, 1, gpus_per_node=2, policy=pol, read_side=side),
+                           FAST, t)
+            for pol, side in (("basic", "pe"), ("dualpath", "de"), ("dualpath", "split"))}
+    totals = {k: r.read_bytes_pe + r.read_bytes_de for k, r in runs.items()}
+    assert len(set(totals.values())) == 1 and totals["pe"] > 0, totals
+    assert runs["pe"].read_bytes_de == 0 and runs["de"].read_bytes_pe == 0
+    assert runs["split"].read_bytes_pe > 0 and runs["split"].read_bytes_de > 0
+    n = sum(len(tr.turns) for tr in t)
+    assert all(r.turns == n for r in runs.values())
+    del stored
+
+
+def test_storage_bound_speedup_and_its_ceiling():
+    t = trajs(128)
+    basic = simulate(SimCluster(1, 1, gpus_per_node=4, policy="basic"), FAST, t)
+    dual = simulate(SimCluster(1, 1, gpus_per_node=4, read_side="split"), FAST, t)
+    speedup = basic.jct_s / dual.jct_s
+    assert basic.storage_busy_pe > 0.9  # the baseline saturates the prefill node's NIC
+    assert 1.6 < speedup <= 2.05, speedup  # two nodes' NICs instead of one: at most 2x
+    assert dual.storage_busy_de > 0.8
+
+
+def test_no_gain_when_compute_bound():
+    slow = PerfModel(p0=0.05, p1=2e-3, p2=0.0, d0=0.001, d1=0.0, d2=0.0)
+    t = trajs(64)
+    basic = simulate(SimCluster(1, 1, gpus_per_node=2, policy="basic"), slow, t)
+    dual = simulate(SimCluster(1, 1, gpus_per_node=2, read_side="split"), slow, t)
+    assert basic.prefill_busy > 0.8 and basic.storage_busy_pe < 0.5
+    assert 0.9 < basic.jct_s / dual.jct_s < 1.15
+
+
+def test_scaling_shape_more_nodes_more_agents_similar_jct():
+    """The paper's 2P4D vs 48P96D: agents scaled with the cluster keep the JCT (here 1P2D vs
+    4P8D with 4x agents)."""
+    small = simulate(SimCluster(1, 2, gpus_per_node=2), FAST, trajs(48, seed=1))
+    big = simulate(SimCluster(4, 8, gpus_per_node=2), FAST, trajs(192, seed=1))
+    assert 0.85 < big.jct_s / small.jct_s < 1.15, (small.jct_s, big.jct_s)
+
+
+def test_online_slo_drops_with_load():
+    lo = simulate(SimCluster(1, 1, gpus_per_node=2, policy="basic"), FAST,
+                  trajs(64, rate=0.05), online=True)
+    hi = simulate(SimCluster(1, 1, gpus_per_node=2, policy="basic"), FAST,
+                  trajs(64, rate=50.0), online=True)
+    assert lo.slo_attainment >= hi.slo_attainment and lo.ttft_p90 <= hi.ttft_p90
+
+
+def test_fits_recover_the_model():
+    rng = np.random.default_rng(0)
+    miss, ctx = rng.integers(10, 2000, 50), rng.integers(1000, 60000, 50)
+    y = 0.02 + 3e-5 * miss + 2e-6 * miss * ctx / 1e3
+    assert np.allclose(fit_prefill(miss, ctx, y), (0.02, 3e-5, 2e-6), rtol=1e-6)
+    run, dctx = rng.integers(1, 64, 50), rng.integers(1000, 10**6, 50)
+    y = 0.01 + 1e-4 * run + 3e-6 * dctx / 1e3
+    assert np.allclose(fit_decode(run, dctx, y), (0.01, 1e-4, 3e-6), rtol=1e-6)
+    with pytest.raises(ValueError):
+        fit_prefill(miss[:2], ctx[:2], y[:2])
+
+
+def test_a_turn_too_large_for_any_decode_engine_is_an_error():
+    t = [Trajectory(0, 5000, [(100, 10)])]
+    with pytest.raises(RuntimeError, match="unserved"):
+        simulate(SimCluster(1, 1, gpus_per_node=1, decode_kv_tokens=1000), FAST, t)
+
+
+def test_cli_run_and_model_round_trip(tmp_path, capsys):
+    p = tmp_path / "m.json"
+    FAST.save(p)
+    assert PerfModel.load(p) == FAST
+    assert sim_main(["run", "--prefill-nodes", "1", "--decode-nodes", "1", "--agents", "8",
+                     "--preset", "32k", "--scale", "0.25", "--gpus-per-node", "2",
+                     "--perf", str(p)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["turns"] > 0 and out["jct_s"] > 0 and out["perf"]["p0"] == FAST.p0
+    assert PRESETS["32k"].max_len == 32768
