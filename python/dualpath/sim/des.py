@@ -2,8 +2,8 @@
 scheduler the router runs (`dualpath.scheduler`, unchanged).
 
 Each turn: it arrives (offline: when the agent's previous turn ends; online: the agent arrives
-at its `arrival_s`); the scheduler places it (run every `schedule_interval_s` while requests
-wait); its stored prefix (the whole earlier context, page-aligned) is read over the chosen
+at its `arrival_s`); the scheduler places it (it runs on a tick of `schedule_interval_s`, as the
+router's loop would, so arrivals in one tick are placed together); its stored prefix (the whole earlier context, page-aligned) is read over the chosen
 node(s)' storage NIC (first come first served at line rate), a decode-side read then crosses
 the decode GPU's compute NIC to the prefill; the prefill engine (FIFO) computes the missed
 tokens; the KV the decode lacks crosses the prefill GPU's compute NIC (everything, or only the
@@ -128,6 +128,7 @@ class Simulator:
             if first < self.agent_end[a]:
                 push(self.arrival_at[a], ARRIVE, first)
         sched, waiting, tick_pending, events, done, last_t = self.sched, 0, False, 0, 0, 0.0
+        iv = c.schedule_interval_s
 
         def start_prefill(pe, now):
             nonlocal pe_busy_s
@@ -144,9 +145,9 @@ class Simulator:
                 arrive_t[tid] = now
                 sched.submit(Request(str(tid), self.prompt[tid], self.hit[tid], self.gen[tid]))
                 waiting += 1
-                if not tick_pending:
+                if not tick_pending:  # the scheduler runs on its tick: arrivals share a run
                     tick_pending = True
-                    push(now, SCHEDULE, -1)
+                    push(math.ceil(now / iv) * iv, SCHEDULE, -1)
             elif kind == SCHEDULE:
                 tick_pending = False
                 for plan in sched.schedule():
@@ -182,7 +183,7 @@ class Simulator:
                     if not heap:  # nothing in flight, nothing to arrive: it can never run
                         break
                     tick_pending = True
-                    push(now + c.schedule_interval_s, SCHEDULE, -1)
+                    push(now + iv, SCHEDULE, -1)
             elif kind == READ_DONE:
                 sched.read_done(str(tid))
                 pe = plan_pe[tid]
@@ -223,7 +224,7 @@ class Simulator:
                     push(now, ARRIVE, tid + 1)  # the agent's next turn (no tool time)
                 if waiting and not tick_pending:
                     tick_pending = True
-                    push(now, SCHEDULE, -1)
+                    push(math.ceil(now / iv) * iv, SCHEDULE, -1)
         if done != n_turns:
             raise RuntimeError(f"simulation ended with {n_turns - done} turns unserved "
                                "(a request larger than any engine's KV capacity?)")
