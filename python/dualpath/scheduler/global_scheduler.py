@@ -121,7 +121,18 @@ class GlobalScheduler:
                     gtok[g] = 1 << 62  # never the least (and no overflow when added to)
         # Algorithm 1 stops at the first request no engine can take: cost ~ requests admitted,
         # not the queue length (tens of thousands wait at once in offline runs)
-        pe_of = schedule_prefill(self.queue, self.pe, self.pe_read_q, alpha, beta)
+        # ... and no further than the decode side's free KV could hold: requests past that
+        # would pass the prefill phase only to wait for a decode engine (and be retried on
+        # every call)
+        room = int(de.free_kv[de.free_kv > 0].sum())
+        fits = 0
+        for r in self.queue:
+            room -= r.kv_tokens
+            if room < 0:
+                break
+            fits += 1
+        pe_of = schedule_prefill(itertools.islice(self.queue, fits), self.pe, self.pe_read_q,
+                                 alpha, beta)
         got_pe = list(itertools.islice(self.queue, len(pe_of)))
         by_group: dict[int, list[int]] = {}
         for i, g in enumerate(assign_groups(got_pe, de, gtok)):

@@ -47,6 +47,8 @@ def _trace_args(p: argparse.ArgumentParser, cluster: bool = True) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--perf", type=Path, help="engine speeds (calibrate's output)")
     p.add_argument("--compute-nic-gbps", type=float, default=50.0)
+    p.add_argument("--schedule-interval-s", type=float, default=0.02,
+                   help="the scheduler's tick (TTFT granularity; larger simulates faster)")
     if cluster:
         p.add_argument("--gpus-per-node", type=int, default=8)
         p.add_argument("--storage-ratio", type=float, default=1.0,
@@ -78,7 +80,8 @@ def cmd_run(args) -> int:
 
     c = SimCluster(args.prefill_nodes, args.decode_nodes, gpus_per_node=args.gpus_per_node,
                    storage_ratio=args.storage_ratio, compute_nic_gbps=args.compute_nic_gbps,
-                   policy=args.policy, read_side=args.read_side)
+                   policy=args.policy, read_side=args.read_side,
+                   schedule_interval_s=args.schedule_interval_s)
     trajs = _trace(args)
     t0 = time.time()
     r = simulate(c, _perf(args), trajs, online=args.online)
@@ -143,7 +146,8 @@ def cmd_advise(args) -> int:
         if not inside and not args.all:
             continue
         c = SimCluster(p, d, gpus_per_node=args.g, storage_ratio=args.s,
-                       compute_nic_gbps=args.compute_nic_gbps)
+                       compute_nic_gbps=args.compute_nic_gbps,
+                       schedule_interval_s=args.schedule_interval_s)
         res = simulate(c, perf, trajs)
         rows.append((p, d, inside, res))
         print(f"{p}P{d}D  inside bounds: {'yes' if inside else 'no '}  JCT {res.jct_s:9.1f} s  "

@@ -3,8 +3,9 @@ scheduler the router runs (`dualpath.scheduler`, unchanged).
 
 Each turn: it arrives (offline: when the agent's previous turn ends; online: the agent arrives
 at its `arrival_s`); the scheduler places it (it runs on a tick of `schedule_interval_s`, as the
-router's loop would, so arrivals in one tick are placed together); its stored prefix (the whole earlier context, page-aligned) is read over the chosen
-node(s)' storage NIC (first come first served at line rate), a decode-side read then crosses
+router's loop would, so arrivals in one tick are placed together; requests it refuses are
+retried when a read, prefill or turn ends); its stored prefix (the whole earlier context,
+page-aligned) is read over the chosen node(s)' storage NIC (first come first served at line rate), a decode-side read then crosses
 the decode GPU's compute NIC to the prefill; the prefill engine (FIFO) computes the missed
 tokens; the KV the decode lacks crosses the prefill GPU's compute NIC (everything, or only the
 missed tokens when the decode read the prefix itself and restores it over H2D); the decode
@@ -179,13 +180,15 @@ class Simulator:
                         de_nic[de] = fwd
                         ready = max(ready, fwd)
                     push(ready, READ_DONE, t)
-                if waiting:
-                    if not heap:  # nothing in flight, nothing to arrive: it can never run
-                        break
-                    tick_pending = True
-                    push(now + iv, SCHEDULE, -1)
+                # what still waits was refused: only a finished read, prefill or turn can change
+                # that, and each of those asks for the next tick (no polling)
+                if waiting and not heap:  # nothing in flight, nothing to arrive: never runs
+                    break
             elif kind == READ_DONE:
                 sched.read_done(str(tid))
+                if waiting and not tick_pending:
+                    tick_pending = True
+                    push(math.ceil(now / iv) * iv, SCHEDULE, -1)
                 pe = plan_pe[tid]
                 pe_queue[pe].append(tid)
                 if not pe_busy[pe]:
@@ -194,6 +197,9 @@ class Simulator:
                 pe, de = plan_pe[tid], plan_de[tid]
                 sched.prefill_done(str(tid))
                 pe_busy[pe] = False
+                if waiting and not tick_pending:
+                    tick_pending = True
+                    push(math.ceil(now / iv) * iv, SCHEDULE, -1)
                 if pe_queue[pe]:
                     start_prefill(pe, now)
                 # miss-only return when the decode read the whole prefix itself

@@ -37,8 +37,8 @@ class SimCluster:
     """'dualpath' (the global scheduler, read side by `read_side`) or 'basic' (round-robin
     pairs, prefill-side reads: the paper's baseline)."""
     read_side: str = "shorter"
-    schedule_interval_s: float = 0.005
-    """How often the scheduler runs while requests wait (the router's tick)."""
+    schedule_interval_s: float = 0.02
+    """The scheduler's tick: it places what arrived in the last tick (TTFT granularity)."""
 
     def __post_init__(self) -> None:
         if min(self.prefill_nodes, self.decode_nodes, self.gpus_per_node) < 1:
