@@ -2,14 +2,15 @@
 scheduler the router runs (`dualpath.scheduler`, unchanged).
 
 Each turn: it arrives (offline: when the agent's previous turn ends; online: the agent arrives
-at its `arrival_s`); the scheduler places it (it runs on a tick of `schedule_interval_s`, as the
-router's loop would, so arrivals in one tick are placed together; requests it refuses are
+at its `arrival_s`); the scheduler places it (it runs on a tick of `schedule_interval_s`, as
+the router's loop would, so arrivals in one tick are placed together; requests it refuses are
 retried when a read, prefill or turn ends); its stored prefix (the whole earlier context,
 page-aligned) is read over the chosen node(s)' storage NIC (first come first served at line
-rate), a decode-side read then crosses the decode GPU's compute NIC to the prefill; the prefill engine (FIFO) computes the missed
-tokens; the KV the decode lacks crosses the prefill GPU's compute NIC (everything, or only the
-missed tokens when the decode read the prefix itself and restores it over H2D); the decode
-engine generates the turn's tokens at the step time of its batch when the request joins it.
+rate), a decode-side read then crosses the decode GPU's compute NIC to the prefill; the
+prefill engine (FIFO) computes the missed tokens; the KV the decode lacks crosses the prefill
+GPU's compute NIC (everything, or only the missed tokens when the decode read the prefix
+itself and restores it over H2D); the decode engine generates the turn's tokens at the step
+time of its batch when the request joins it.
 Outputs: JCT, turns/s, TTFT/TPOT percentiles, SLO attainment, per-node storage-NIC busy share.
 """
 
