@@ -81,8 +81,9 @@ async def _turn(session: aiohttp.ClientSession, url: str, prompt: list[int], gen
 
 async def _agent(session, url, traj: Trajectory, online: bool, seed: int, t0: float,
                  records: list[TurnRecord]) -> None:
-    if online:
-        await asyncio.sleep(max(0.0, traj.arrival_s - (time.perf_counter() - t0)))
+    if online:  # asyncio's clock may wake a hair early: never start before the arrival
+        while (wait := traj.arrival_s - (time.perf_counter() - t0)) > 0:
+            await asyncio.sleep(wait)
     ctx = token_ids(seed, traj.agent, -1, traj.initial)
     for i, (append, gen) in enumerate(traj.turns):
         ctx = ctx + token_ids(seed, traj.agent, i, append)
