@@ -17,6 +17,7 @@ PARAMS = {
     "_build_decode_prefix_match": ["self", "req", "result"],
     "init_disaggregation": ["self"],
     "prefetch_io_aux_func": ["self"],
+    "load": ["self", "host_indices"],
 }
 ALL_HOOKS = hooks.LAUNCHER_HOOKS + hooks.HOOKS
 
@@ -108,3 +109,14 @@ def test_prefetch_io_runs_on_several_threads(monkeypatch):
     time.sleep(0.1)
     assert len(seen) == 3 and {s for s, _ in seen} == {"ctl"}
     assert len({n for _, n in seen}) == 3
+
+
+def test_h2d_loads_are_counted(monkeypatch):
+    from dualpath.sglang_plugin import agent as agent_mod
+
+    seen = []
+    monkeypatch.setattr(agent_mod, "_AGENT", SimpleNamespace(count_h2d=seen.append))
+    ctl = SimpleNamespace(mem_pool_host=SimpleNamespace(get_size_per_token=lambda: 1000))
+    assert hooks.count_h2d("dev", ctl, [1, 2, 3]) == "dev"
+    assert hooks.count_h2d(None, ctl, [1, 2, 3]) is None  # no device room: nothing loaded
+    assert seen == [3000]

@@ -118,4 +118,5 @@ def path_bytes(stats: dict) -> dict:
     return {"read_bytes": st.get("read_bytes", 0), "write_bytes": st.get("write_bytes", 0),
             "forwarded_bytes": paths.get("forwarded_bytes", 0),
             "received_bytes": paths.get("received_bytes", 0),
-            "restore_from_buffer": paths.get("restore_from_buffer", 0)}
+            "restore_from_buffer": paths.get("restore_from_buffer", 0),
+            "h2d_bytes": paths.get("h2d_bytes", 0)}

@@ -41,6 +41,7 @@ FORWARD_BYTES = Counter("dualpath_forward_bytes", "KV bytes forwarded between en
                         ["node", "direction"])  # de_to_pe (sent by a DE) / received (by a PE)
 PULL_PAGES = Counter("dualpath_pull_pages", "Pages a prefill asked a decode agent for",
                      ["node", "result"])  # forwarded | failed (read by the prefill itself)
+H2D_BYTES = Counter("dualpath_h2d_bytes", "KV bytes loaded host pool -> GPU", ["node"])
 RESTORE_PAGES = Counter("dualpath_de_restore_pages", "Pages the decode restored from the DE "
                         "buffer or storage", ["node", "source"])
 
@@ -73,7 +74,7 @@ class Agent:
         self.peers = PeerRegions()
         self.scheduler = None
         self.counters = {"forwarded_bytes": 0, "received_bytes": 0, "pull_pages_ok": 0,
-                         "pull_pages_failed": 0, "restore_from_buffer": 0}
+                         "pull_pages_failed": 0, "restore_from_buffer": 0, "h2d_bytes": 0}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="dualpath-agent")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -244,6 +245,11 @@ class Agent:
         with self._lock:
             self.counters["received_bytes"] += nbytes
         FORWARD_BYTES.labels(self.node, "received").inc(nbytes)
+
+    def count_h2d(self, nbytes: int) -> None:
+        with self._lock:
+            self.counters["h2d_bytes"] += nbytes
+        H2D_BYTES.labels(self.node).inc(nbytes)
 
     def count_restore(self, n: int, source: str) -> None:
         with self._lock:

@@ -67,6 +67,18 @@ def parallel_prefetch_io(original, self):
     return original(self)
 
 
+def count_h2d(result, self, host_indices, *args, **kwargs):
+    """Meter the host -> GPU loads HiCache queues (restored prefixes), per node: the third path
+    next to storage reads and DE -> PE forwards."""
+    if result is not None:
+        from dualpath.sglang_plugin.agent import get_agent
+
+        agent = get_agent()
+        if agent is not None:
+            agent.count_h2d(len(host_indices) * self.mem_pool_host.get_size_per_token())
+    return result
+
+
 def attach_scheduler(result, self, *args, **kwargs):
     """Let the agent read the scheduler's queues and free KV for the router's stats."""
     from dualpath.sglang_plugin.agent import attach_scheduler as attach
@@ -87,6 +99,8 @@ def add_http_routes(*args, **kwargs):
 LAUNCHER_HOOKS: tuple[Hook, ...] = (
     Hook("sglang.srt.managers.cache_controller.HiCacheController.prefetch_io_aux_func",
          "AROUND", parallel_prefetch_io, "several storage loads in flight, not one"),
+    Hook("sglang.srt.managers.cache_controller.HiCacheController.load", "AFTER", count_h2d,
+         "H2D bytes per node (host pool -> GPU loads)"),
 )
 
 # registered only with --enable-dual-path
