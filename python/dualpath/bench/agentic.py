@@ -9,15 +9,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from dualpath.bench.replay import records_jsonl, replay
 from dualpath.bench.trace import PRESETS, describe, generate, read_jsonl, write_jsonl
-
-ROOT = Path(__file__).resolve().parents[3]
+from dualpath.version import git_sha
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,9 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     trajs = read_jsonl(args.trace)
     summary, records = asyncio.run(replay(args.url, trajs, online=args.online, seed=args.seed))
-    sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
-                         capture_output=True, text=True).stdout.strip() or "unknown"
-    result = {"date": time.strftime("%Y-%m-%d"), "git_sha": sha, "url": args.url,
+    result = {"date": time.strftime("%Y-%m-%d"), "git_sha": git_sha(), "url": args.url,
               "trace": str(args.trace), "trace_shape": describe(trajs), "online": args.online,
               **summary}
     args.out.write_text(json.dumps(result, indent=1) + "\n")

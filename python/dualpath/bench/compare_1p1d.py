@@ -37,8 +37,9 @@ from dualpath.bench.pd_cluster import (
 from dualpath.bench.replay import replay
 from dualpath.bench.samplers import agents_sampler, gpu_sampler, mean_util, rates
 from dualpath.bench.servers import ServerError
-from dualpath.bench.smoke import DEFAULT_MODEL, git_sha, gpu_facts
+from dualpath.bench.smoke import DEFAULT_MODEL, gpu_facts
 from dualpath.bench.trace import PRESETS, Trajectory, describe, generate
+from dualpath.version import git_sha
 
 log = logging.getLogger("dualpath.compare_1p1d")
 CONFIGS = {"off": (False, "pe", False), "on": (True, "shorter", False),

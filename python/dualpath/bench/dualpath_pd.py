@@ -27,7 +27,8 @@ from dualpath.bench import client
 from dualpath.bench.pd_cluster import DEC_PORT, PRE_PORT, ClusterSpec, PDCluster, agent_stats
 from dualpath.bench.pd_cluster import path_bytes as meters
 from dualpath.bench.servers import ServerError
-from dualpath.bench.smoke import DEFAULT_MODEL, SmokeFailure, check, git_sha, gpu_facts, prompt
+from dualpath.bench.smoke import DEFAULT_MODEL, SmokeFailure, check, gpu_facts, prompt
+from dualpath.version import git_sha
 
 log = logging.getLogger("dualpath.dualpath_pd")
 READ_SIDE = {"off": "pe", "de": "de", "split": "split"}

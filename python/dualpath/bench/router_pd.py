@@ -23,11 +23,11 @@ from dualpath.bench.smoke import (
     DEFAULT_MODEL,
     SmokeFailure,
     check,
-    git_sha,
     gpu_facts,
     pd_pair,
     start_pd,
 )
+from dualpath.version import git_sha
 
 log = logging.getLogger("dualpath.router_pd")
 

@@ -222,10 +222,6 @@ def gpu_facts() -> dict:
     return {"gpus": gpus, "gpu_name": gpus[0].split(",")[0] if gpus else None}
 
 
-def git_sha() -> str:
-    return version.git_sha()
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Stock SGLang smoke test (see module docstring).")
     ap.add_argument("--pd", action="store_true", help="also run prefill+decode (2 GPUs, NIXL)")
@@ -251,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="[smoke %(asctime)s] %(message)s",
                         datefmt="%H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
-    summary = {"date": time.strftime("%Y-%m-%d"), "git_sha": git_sha(), **gpu_facts(),
+    summary = {"date": time.strftime("%Y-%m-%d"), "git_sha": version.git_sha(), **gpu_facts(),
                "host": socket.gethostname(), "model": args.model.name,
                "prompt_len": args.prompt_len, "max_new_tokens": args.max_new_tokens,
                "l3_backend": args.l3_backend, "setup_s": args.setup_s, "ok": False}

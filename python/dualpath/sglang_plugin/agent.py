@@ -241,7 +241,7 @@ class Agent:
         PULL_PAGES.labels(self.node, "forwarded").inc(n_ok)
         PULL_PAGES.labels(self.node, "failed").inc(len(ok) - n_ok)
 
-    def count_received(self, nbytes: int, n_ok: int, n_failed: int) -> None:
+    def count_received(self, nbytes: int) -> None:
         with self._lock:
             self.counters["received_bytes"] += nbytes
         FORWARD_BYTES.labels(self.node, "received").inc(nbytes)

@@ -125,7 +125,7 @@ def pull(agent, pool, plan, keys, k_ptrs, v_ptrs) -> list[bool]:
                 host_view(vp, rb)[:] = memoryview(raw)[pos + rb:pos + 2 * rb]
                 pos += 2 * rb
         nbytes = pos - 8 - head_len
-    agent.count_received(nbytes, sum(ok), len(ok) - sum(ok))
+    agent.count_received(nbytes)
     return [bool(x) for x in ok]
 
 

@@ -53,10 +53,6 @@ class PeerRegions:
         self._maps: dict[tuple, tuple[mmap.mmap, np.ndarray]] = {}
         self._lock = threading.Lock()
 
-    @staticmethod
-    def reachable(desc: RegionDesc) -> bool:
-        return desc.host == socket.gethostname() and os.path.exists(f"/proc/{desc.pid}")
-
     def map(self, desc: RegionDesc) -> np.ndarray:
         """A writeable uint8 view of the peer's region (raises PeerMemoryError)."""
         key = (desc.host, desc.pid, desc.fd, desc.ino)
@@ -83,10 +79,6 @@ class PeerRegions:
             arr = np.frombuffer(mm, dtype=np.uint8)
             self._maps[key] = (mm, arr)
             return arr
-
-    def forget(self, desc: RegionDesc) -> None:
-        with self._lock:
-            self._maps.pop((desc.host, desc.pid, desc.fd, desc.ino), None)
 
     def prune(self) -> list[tuple]:
         """Drop the mappings of peers that exited (a restarted prefill gets a new pid): a kept

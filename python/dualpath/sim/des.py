@@ -132,6 +132,18 @@ class Simulator:
         sched, waiting, tick_pending, events, done, last_t = self.sched, 0, False, 0, 0, 0.0
         iv = c.schedule_interval_s
 
+        def request_tick(now):
+            nonlocal tick_pending
+            if not tick_pending:  # the scheduler runs on its tick: events in one tick share a run
+                tick_pending = True
+                push(math.ceil(now / iv) * iv, SCHEDULE, -1)
+
+        def storage_read(link, busy, node, nbytes, now) -> float:
+            """FCFS at line rate on one node's storage NIC; returns when the read ends."""
+            link[node] = max(now, link[node]) + nbytes / store_bps
+            busy[node] += nbytes / store_bps
+            return link[node]
+
         def start_prefill(pe, now):
             nonlocal pe_busy_s
             tid = pe_queue[pe].popleft()
@@ -147,9 +159,7 @@ class Simulator:
                 arrive_t[tid] = now
                 sched.submit(Request(str(tid), self.prompt[tid], self.hit[tid], self.gen[tid]))
                 waiting += 1
-                if not tick_pending:  # the scheduler runs on its tick: arrivals share a run
-                    tick_pending = True
-                    push(math.ceil(now / iv) * iv, SCHEDULE, -1)
+                request_tick(now)
             elif kind == SCHEDULE:
                 tick_pending = False
                 for plan in sched.schedule():
@@ -165,19 +175,13 @@ class Simulator:
                     plan_de_read[t] = de_bytes
                     ready = now
                     if pe_bytes:
-                        n = self.pe_node[pe]
-                        start = max(now, pe_link[n])
-                        pe_link[n] = start + pe_bytes / store_bps
-                        pe_link_busy[n] += pe_bytes / store_bps
                         read_bytes[0] += pe_bytes
-                        ready = pe_link[n]
+                        ready = storage_read(pe_link, pe_link_busy, self.pe_node[pe], pe_bytes,
+                                             now)
                     if de_bytes:
-                        n = self.de_node[de]
-                        start = max(now, de_link[n])
-                        de_link[n] = start + de_bytes / store_bps
-                        de_link_busy[n] += de_bytes / store_bps
                         read_bytes[1] += de_bytes
-                        fwd = max(de_link[n], de_nic[de]) + de_bytes / nic_bps  # DE -> PE
+                        end = storage_read(de_link, de_link_busy, self.de_node[de], de_bytes, now)
+                        fwd = max(end, de_nic[de]) + de_bytes / nic_bps  # DE -> PE
                         de_nic[de] = fwd
                         ready = max(ready, fwd)
                     push(ready, READ_DONE, t)
@@ -187,9 +191,8 @@ class Simulator:
                     break
             elif kind == READ_DONE:
                 sched.read_done(str(tid))
-                if waiting and not tick_pending:
-                    tick_pending = True
-                    push(math.ceil(now / iv) * iv, SCHEDULE, -1)
+                if waiting:
+                    request_tick(now)
                 pe = plan_pe[tid]
                 pe_queue[pe].append(tid)
                 if not pe_busy[pe]:
@@ -198,9 +201,8 @@ class Simulator:
                 pe, de = plan_pe[tid], plan_de[tid]
                 sched.prefill_done(str(tid))
                 pe_busy[pe] = False
-                if waiting and not tick_pending:
-                    tick_pending = True
-                    push(math.ceil(now / iv) * iv, SCHEDULE, -1)
+                if waiting:
+                    request_tick(now)
                 if pe_queue[pe]:
                     start_prefill(pe, now)
                 # miss-only return when the decode read the whole prefix itself
@@ -229,9 +231,8 @@ class Simulator:
                 a = self.turn_agent[tid]
                 if tid + 1 < self.agent_end[a]:
                     push(now, ARRIVE, tid + 1)  # the agent's next turn (no tool time)
-                if waiting and not tick_pending:
-                    tick_pending = True
-                    push(math.ceil(now / iv) * iv, SCHEDULE, -1)
+                if waiting:
+                    request_tick(now)
         if done != n_turns:
             raise RuntimeError(f"simulation ended with {n_turns - done} turns unserved "
                                "(a request larger than any engine's KV capacity?)")
