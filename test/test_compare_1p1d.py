@@ -87,13 +87,38 @@ def test_run_once_against_a_fake_cluster(monkeypatch):
     try:
         class C:
             url = str(srv.make_url("")).rstrip("/")
-        res = cmp.run_once(C(), cmp.make_trace(args()), online=False, seed=0)
+        res = cmp.run_once(C(), cmp.make_trace(args()), online=False, seed=0, cap_gbps=1.0)
     finally:
         asyncio.run_coroutine_threadsafe(srv.close(), loop).result(5)
         loop.call_soon_threadsafe(loop.stop)
     assert res["errors"] == 0 and res["turns_ok"] == res["turns"] == len(prompts)
     assert all(r["output_digest"] for r in res["turn_records"])
     assert res["bytes"]["pe_read_bytes"] > 0 and res["pe_read_gbps_mean"] > 0
+    u = res["storage_util"]
+    assert u["pe_util"] > 0 and u["cluster_util"] == pytest.approx(
+        (u["pe_util"] + u["de_util"]) / 2, abs=2e-3)
+
+
+def test_storage_util_counts_only_the_reading_window():
+    rows = [(0.0, {"pe_read_bytes": 0}), (10.0, {"pe_read_bytes": 0}),  # prefill, no reads
+            (11.0, {"pe_read_bytes": 6e9, "de_read_bytes": 3e9}),
+            (12.0, {"pe_read_bytes": 12e9, "de_read_bytes": 6e9}),
+            (20.0, {"pe_read_bytes": 12e9, "de_read_bytes": 6e9})]  # decode tail
+    u = cmp.storage_util(rows, 6.0)
+    assert u == {"window_s": 2.0, "pe_util": 1.0, "de_util": 0.5, "cluster_util": 0.75}
+    assert cmp.storage_util(rows[:2], 6.0) == {}
+
+
+def test_clear_blocks_keeps_the_descriptor(tmp_path):
+    from dualpath.bench.pd_cluster import clear_blocks
+
+    (tmp_path / "STORE.json").write_text("{}")
+    for k in ("ab/cd/abcd01", "ab/ef/abef02", "12/34/123403"):
+        (tmp_path / k).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / k).write_bytes(b"x")
+    assert clear_blocks(tmp_path) == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["STORE.json"]
+    assert clear_blocks(tmp_path / "missing") == 0
 
 
 def synthetic_result():
@@ -103,7 +128,9 @@ def synthetic_result():
         off = {"jct_s": jct, "turns_per_s": 3.0, "ttft_s_p50": 0.5, "ttft_s_p90": 1.0,
                "tpot_s_p50": 0.03, "pe_read_gbps_mean": 5.0, "de_read_gbps_mean": 4.0,
                "errors": 0, "samples": {"agents": rows, "gpu": [(0.0, {"gpu0_util": 40})]}}
-        return {"config": name, "oracle": False, "offline": off,
+        sweep = [{"snic_gbps": cap, "jct_s": jct * f, "storage_util": {"cluster_util": 0.9}}
+                 for cap, f in ((3.0, 2.0), (25.0, 0.4))]
+        return {"config": name, "oracle": False, "offline": off, "sweep": sweep,
                 "online": [{"aps": 1.0, "turns_per_s": 2.0, "ttft_s_p90": 1.5}]}
     return {"gpu_name": "H100", "date": "d", "git_sha": "s", "snic_gbps": 6.25,
             "trace": {"preset": "64k", "scale": 0.25}, "slo": {"ttft_s": 4.0},
@@ -113,6 +140,9 @@ def synthetic_result():
 def test_table_shows_the_speedup():
     text = cmp.table(synthetic_result()["configs"])
     assert "JCT speed-up" in text and "1.82" in text and "off" in text.splitlines()[0]
+    sweep = cmp.sweep_table(synthetic_result()["configs"], 6.25).splitlines()
+    assert [float(x.split()[0]) for x in sweep[1:]] == [3.0, 6.25, 25.0]
+    assert sweep[2].split()[1:4] == ["100.0", "55.0", "1.82"]
 
 
 def test_plots(tmp_path):
@@ -120,7 +150,8 @@ def test_plots(tmp_path):
     from dualpath.bench.plots import plot
 
     files = plot(synthetic_result(), tmp_path)
-    assert {p.name for p in files} == {"jct.png", "storage.png", "gpu_util.png", "online.png"}
+    assert {p.name for p in files} == {"jct.png", "storage.png", "gpu_util.png", "online.png",
+                                       "sweep.png"}
     assert all(p.stat().st_size > 1000 for p in files)
 
 

@@ -218,6 +218,14 @@ def test_plans_and_stats_over_http(world):
     from dualpath.router.contract import EngineStats
     assert EngineStats.decode(stats).role == "decode"
     assert stats["agent"] == de.url and "forwarded_bytes" in stats["paths"]
+    status, raw, _ = de_path._post(de.url, "/dualpath/snic", {"cap_gbps": 3.5}, 5)
+    assert status == 200 and de.nic.cap_gbps == 3.5
+    with urllib.request.urlopen(de.url + "/dualpath/stats") as r:
+        assert json.loads(r.read())["storage"]["cap_gbps"] == 3.5
+    status, raw, _ = de_path._post(de.url, "/dualpath/snic", {"cap_gbps": -1}, 5)
+    assert status == 400 and de.nic.cap_gbps == 3.5
+    assert de_path._post(de.url, "/dualpath/snic", {"cap_gbps": 0}, 5)[0] == 200
+    assert de.nic.cap_gbps is None
 
 
 def test_mappings_of_exited_peers_are_dropped():

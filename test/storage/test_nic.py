@@ -97,3 +97,18 @@ def test_read_queue_is_visible_while_reads_wait(tmp_path):
 def test_bad_cap_is_refused():
     with pytest.raises(ValueError, match="cap_gbps"):
         StorageNic("x", cap_gbps=0)
+
+
+def test_cap_changes_at_runtime_and_keeps_the_queue():
+    nic = StorageNic("rt", cap_gbps=1e-6)  # 1000 B/s
+    nic._clock.reserve(1000, now=time.monotonic())  # the link is busy for ~1 s
+    end = nic._clock._end
+    nic.set_cap(2e-6)
+    assert nic.cap_gbps == 2e-6 and nic._clock.rate == 2000.0
+    assert nic._clock.reserve(2000) == pytest.approx(end + 1.0)  # behind the old reservation
+    nic.set_cap(None)
+    assert nic.cap_gbps is None and nic._clock is None
+    with nic.transfer("read", 10**9):  # no cap: no wait
+        pass
+    with pytest.raises(ValueError):
+        nic.set_cap(-1.0)

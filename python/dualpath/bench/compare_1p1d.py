@@ -32,7 +32,9 @@ from dualpath.bench.pd_cluster import (
     ClusterSpec,
     PDCluster,
     agent_stats,
+    clear_blocks,
     path_bytes,
+    set_snic_cap,
 )
 from dualpath.bench.replay import replay
 from dualpath.bench.samplers import agents_sampler, gpu_sampler, mean_util, rates
@@ -73,7 +75,25 @@ def _flush(url: str) -> None:
         time.sleep(0.5)
 
 
-def run_once(c: PDCluster, trajs, online: bool, seed: int) -> dict:
+def storage_util(a_rows, cap_gbps: float) -> dict:
+    """Storage-NIC utilisation while reading: bytes read between the first and the last sample
+    at which any node's read counter moved, over that window x cap, per node and for the
+    cluster (both nodes' caps)."""
+    keys = ("pe_read_bytes", "de_read_bytes")
+    total = [(t, sum(r.get(k, 0) for k in keys), r) for t, r in a_rows]
+    moved = [i for i in range(1, len(total)) if total[i][1] > total[i - 1][1]]
+    if not moved or not cap_gbps:
+        return {}
+    i0, i1 = moved[0] - 1, moved[-1]
+    span = total[i1][0] - total[i0][0]
+    per = {k.split("_")[0]: (total[i1][2].get(k, 0) - total[i0][2].get(k, 0)) / span / 1e9
+           for k in keys}
+    return {"window_s": round(span, 2),
+            **{f"{n}_util": round(v / cap_gbps, 3) for n, v in per.items()},
+            "cluster_util": round(sum(per.values()) / (2 * cap_gbps), 3)}
+
+
+def run_once(c: PDCluster, trajs, online: bool, seed: int, cap_gbps: float) -> dict:
     gpus = gpu_sampler().start()
     agents = agents_sampler({"pe": lambda: agent_stats(PRE_PORT, 2),
                              "de": lambda: agent_stats(DEC_PORT, 2)}, path_bytes).start()
@@ -95,32 +115,66 @@ def run_once(c: PDCluster, trajs, online: bool, seed: int) -> dict:
             out[f"{node}_read_gbps_mean"] = round(out["bytes"].get(f"{node}_read_bytes", 0)
                                                   / span / 1e9, 3)
             out[f"{node}_read_gbps_peak"] = round(max((x for _, x in r), default=0.0), 3)
+        out["storage_util"] = storage_util(a_rows, cap_gbps)
     return out
 
 
-def run_config(name: str, args, out: Path, trajs) -> dict:
+def fresh(c: PDCluster, root: Path) -> None:
+    """Empty both servers' device and host caches and the store: the next run reads only what
+    it wrote itself."""
+    _flush(c.pre.url)
+    _flush(c.dec.url)
+    time.sleep(1.0)  # write-through backups still in flight land before the store is emptied
+    clear_blocks(root)
+
+
+def set_cap(dual: bool, cap: float) -> None:
+    ok = set_snic_cap(PRE_PORT, cap) and (not dual or set_snic_cap(DEC_PORT, cap))
+    if not ok:
+        raise RuntimeError(f"could not set the storage-NIC cap to {cap} GB/s")
+
+
+def run_config(name: str, args, out: Path, trajs, res: dict, save) -> dict:
+    """Fill `res` (already in the result) step by step, calling `save()` after each run."""
     dual, side, oracle = CONFIGS[name]
     root = Path(args.store_dir) / name
     shutil.rmtree(root, ignore_errors=True)
     spec = ClusterSpec(model=args.model, root=root, dual_path=dual, read_side=side,
                        snic_gbps=args.snic_gbps, max_total_tokens=args.max_total_tokens,
-                       oracle=oracle)
-    res: dict = {"config": name, "dual_path": dual, "read_side": side, "oracle": oracle}
-    with PDCluster(spec, out / name, args.health_timeout) as c:
-        res["startup_s"] = c.startup_s
-        log.info("%s: offline replay of %d agents", name, len(trajs))
-        res["offline"] = run_once(c, trajs, online=False, seed=args.seed)
-        log.info("%s offline: JCT %s s, errors %d", name, res["offline"]["jct_s"],
-                 res["offline"]["errors"])
-        res["online"] = []
-        for k, aps in enumerate(args.online_aps):
-            _flush(c.pre.url)
-            _flush(c.dec.url)
-            run = run_once(c, make_trace(args, aps, seed=args.seed + 1 + k), True,
-                           args.seed + 1 + k)
-            res["online"].append({"aps": aps, **run})
-            log.info("%s online %.2f APS: SLO %.2f, TTFT p90 %s", name, aps,
-                     run["slo_attainment"] or 0, run["ttft_s_p90"])
+                       decode_max_total_tokens=args.decode_max_total_tokens,
+                       decode_hicache_ratio=args.decode_hicache_ratio,
+                       buffer_gb=args.buffer_gb, oracle=oracle)
+    res.update({"config": name, "dual_path": dual, "read_side": side, "oracle": oracle,
+                "sweep": [], "online": []})
+    try:
+        with PDCluster(spec, out / name, args.health_timeout) as c:
+            res["startup_s"] = c.startup_s
+            log.info("%s: offline replay of %d agents", name, len(trajs))
+            res["offline"] = run_once(c, trajs, False, args.seed, args.snic_gbps)
+            log.info("%s offline: JCT %s s, errors %d, storage %s", name,
+                     res["offline"]["jct_s"], res["offline"]["errors"],
+                     res["offline"].get("storage_util"))
+            save()
+            for k, cap in enumerate(args.snic_sweep):  # same trace, fresh token ids
+                set_cap(dual, cap)
+                fresh(c, root)
+                run = run_once(c, trajs, False, args.seed + 100 + k, cap)
+                res["sweep"].append({"snic_gbps": cap, **run})
+                log.info("%s offline at %.2f GB/s: JCT %s s, errors %d, storage %s", name, cap,
+                         run["jct_s"], run["errors"], run.get("storage_util"))
+                save()
+            if args.snic_sweep:
+                set_cap(dual, args.snic_gbps)
+            for k, aps in enumerate(args.online_aps):
+                fresh(c, root)
+                run = run_once(c, make_trace(args, aps, seed=args.seed + 1 + k), True,
+                               args.seed + 1 + k, args.snic_gbps)
+                res["online"].append({"aps": aps, **run})
+                log.info("%s online %.2f APS: SLO %.2f, TTFT p90 %s", name, aps,
+                         run["slo_attainment"] or 0, run["ttft_s_p90"])
+                save()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)  # the store lives in /dev/shm
     return res
 
 
@@ -153,6 +207,31 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sweep_table(results: list[dict], main_cap: float) -> str:
+    """Offline JCT per storage-NIC cap and config, and each config's speed-up over `off`."""
+    by: dict[float, dict[str, dict]] = {}
+    for r in results:
+        for run in [{"snic_gbps": main_cap, **r["offline"]}, *r["sweep"]]:
+            by.setdefault(run["snic_gbps"], {})[r["config"]] = run
+    names = [r["config"] for r in results]
+    lines = [f"{'cap GB/s':>9}" + "".join(f"{'JCT ' + n:>13}" for n in names)
+             + "".join(f"{'x ' + n:>9}" for n in names if n != "off")
+             + "".join(f"{'util ' + n:>11}" for n in names)]
+    for cap in sorted(by):
+        row = by[cap]
+        base = (row.get("off") or {}).get("jct_s")
+        line = f"{cap:>9.2f}" + "".join(f"{row.get(n, {}).get('jct_s', '-')!s:>13}"
+                                        for n in names)
+        for n in names:
+            if n != "off":
+                j = row.get(n, {}).get("jct_s")
+                line += f"{base / j:>9.2f}" if base and j else f"{'-':>9}"
+        line += "".join(f"{row.get(n, {}).get('storage_util', {}).get('cluster_util', '-')!s:>11}"
+                        for n in names)
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -167,8 +246,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-turns", type=int, default=10, help="turns kept per trajectory")
     ap.add_argument("--online-aps", type=lambda s: [float(x) for x in s.split(",") if x],
                     default=[], help="comma-separated agent arrival rates for the online sweep")
-    ap.add_argument("--snic-gbps", type=float, default=6.25)
-    ap.add_argument("--max-total-tokens", type=int, default=32768)
+    ap.add_argument("--snic-gbps", type=float, default=6.25,
+                    help="storage-NIC cap per node (GB/s) of the main runs")
+    ap.add_argument("--snic-sweep", type=lambda s: [float(x) for x in s.split(",") if x],
+                    default=[], help="comma-separated caps (GB/s) of extra offline runs of the "
+                                     "same trace (cap changed at run time, no restart)")
+    ap.add_argument("--max-total-tokens", type=int, default=32768,
+                    help="prefill KV pool (tokens): small, so the prefixes come from storage")
+    ap.add_argument("--decode-max-total-tokens", type=int, default=163840,
+                    help="decode KV pool (tokens): room for every agent's context at once")
+    ap.add_argument("--decode-hicache-ratio", type=float, default=1.25,
+                    help="decode host pool / device pool (decode HiCache: dual path only)")
+    ap.add_argument("--buffer-gb", type=float, default=16.0, help="DE buffer (GiB)")
     ap.add_argument("--store-dir", default="/dev/shm/dualpath-1p1d")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--health-timeout", type=float, default=400)
@@ -189,25 +278,38 @@ def main(argv: list[str] | None = None) -> int:
                         "agents": args.agents, "max_turns": args.max_turns, **shape},
               "working_set_tokens": working_set,
               "device_pool_tokens": args.max_total_tokens,
-              "host_pool_tokens": 2 * args.max_total_tokens, "slo": {"ttft_s": SLO_TTFT_S,
+              "host_pool_tokens": 2 * args.max_total_tokens,
+              "decode_pool_tokens": args.decode_max_total_tokens,
+              "decode_host_pool_tokens": int(args.decode_hicache_ratio
+                                             * args.decode_max_total_tokens),
+              "buffer_gb": args.buffer_gb, "slo": {"ttft_s": SLO_TTFT_S,
                                                                      "tpot_s": SLO_TPOT_S},
               "configs": [], "ok": False}
     rc = 1
+
+    def save() -> None:
+        (args.out / "result.json").write_text(json.dumps(result) + "\n")
+
     try:
         for name in args.configs.split(","):
-            result["configs"].append(run_config(name, args, args.out, trajs))
+            res: dict = {}
+            result["configs"].append(res)
+            run_config(name, args, args.out, trajs, res, save)
         base = next((r for r in result["configs"] if r["config"] == "off"), None)
         for r in result["configs"]:
             if base is not None and r is not base and not r["oracle"]:
                 r["outputs_match_off"] = outputs_match(base["offline"], r["offline"])
-        result["ok"] = all(r["offline"]["errors"] == 0 for r in result["configs"])
+        result["ok"] = all(r["offline"]["errors"] == 0 and all(
+            x["errors"] == 0 for x in r["sweep"]) for r in result["configs"])
         rc = 0 if result["ok"] else 1
         print(table(result["configs"]), flush=True)
+        if args.snic_sweep:
+            print(sweep_table(result["configs"], args.snic_gbps), flush=True)
     except (ServerError, OSError, RuntimeError) as e:
         result["failure"] = f"{type(e).__name__}: {e}"
         log.error("FAIL %s", result["failure"])
     finally:
-        (args.out / "result.json").write_text(json.dumps(result) + "\n")
+        save()
     return rc
 
 

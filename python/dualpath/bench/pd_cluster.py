@@ -6,6 +6,7 @@ on a 2-GPU host, as the GPU checks and benchmarks start them. Each server is its
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -25,6 +26,9 @@ class ClusterSpec:
     snic_gbps: float = 6.25
     max_total_tokens: int = 32768
     hicache_ratio: float = 2.0
+    decode_max_total_tokens: int | None = None  # None: max_total_tokens
+    decode_hicache_ratio: float | None = None  # None: hicache_ratio (decode HiCache: dual path)
+    buffer_gb: float | None = None  # the DE buffer (None: the plugin's default)
     pd_backend: str = "nixl"
     oracle: bool = False  # storage reads skipped (timing ceiling; outputs not meaningful)
     extra: list[str] = field(default_factory=list)  # more SGLang flags for both servers
@@ -32,12 +36,15 @@ class ClusterSpec:
 
 def server(spec: ClusterSpec, role: str, out: Path) -> ServerProcess:
     port, gpu = (PRE_PORT, "0") if role == "prefill" else (DEC_PORT, "1")
+    tokens, ratio = spec.max_total_tokens, spec.hicache_ratio
+    if role == "decode":
+        tokens = spec.decode_max_total_tokens or tokens
+        ratio = spec.decode_hicache_ratio or ratio
     flags = ["-m", "dualpath.launch_server", "--model-path", str(spec.model),
              "--load-format", "dummy", "--attention-backend", "triton",
              "--sampling-backend", "pytorch", "--disable-cuda-graph", "--page-size", "64",
              "--host", "127.0.0.1", "--port", str(port), "--mem-fraction-static", "0.5",
-             "--max-total-tokens", str(spec.max_total_tokens),
-             "--hicache-ratio", str(spec.hicache_ratio),
+             "--max-total-tokens", str(tokens), "--hicache-ratio", str(ratio),
              "--hicache-write-policy", "write_through", "--enable-cache-report",
              "--log-level", "info", "--disaggregation-mode", role,
              "--disaggregation-transfer-backend", spec.pd_backend,
@@ -49,6 +56,8 @@ def server(spec: ClusterSpec, role: str, out: Path) -> ServerProcess:
         flags.append("--enable-dual-path")
     if spec.oracle:
         flags.append("--dualpath-oracle")
+    if spec.buffer_gb is not None:
+        flags += ["--dualpath-buffer-gb", str(spec.buffer_gb)]
     return ServerProcess(role, flags, port, out / f"server_{role}.log",
                          env={"CUDA_VISIBLE_DEVICES": gpu})
 
@@ -110,6 +119,29 @@ def agent_stats(server_port: int, timeout_s: float = 5.0) -> dict:
             return json.loads(r.read())
     except OSError as e:
         return {"error": str(e)}
+
+
+def set_snic_cap(server_port: int, cap_gbps: float, timeout_s: float = 5.0) -> bool:
+    """Change a server's emulated storage-NIC cap through its agent; False if it has none."""
+    req = urllib.request.Request(f"http://127.0.0.1:{server_port + 1000}/dualpath/snic",
+                                 data=json.dumps({"cap_gbps": cap_gbps}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def clear_blocks(root: Path) -> int:
+    """Delete the KV blocks of a store directory (keeps its descriptor); return files removed.
+    Between benchmark runs with fresh token ids: old blocks would never be read again."""
+    n = 0
+    for sub in Path(root).iterdir() if Path(root).is_dir() else ():
+        if sub.is_dir() and len(sub.name) == 2:
+            n += sum(1 for f in sub.rglob("*") if f.is_file())
+            shutil.rmtree(sub, ignore_errors=True)
+    return n
 
 
 def path_bytes(stats: dict) -> dict:

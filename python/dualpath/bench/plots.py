@@ -3,7 +3,9 @@
 - jct.png: offline JCT per configuration (bars);
 - storage.png: each node's storage read GB/s over time, per configuration (offline run);
 - gpu_util.png: prefill and decode GPU utilisation over time, per configuration;
-- online.png (with an online sweep): turns/s and TTFT p90 vs agent arrival rate.
+- online.png (with an online sweep): turns/s and TTFT p90 vs agent arrival rate;
+- sweep.png (with a storage-cap sweep): offline JCT per config and DualPath's speed-up vs the
+  storage-NIC cap (where the gain shrinks as the workload turns compute-bound).
 Runs where the result is (the CPU machine is fine): needs matplotlib.
 """
 
@@ -75,6 +77,29 @@ def plot(result: dict, out: Path) -> list[Path]:
         a1.legend(fontsize=7)
         fig.suptitle(caption, fontsize=7)
         written.append(_save(fig, out / "online.png"))
+
+    if any(c.get("sweep") for c in cfgs):
+        def points(c):
+            runs = [{"snic_gbps": result.get("snic_gbps"), **c["offline"]}, *c.get("sweep", [])]
+            return sorted((r["snic_gbps"], r.get("jct_s")) for r in runs if r.get("jct_s"))
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+        base = dict(points(next((c for c in cfgs if c["config"] == "off"), cfgs[0])))
+        for c in cfgs:
+            pts = points(c)
+            a1.plot([x for x, _ in pts], [j for _, j in pts], "o-", label=c["config"])
+            if c["config"] != "off" and base:
+                sp = [(x, base[x] / j) for x, j in pts if x in base]
+                a2.plot([x for x, _ in sp], [v for _, v in sp], "o-", label=c["config"])
+        for a in (a1, a2):
+            a.set_xscale("log", base=2)
+            a.set_xlabel("storage-NIC cap per node (GB/s)")
+            a.legend(fontsize=7)
+        a1.set_ylabel("offline JCT (s)")
+        a2.set_ylabel("JCT speed-up over off")
+        a2.axhline(1.0, color="grey", ls=":", lw=1)
+        fig.suptitle(caption.replace(f"cap {result.get('snic_gbps')} GB/s/node, ", ""),
+                     fontsize=7)
+        written.append(_save(fig, out / "sweep.png"))
     return written
 
 

@@ -271,7 +271,7 @@ class Agent:
         return {**json.loads(s.encode()), "node": self.node, "agent": self.url,
                 "storage": {"read_bytes": snap.read_bytes, "write_bytes": snap.write_bytes,
                             "read_ops": snap.read_ops, "write_ops": snap.write_ops,
-                            "cap_gbps": self.cfg.snic_gbps},
+                            "cap_gbps": self.nic.cap_gbps or 0},
                 "paths": extra, "buffer": self.buffer.stats() if self.buffer else None,
                 "plans": len(self.plans)}
 
@@ -289,6 +289,7 @@ class Agent:
         app.router.add_post("/dualpath/plan", self._h_plan)
         app.router.add_post("/dualpath/pull", self._h_pull)
         app.router.add_get("/dualpath/stats", self._h_stats)
+        app.router.add_post("/dualpath/snic", self._h_snic)
         app.router.add_get("/metrics", self._h_metrics)
         runner = web.AppRunner(app, access_log=None)
         try:
@@ -326,6 +327,17 @@ class Agent:
         head = json.dumps({"ok": ok}).encode()
         return web.Response(body=struct.pack("<Q", len(head)) + head + data,
                             content_type="application/octet-stream")
+
+    async def _h_snic(self, request: web.Request) -> web.Response:
+        """Benchmarks: change this node's emulated storage-NIC cap ({"cap_gbps": x}, 0 = none)
+        without restarting the server."""
+        try:
+            cap = float((await request.json())["cap_gbps"])
+            self.nic.set_cap(cap or None)
+        except (KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
+            return web.json_response({"error": f"want {{\"cap_gbps\": >= 0}}: {e}"}, status=400)
+        log.info("storage-NIC cap of node %s set to %s GB/s", self.node, cap or "none")
+        return web.json_response({"node": self.node, "cap_gbps": cap})
 
     async def _h_stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats())

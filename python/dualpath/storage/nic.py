@@ -67,17 +67,28 @@ class LinkClock:
 
 class StorageNic:
     def __init__(self, node: str, cap_gbps: float | None = None, burst_bytes: int = 0):
-        if cap_gbps is not None and cap_gbps <= 0:
-            raise ValueError(f"cap_gbps must be > 0 or None, got {cap_gbps}")
         self.node = node
-        self.cap_gbps = cap_gbps
-        self._clock = LinkClock(cap_gbps * 1e9, burst_bytes) if cap_gbps else None
+        self._burst_bytes = burst_bytes
         self._lock = threading.Lock()
+        self.cap_gbps: float | None = None
+        self._clock: LinkClock | None = None
+        self.set_cap(cap_gbps)
         self._c = {"read_bytes": 0, "write_bytes": 0, "read_ops": 0, "write_ops": 0,
                    "reads_in_flight": 0, "writes_in_flight": 0, "read_queue_bytes": 0,
                    "read_queue_tokens": 0}
         self._busy_s, self._busy_since = 0.0, None
-        _CAP.labels(node).set(cap_gbps or 0)
+
+    def set_cap(self, cap_gbps: float | None) -> None:
+        """Change the emulated cap (None = meter only). Transfers already reserved keep their
+        end times; later ones queue behind them at the new rate."""
+        if cap_gbps is not None and not cap_gbps > 0:
+            raise ValueError(f"cap_gbps must be > 0 or None, got {cap_gbps}")
+        clock = LinkClock(cap_gbps * 1e9, self._burst_bytes) if cap_gbps else None
+        with self._lock:
+            if clock is not None and self._clock is not None:
+                clock._end = self._clock._end
+            self.cap_gbps, self._clock = cap_gbps, clock
+        _CAP.labels(self.node).set(cap_gbps or 0)
 
     # ---- the read queue (what the scheduler sees) ----
     def submit_read(self, nbytes: int, tokens: int) -> None:
@@ -103,7 +114,8 @@ class StorageNic:
         A failed transfer is not counted as moved bytes."""
         if op not in ("read", "write"):
             raise ValueError(f"op must be 'read' or 'write', got {op!r}")
-        end = self._clock.reserve(nbytes) if self._clock else None
+        clock = self._clock
+        end = clock.reserve(nbytes) if clock else None
         with self._lock:
             self._c[f"{op}s_in_flight"] += 1
             if op == "read" and self._c["reads_in_flight"] == 1:
