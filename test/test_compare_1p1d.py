@@ -69,12 +69,17 @@ def test_samplers_and_rates():
     assert g.stop() == [] or g.error is None
 
 
-def test_run_once_against_a_fake_cluster(monkeypatch):
+def test_run_once_against_a_fake_cluster(monkeypatch, tmp_path):
     counters = {"pe": 0, "de": 0}
 
     def fake_stats(port, timeout):
         node = "pe" if port == cmp.PRE_PORT else "de"
         counters[node] += 64 << 20
+        if node == "pe" and counters[node] == 64 << 20:  # the server logs during the run
+            with open(tmp_path / "pre.log", "a") as f:
+                f.write("ReqTimeStats(rid=a, input_len=9, cached_input_len=0, output_len=1, "
+                        "attempts=1, type=prefill): queue_duration=5.00ms, "
+                        "transfer_speed=2.00 GB/s, transfer_total=1.00 MB\n")
         return {"storage": {"read_bytes": counters[node]}, "paths": {}}
     monkeypatch.setattr(cmp, "agent_stats", fake_stats)
 
@@ -85,8 +90,14 @@ def test_run_once_against_a_fake_cluster(monkeypatch):
     t = threading.Thread(target=loop.run_forever, daemon=True)
     t.start()
     try:
+        class P:
+            def __init__(self, name):
+                self.log_path = tmp_path / name
+                self.log_path.write_text("boot\n")
+
         class C:
             url = str(srv.make_url("")).rstrip("/")
+            pre, dec = P("pre.log"), P("dec.log")
         res = cmp.run_once(C(), cmp.make_trace(args()), online=False, seed=0, cap_gbps=1.0)
     finally:
         asyncio.run_coroutine_threadsafe(srv.close(), loop).result(5)
@@ -94,6 +105,7 @@ def test_run_once_against_a_fake_cluster(monkeypatch):
     assert res["errors"] == 0 and res["turns_ok"] == res["turns"] == len(prompts)
     assert all(r["output_digest"] for r in res["turn_records"])
     assert res["bytes"]["pe_read_bytes"] > 0 and res["pe_read_gbps_mean"] > 0
+    assert res["stages"]["prefill"]["queue_s"]["p50"] == 0.005
     u = res["storage_util"]
     assert u["pe_util"] > 0 and u["cluster_util"] == pytest.approx(
         (u["pe_util"] + u["de_util"]) / 2, abs=2e-3)

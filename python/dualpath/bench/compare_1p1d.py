@@ -40,6 +40,7 @@ from dualpath.bench.replay import replay
 from dualpath.bench.samplers import agents_sampler, gpu_sampler, mean_util, rates
 from dualpath.bench.servers import ServerError
 from dualpath.bench.smoke import DEFAULT_MODEL, gpu_facts
+from dualpath.bench.stage_stats import LogCursor, summarize
 from dualpath.bench.trace import PRESETS, Trajectory, describe, generate
 from dualpath.version import git_sha
 
@@ -94,6 +95,7 @@ def storage_util(a_rows, cap_gbps: float) -> dict:
 
 
 def run_once(c: PDCluster, trajs, online: bool, seed: int, cap_gbps: float) -> dict:
+    logs = [LogCursor(p.log_path) for p in (c.pre, c.dec)]
     gpus = gpu_sampler().start()
     agents = agents_sampler({"pe": lambda: agent_stats(PRE_PORT, 2),
                              "de": lambda: agent_stats(DEC_PORT, 2)}, path_bytes).start()
@@ -104,6 +106,7 @@ def run_once(c: PDCluster, trajs, online: bool, seed: int, cap_gbps: float) -> d
            "gpu_util_mean": {"prefill": mean_util(g_rows, 0, 0, wall),
                              "decode": mean_util(g_rows, 1, 0, wall)},
            "sampler_errors": {"gpu": gpus.error, "agents": agents.error},
+           "stages": summarize([x for cur in logs for x in cur.new_lines()]),
            "samples": {"gpu": g_rows, "agents": a_rows},
            "turn_records": [dataclasses.asdict(r) for r in records]}
     if a_rows:
@@ -186,19 +189,29 @@ def outputs_match(a: dict, b: dict) -> bool | None:
     return None if not common else all(da[k] == db[k] for k in common)
 
 
+def _stage(run: dict, role: str, field: str):
+    return (((run.get("stages") or {}).get(role) or {}).get(field) or {}).get("p50")
+
+
 def table(results: list[dict]) -> str:
     rows = [("JCT s", "jct_s"), ("turns/s", "turns_per_s"), ("TTFT p50 s", "ttft_s_p50"),
             ("TTFT p90 s", "ttft_s_p90"), ("TPOT p50 s", "tpot_s_p50"),
             ("PE read GB/s", "pe_read_gbps_mean"), ("DE read GB/s", "de_read_gbps_mean"),
             ("errors", "errors")]
+    stages = [("PE queue p50 s", "prefill", "queue_s"),  # includes the storage prefetch wait
+              ("PE fwd+xfer p50", "prefill", "forward_s"),
+              ("KV xfer GB/s p50", "prefill", "transfer_speed_gbps"),
+              ("DE xfer p50 s", "decode", "transfer_s"), ("DE fwd p50 s", "decode", "forward_s")]
     head = f"{'':16}" + "".join(f"{r['config']:>12}" for r in results)
     lines = [head]
+
+    def cell(v) -> str:
+        return f"{v:>12.3f}" if isinstance(v, float) else f"{v!s:>12}"
     for label, key in rows:
-        vals = []
-        for r in results:
-            v = r["offline"].get(key)
-            vals.append(f"{v:>12.3f}" if isinstance(v, float) else f"{v!s:>12}")
-        lines.append(f"{label:16}" + "".join(vals))
+        lines.append(f"{label:16}" + "".join(cell(r["offline"].get(key)) for r in results))
+    for label, role, field in stages:
+        lines.append(f"{label:16}" + "".join(cell(_stage(r["offline"], role, field))
+                                             for r in results))
     base = next((r for r in results if r["config"] == "off"), None)
     if base and base["offline"].get("jct_s"):
         lines.append(f"{'JCT speed-up':16}" + "".join(

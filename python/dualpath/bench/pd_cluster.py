@@ -46,6 +46,7 @@ def server(spec: ClusterSpec, role: str, out: Path) -> ServerProcess:
              "--host", "127.0.0.1", "--port", str(port), "--mem-fraction-static", "0.5",
              "--max-total-tokens", str(tokens), "--hicache-ratio", str(ratio),
              "--hicache-write-policy", "write_through", "--enable-cache-report",
+             "--enable-request-time-stats-logging",
              "--log-level", "info", "--disaggregation-mode", role,
              "--disaggregation-transfer-backend", spec.pd_backend,
              "--dualpath-root", str(spec.root), "--dualpath-node", f"{role}-node",

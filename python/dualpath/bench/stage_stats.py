@@ -1,0 +1,76 @@
+"""Per-request stage times from SGLang's own logs (`--enable-request-time-stats-logging`).
+
+A finished request logs one line, e.g. on a PD prefill:
+  ReqTimeStats(rid=..., input_len=10240, cached_input_len=10176, output_len=1, attempts=1,
+  type=prefill): bootstrap_duration=1.20ms, queue_duration=85.10ms, forward_duration=310.00ms,
+  entry_time=..., transfer_speed=4.31 GB/s, transfer_total=1310.72 MB
+and on a decode: bootstrap_duration, alloc_wait_duration, transfer_duration, queue_duration,
+forward_duration. `summarize` turns the lines of one run into p50/p90 per role and field, so a
+benchmark can say where a turn's time goes (storage prefetch wait, KV transfer, decode).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+_LINE = re.compile(r"ReqTimeStats\(rid=[^,]*(?:, bootstrap_room=[^,]*)?, input_len=(\d+), "
+                   r"cached_input_len=(\d+), output_len=(\d+), attempts=\d+, type=(\w+)\): (.*)$")
+_FIELD = re.compile(r"(\w+)=([-\d.]+)\s*(ms|GB/s|MB)?")
+
+
+def parse_line(line: str) -> dict | None:
+    """One ReqTimeStats line as {'type', 'input_len', 'cached_input_len', 'output_len',
+    '<field>_s' for durations, 'transfer_speed_gbps', 'transfer_total_mb'}; None otherwise."""
+    m = _LINE.search(line)
+    if not m:
+        return None
+    out: dict = {"type": m.group(4), "input_len": int(m.group(1)),
+                 "cached_input_len": int(m.group(2)), "output_len": int(m.group(3))}
+    for name, value, unit in _FIELD.findall(m.group(5)):
+        if unit == "ms":
+            out[name.removesuffix("_duration") + "_s"] = float(value) / 1e3
+        elif unit == "GB/s":
+            out[name + "_gbps"] = float(value)
+        elif unit == "MB":
+            out[name + "_mb"] = float(value)
+    return out
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))]
+
+
+def summarize(lines) -> dict:
+    """{role: {'requests': n, field: {'p50', 'p90', 'mean'}}} over the ReqTimeStats lines."""
+    by: dict[str, list[dict]] = {}
+    for line in lines:
+        rec = parse_line(line)
+        if rec is not None:
+            by.setdefault(rec.pop("type"), []).append(rec)
+    out: dict = {}
+    for role, recs in by.items():
+        fields = sorted({k for r in recs for k in r})
+        out[role] = {"requests": len(recs)}
+        for f in fields:
+            xs = [r[f] for r in recs if f in r]
+            out[role][f] = {"p50": round(_pct(xs, 0.5), 4), "p90": round(_pct(xs, 0.9), 4),
+                            "mean": round(sum(xs) / len(xs), 4)}
+    return out
+
+
+class LogCursor:
+    """Reads what a growing log file gained since the cursor was made."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.offset = self.path.stat().st_size if self.path.exists() else 0
+
+    def new_lines(self) -> list[str]:
+        if not self.path.exists():
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        return data.decode("utf-8", "replace").splitlines()
