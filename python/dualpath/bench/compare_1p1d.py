@@ -146,7 +146,8 @@ def run_config(name: str, args, out: Path, trajs, res: dict, save) -> dict:
                        snic_gbps=args.snic_gbps, max_total_tokens=args.max_total_tokens,
                        decode_max_total_tokens=args.decode_max_total_tokens,
                        decode_hicache_ratio=args.decode_hicache_ratio,
-                       buffer_gb=args.buffer_gb, oracle=oracle)
+                       buffer_gb=args.buffer_gb, hicache_ratio=args.hicache_ratio,
+                       decode_cuda_graph_max_bs=args.decode_cuda_graph_max_bs, oracle=oracle)
     res.update({"config": name, "dual_path": dual, "read_side": side, "oracle": oracle,
                 "sweep": [], "online": []})
     try:
@@ -266,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
                                      "same trace (cap changed at run time, no restart)")
     ap.add_argument("--max-total-tokens", type=int, default=32768,
                     help="prefill KV pool (tokens): small, so the prefixes come from storage")
+    ap.add_argument("--hicache-ratio", type=float, default=1.5,
+                    help="prefill host pool / device pool: a staging buffer, small vs the "
+                         "working set, so turns read storage rather than DRAM")
+    ap.add_argument("--decode-cuda-graph-max-bs", type=int, default=32,
+                    help="CUDA graphs on the decode up to this batch (0 = off)")
     ap.add_argument("--decode-max-total-tokens", type=int, default=163840,
                     help="decode KV pool (tokens): room for every agent's context at once")
     ap.add_argument("--decode-hicache-ratio", type=float, default=1.25,
@@ -291,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                         "agents": args.agents, "max_turns": args.max_turns, **shape},
               "working_set_tokens": working_set,
               "device_pool_tokens": args.max_total_tokens,
-              "host_pool_tokens": 2 * args.max_total_tokens,
+              "host_pool_tokens": int(args.hicache_ratio * args.max_total_tokens),
               "decode_pool_tokens": args.decode_max_total_tokens,
               "decode_host_pool_tokens": int(args.decode_hicache_ratio
                                              * args.decode_max_total_tokens),

@@ -29,6 +29,11 @@ class ClusterSpec:
     decode_max_total_tokens: int | None = None  # None: max_total_tokens
     decode_hicache_ratio: float | None = None  # None: hicache_ratio (decode HiCache: dual path)
     buffer_gb: float | None = None  # the DE buffer (None: the plugin's default)
+    decode_cuda_graph_max_bs: int = 0  # > 0: CUDA graphs on the decode up to this batch
+    # Both GPUs visible to both servers (decode on --base-gpu-id 1), so NIXL's UCX can use CUDA
+    # IPC over NVLink; with one GPU visible per process it stages KV through the host (measured
+    # 3.8 GB/s on 2x H100, 2026-11-27) and the PD transfer, not storage, bounds a turn.
+    share_gpus: bool = True
     pd_backend: str = "nixl"
     oracle: bool = False  # storage reads skipped (timing ceiling; outputs not meaningful)
     extra: list[str] = field(default_factory=list)  # more SGLang flags for both servers
@@ -40,9 +45,12 @@ def server(spec: ClusterSpec, role: str, out: Path) -> ServerProcess:
     if role == "decode":
         tokens = spec.decode_max_total_tokens or tokens
         ratio = spec.decode_hicache_ratio or ratio
+    graphs = role == "decode" and spec.decode_cuda_graph_max_bs > 0
     flags = ["-m", "dualpath.launch_server", "--model-path", str(spec.model),
              "--load-format", "dummy", "--attention-backend", "triton",
-             "--sampling-backend", "pytorch", "--disable-cuda-graph", "--page-size", "64",
+             "--sampling-backend", "pytorch", "--page-size", "64",
+             *(["--cuda-graph-max-bs", str(spec.decode_cuda_graph_max_bs)] if graphs
+               else ["--disable-cuda-graph"]),
              "--host", "127.0.0.1", "--port", str(port), "--mem-fraction-static", "0.5",
              "--max-total-tokens", str(tokens), "--hicache-ratio", str(ratio),
              "--hicache-write-policy", "write_through", "--enable-cache-report",
@@ -59,8 +67,10 @@ def server(spec: ClusterSpec, role: str, out: Path) -> ServerProcess:
         flags.append("--dualpath-oracle")
     if spec.buffer_gb is not None:
         flags += ["--dualpath-buffer-gb", str(spec.buffer_gb)]
+    if spec.share_gpus:
+        flags += ["--base-gpu-id", gpu]
     return ServerProcess(role, flags, port, out / f"server_{role}.log",
-                         env={"CUDA_VISIBLE_DEVICES": gpu})
+                         env={"CUDA_VISIBLE_DEVICES": "0,1" if spec.share_gpus else gpu})
 
 
 def router(spec: ClusterSpec, out: Path) -> ServerProcess:
