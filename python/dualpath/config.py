@@ -138,6 +138,10 @@ class PluginConfig:
     prefetch_io_threads: int = 4
     """Storage loads (requests) in flight per server; SGLang runs one (a launcher hook, so the
     baseline gets the same)."""
+    prefetch_queue: bool = True
+    """A storage prefetch that finds HiCache's prefetch budget (half the host pool) taken waits
+    for it instead of being dropped; stock SGLang drops it and the stored prefix is recomputed
+    (sglang_plugin/prefetch_queue.py). False = stock behaviour."""
     role: str = ""
     """'prefill' or 'decode' (set by the launcher from --disaggregation-mode; '' = neither)."""
     oracle: bool = False

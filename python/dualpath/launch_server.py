@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="block reads/writes in flight per load")
     ap.add_argument("--dualpath-prefetch-io-threads", type=int, default=d.prefetch_io_threads,
                     help="storage loads (requests) in flight per server (SGLang: 1)")
+    ap.add_argument("--dualpath-prefetch-queue", choices=["on", "off"],
+                    default="on" if d.prefetch_queue else "off",
+                    help="on: a storage prefetch that finds HiCache's prefetch budget taken "
+                         "waits for it; off: SGLang's behaviour (dropped, prefix recomputed)")
     ap.add_argument("--dualpath-oracle", action="store_true",
                     help="benchmark ceiling: skip storage reads, report them done (outputs are "
                          "meaningless)")
@@ -84,7 +88,8 @@ def sglang_args(ours: argparse.Namespace, rest: list[str]) -> tuple[list[str], P
         buffer_gb=ours.dualpath_buffer_gb, forward_mode=ours.dualpath_forward_mode,
         forward_timeout_s=ours.dualpath_forward_timeout_s, io_threads=ours.dualpath_io_threads,
         role=mode if mode != "null" else "", oracle=ours.dualpath_oracle,
-        prefetch_io_threads=ours.dualpath_prefetch_io_threads)
+        prefetch_io_threads=ours.dualpath_prefetch_io_threads,
+        prefetch_queue=ours.dualpath_prefetch_queue == "on")
     if cfg.enable_dual_path and mode == "null":
         raise SystemExit("error: --enable-dual-path needs --disaggregation-mode prefill or decode")
     out = list(rest)

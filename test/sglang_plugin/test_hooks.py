@@ -18,8 +18,12 @@ PARAMS = {
     "init_disaggregation": ["self"],
     "prefetch_io_aux_func": ["self"],
     "load": ["self", "host_indices"],
+    "prefetch_from_storage": ["self", "req_id", "last_host_node", "new_input_tokens",
+                              "last_hash", "prefix_keys"],
+    "check_prefetch_progress": ["self", "req_id"],
+    "release_aborted_request": ["self", "rid"],
 }
-ALL_HOOKS = hooks.LAUNCHER_HOOKS + hooks.HOOKS
+ALL_HOOKS = hooks.LAUNCHER_HOOKS + hooks.PREFETCH_QUEUE_HOOKS + hooks.HOOKS
 
 
 def test_every_hook_names_a_version_and_a_reason():
@@ -82,15 +86,18 @@ def test_load_registers_by_flag(monkeypatch):
 
     monkeypatch.delenv("DUALPATH_PLUGIN_CONFIG", raising=False)
     called = []
-    monkeypatch.setattr(hooks, "register_all", lambda dual_path: called.append(dual_path))
+    monkeypatch.setattr(hooks, "register_all", lambda dual_path, prefetch_queue_on:
+                        called.append((dual_path, prefetch_queue_on)))
     sglang_plugin.load()
     assert called == [], "not started by our launcher: SGLang stays untouched"
     monkeypatch.setenv("DUALPATH_PLUGIN_CONFIG", '{"enable_dual_path": false}')
     sglang_plugin.load()
-    assert called == [False], "baseline: launcher hooks only"
+    assert called == [(False, True)], "baseline: launcher hooks (+ prefetch queue) only"
     monkeypatch.setenv("DUALPATH_PLUGIN_CONFIG", '{"enable_dual_path": true, "role": "decode"}')
     sglang_plugin.load()
-    assert called == [False, True]
+    monkeypatch.setenv("DUALPATH_PLUGIN_CONFIG", '{"prefetch_queue": false}')
+    sglang_plugin.load()
+    assert called == [(False, True), (True, True), (False, False)]
 
 
 def test_prefetch_io_runs_on_several_threads(monkeypatch):

@@ -7,7 +7,9 @@ t=0: JCT), then optionally an online sweep (Poisson agent arrivals at each APS, 
 seed per run so nothing is reused across runs: TTFT/TPOT percentiles and SLO attainment),
 stop. Configurations: `off` (stock PD + HiCache, our store at the prefill, PE-side reads),
 `on` (--enable-dual-path, the router's read-side rule), `oracle` (reads skipped: the ceiling;
-outputs meaningless), and the forced `de` / `split` ablations. Prints a side-by-side table and
+outputs meaningless), the forced `de` / `split` ablations, and `stock` (`off` with SGLang's own
+prefetch admission: a prefetch that finds the budget taken is dropped and the prefix recomputed;
+every other config queues it, --dualpath-prefetch-queue). Prints a side-by-side table and
 writes result.json (config, trace shape and scaling, working set vs pools, card, commit, caps,
 summaries, per-interval samples, per-turn records). Plots: `python -m dualpath.bench.plots`.
 Run on the GPU host through scripts/bench_1p1d.sh.
@@ -45,9 +47,10 @@ from dualpath.bench.trace import PRESETS, Trajectory, describe, generate
 from dualpath.version import git_sha
 
 log = logging.getLogger("dualpath.compare_1p1d")
-CONFIGS = {"off": (False, "pe", False), "on": (True, "shorter", False),
-           "de": (True, "de", False), "split": (True, "split", False),
-           "oracle": (False, "pe", True)}  # name -> (dual path, router read side, oracle)
+# name -> (dual path, router read side, oracle, prefetch queue)
+CONFIGS = {"off": (False, "pe", False, True), "on": (True, "shorter", False, True),
+           "de": (True, "de", False, True), "split": (True, "split", False, True),
+           "oracle": (False, "pe", True, True), "stock": (False, "pe", False, False)}
 SLO_TTFT_S, SLO_TPOT_S = 4.0, 0.050  # the paper's online SLO
 
 
@@ -139,7 +142,7 @@ def set_cap(dual: bool, cap: float) -> None:
 
 def run_config(name: str, args, out: Path, trajs, res: dict, save) -> dict:
     """Fill `res` (already in the result) step by step, calling `save()` after each run."""
-    dual, side, oracle = CONFIGS[name]
+    dual, side, oracle, queue = CONFIGS[name]
     root = Path(args.store_dir) / name
     shutil.rmtree(root, ignore_errors=True)
     spec = ClusterSpec(model=args.model, root=root, dual_path=dual, read_side=side,
@@ -147,8 +150,10 @@ def run_config(name: str, args, out: Path, trajs, res: dict, save) -> dict:
                        decode_max_total_tokens=args.decode_max_total_tokens,
                        decode_hicache_ratio=args.decode_hicache_ratio,
                        buffer_gb=args.buffer_gb, hicache_ratio=args.hicache_ratio,
-                       decode_cuda_graph_max_bs=args.decode_cuda_graph_max_bs, oracle=oracle)
+                       decode_cuda_graph_max_bs=args.decode_cuda_graph_max_bs, oracle=oracle,
+                       prefetch_queue=queue)
     res.update({"config": name, "dual_path": dual, "read_side": side, "oracle": oracle,
+                "prefetch_queue": queue,
                 "sweep": [], "online": []})
     try:
         with PDCluster(spec, out / name, args.health_timeout) as c:
@@ -190,8 +195,8 @@ def outputs_match(a: dict, b: dict) -> bool | None:
     return None if not common else all(da[k] == db[k] for k in common)
 
 
-def _stage(run: dict, role: str, field: str):
-    return (((run.get("stages") or {}).get(role) or {}).get(field) or {}).get("p50")
+def _stage(run: dict, role: str, field: str, stat: str = "p50"):
+    return (((run.get("stages") or {}).get(role) or {}).get(field) or {}).get(stat)
 
 
 def table(results: list[dict]) -> str:
@@ -199,7 +204,8 @@ def table(results: list[dict]) -> str:
             ("TTFT p90 s", "ttft_s_p90"), ("TPOT p50 s", "tpot_s_p50"),
             ("PE read GB/s", "pe_read_gbps_mean"), ("DE read GB/s", "de_read_gbps_mean"),
             ("errors", "errors")]
-    stages = [("PE queue p50 s", "prefill", "queue_s"),  # includes the storage prefetch wait
+    stages = [("PE hit tok mean", "prefill", "cached_input_len", "mean"),  # not recomputed
+              ("PE queue p50 s", "prefill", "queue_s"),  # includes the storage prefetch wait
               ("PE fwd+xfer p50", "prefill", "forward_s"),
               ("KV xfer GB/s p50", "prefill", "transfer_speed_gbps"),
               ("DE xfer p50 s", "decode", "transfer_s"), ("DE fwd p50 s", "decode", "forward_s")]
@@ -210,8 +216,8 @@ def table(results: list[dict]) -> str:
         return f"{v:>12.3f}" if isinstance(v, float) else f"{v!s:>12}"
     for label, key in rows:
         lines.append(f"{label:16}" + "".join(cell(r["offline"].get(key)) for r in results))
-    for label, role, field in stages:
-        lines.append(f"{label:16}" + "".join(cell(_stage(r["offline"], role, field))
+    for label, role, field, *stat in stages:
+        lines.append(f"{label:16}" + "".join(cell(_stage(r["offline"], role, field, *stat))
                                              for r in results))
     base = next((r for r in results if r["config"] == "off"), None)
     if base and base["offline"].get("jct_s"):

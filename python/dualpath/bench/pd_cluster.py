@@ -36,6 +36,7 @@ class ClusterSpec:
     share_gpus: bool = True
     pd_backend: str = "nixl"
     oracle: bool = False  # storage reads skipped (timing ceiling; outputs not meaningful)
+    prefetch_queue: bool = True  # False: SGLang's prefetch admission (drop + recompute)
     extra: list[str] = field(default_factory=list)  # more SGLang flags for both servers
 
 
@@ -65,6 +66,8 @@ def server(spec: ClusterSpec, role: str, out: Path) -> ServerProcess:
         flags.append("--enable-dual-path")
     if spec.oracle:
         flags.append("--dualpath-oracle")
+    if not spec.prefetch_queue:
+        flags += ["--dualpath-prefetch-queue", "off"]
     if spec.buffer_gb is not None:
         flags += ["--dualpath-buffer-gb", str(spec.buffer_gb)]
     if spec.share_gpus:

@@ -1,9 +1,10 @@
 """Every change DualPath makes to SGLang's behaviour, registered through SGLang's HookRegistry.
 
 Each hook names its target and the SGLang version it was checked against; test/sglang_plugin
-asserts that every target exists (with the signature assumed here) in the pinned release. The
-hooks are registered only when the dual path is enabled (DUALPATH_PLUGIN_CONFIG with
-enable_dual_path); otherwise the plugin leaves SGLang untouched.
+asserts that every target exists (with the signature assumed here) in the pinned release. Servers
+started by `python -m dualpath.launch_server` get LAUNCHER_HOOKS (flag on or off: the baseline
+and DualPath differ only in the read path) and, unless --dualpath-prefetch-queue off,
+PREFETCH_QUEUE_HOOKS; HOOKS only with --enable-dual-path. Other servers are left untouched.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from dualpath.sglang_plugin import prefetch_queue
 
 log = logging.getLogger("dualpath.hooks")
 CHECKED_VERSION = "0.5.17"
@@ -103,6 +106,17 @@ LAUNCHER_HOOKS: tuple[Hook, ...] = (
          "H2D bytes per node (host pool -> GPU loads)"),
 )
 
+# registered with the launcher's --dualpath-prefetch-queue on (the default), flag on or off
+_HRC = "sglang.srt.mem_cache.hiradix_cache.HiRadixCache."
+PREFETCH_QUEUE_HOOKS: tuple[Hook, ...] = (
+    Hook(_HRC + "prefetch_from_storage", "AROUND", prefetch_queue.prefetch,
+         "a prefetch that finds the budget taken is queued, not dropped (stock recomputes)"),
+    Hook(_HRC + "check_prefetch_progress", "AROUND", prefetch_queue.check,
+         "a queued prefetch starts when the budget frees; its request waits for it"),
+    Hook(_HRC + "release_aborted_request", "BEFORE", prefetch_queue.release,
+         "an aborted request leaves the prefetch queue"),
+)
+
 # registered only with --enable-dual-path
 HOOKS: tuple[Hook, ...] = (
     Hook("sglang.srt.managers.cache_controller.HiCacheController._page_get_zero_copy",
@@ -117,10 +131,11 @@ HOOKS: tuple[Hook, ...] = (
 )
 
 
-def register_all(dual_path: bool = True) -> None:
+def register_all(dual_path: bool = True, prefetch_queue_on: bool = True) -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    hooks = LAUNCHER_HOOKS + (HOOKS if dual_path else ())
+    hooks = (LAUNCHER_HOOKS + (PREFETCH_QUEUE_HOOKS if prefetch_queue_on else ())
+             + (HOOKS if dual_path else ()))
     for h in hooks:
         HookRegistry.register(h.target, h.fn, HookType[h.kind])
     log.info("dualpath: registered %d SGLang hooks (checked against %s)", len(hooks),

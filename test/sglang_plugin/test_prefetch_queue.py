@@ -1,0 +1,125 @@
+"""Queued storage prefetches (sglang_plugin/prefetch_queue.py) around SGLang 0.5.17's own
+HiRadixCache.prefetch_from_storage / check_prefetch_progress / release_aborted_request and
+HiCacheController.prefetch_rate_limited / _storage_hit_query, run on a stand-in cache object
+(a real HiRadixCache needs GPU memory pools). Needs SGLang importable, as CI installs it."""
+
+import types
+
+import pytest
+
+hrc = pytest.importorskip("sglang.srt.mem_cache.hiradix_cache")
+ccm = pytest.importorskip("sglang.srt.managers.cache_controller")
+from sglang.srt.mem_cache.utils import get_hash_str  # noqa: E402
+
+from dualpath.sglang_plugin import prefetch_queue as pq  # noqa: E402
+
+PAGE = 64
+HRC, HCC = hrc.HiRadixCache, ccm.HiCacheController
+
+
+class Node:
+    def __init__(self):
+        self.key = types.SimpleNamespace(extra_key=None)
+        self.protected = 0
+
+    def protect_host(self):
+        self.protected += 1
+
+    def release_host(self):
+        self.protected -= 1
+
+
+class Storage:
+    def __init__(self, keys=()):
+        self.keys, self.asked = set(keys), []
+
+    def batch_exists(self, keys, extra_info=None):
+        self.asked.append(list(keys))
+        n = 0
+        for k in keys:
+            if k not in self.keys:
+                break
+            n += 1
+        return n
+
+
+def make_cache(stored_tokens=None, capacity=1000):
+    cc = types.SimpleNamespace(prefetch_tokens_occupied=0, prefetch_capacity_limit=capacity,
+                               page_size=PAGE, get_hash_str=get_hash_str, started=[])
+    cc.prefetch_rate_limited = types.MethodType(HCC.prefetch_rate_limited, cc)
+
+    def prefetch(req_id, key, last_hash, prefix_keys):
+        cc.started.append((req_id, len(key)))
+        return types.SimpleNamespace(request_id=req_id)
+    cc.prefetch = prefetch
+    keys = get_hash_str(list(stored_tokens), None, page_size=PAGE) if stored_tokens else ()
+    cc.storage_backend = Storage(keys)
+    cache = types.SimpleNamespace(
+        enable_storage=True, page_size=PAGE, prefetch_threshold=PAGE, is_eagle=False,
+        cache_controller=cc, ongoing_prefetch={}, prefetch_loaded_tokens_by_reqid={},
+        _get_extra_pools=lambda: {}, can_terminate_prefetch=lambda op: False)
+
+    # the hooked methods, as HookRegistry installs them (AROUND the real functions)
+    cache.prefetch_from_storage = lambda *a: pq.prefetch(
+        lambda c, *b: HRC.prefetch_from_storage(c, *b), cache, *a)
+    cache.check = lambda rid: pq.check(HRC.check_prefetch_progress, cache, rid)
+    return cache
+
+
+def test_free_budget_is_stock():
+    cache, node = make_cache(stored_tokens=range(1024)), Node()
+    cache.prefetch_from_storage("a", node, list(range(1024)), None, None)
+    assert "a" in cache.ongoing_prefetch and node.protected == 1
+    assert cache.cache_controller.started == [("a", 1024)]
+    assert cache.check("a") is False  # stock: in progress
+    assert not getattr(cache, pq.ATTR, None)
+
+
+def test_taken_budget_queues_a_stored_prefix_and_starts_it_when_free():
+    tokens = list(range(2048))
+    cache, node = make_cache(stored_tokens=tokens, capacity=1000), Node()
+    cc = cache.cache_controller
+    cc.prefetch_tokens_occupied = 1000  # another request's prefetch holds the budget
+    cache.prefetch_from_storage("b", node, tokens, None, None)
+    assert "b" not in cache.ongoing_prefetch and cc.started == []  # stock would drop it here
+    assert "b" in getattr(cache, pq.ATTR) and node.protected == 1
+    assert cache.check("b") is False and cc.started == []  # still no budget: keeps waiting
+    cc.prefetch_tokens_occupied = 0  # the other prefetch finished
+    assert cache.check("b") is False  # started now; the request waits for it
+    assert cc.started == [("b", 2048)] and "b" in cache.ongoing_prefetch
+    assert node.protected == 1 and not getattr(cache, pq.ATTR)
+    assert cc.prefetch_tokens_occupied == 2048
+
+
+def test_unstored_or_short_prompts_are_never_delayed():
+    cache, node = make_cache(stored_tokens=range(64, 2048), capacity=10), Node()
+    cache.cache_controller.prefetch_tokens_occupied = 10
+    cache.prefetch_from_storage("new", node, list(range(2048)), None, None)  # not in storage
+    cache.prefetch_from_storage("short", node, list(range(32)), None, None)  # below threshold
+    assert not getattr(cache, pq.ATTR, None) and not cache.ongoing_prefetch
+    assert cache.check("new") is True and cache.check("short") is True  # schedulable: stock
+    assert node.protected == 0
+
+
+def test_an_aborted_request_leaves_the_queue():
+    tokens = list(range(512))
+    cache, node = make_cache(stored_tokens=tokens, capacity=1), Node()
+    cache.cache_controller.prefetch_tokens_occupied = 1
+    cache.prefetch_from_storage("c", node, tokens, None, None)
+    assert node.protected == 1
+    pq.release(cache, "c")
+    HRC.release_aborted_request(cache, "c")  # stock part: nothing ongoing
+    assert node.protected == 0 and not getattr(cache, pq.ATTR)
+    assert cache.check("c") is True
+
+
+def test_lookup_key_is_the_one_stock_queries_first():
+    tokens, last = list(range(1000, 1300)), "ab" * 32
+    cache, node = make_cache(), Node()
+    pq.stored_prefix(cache, node, tokens, last, None)
+    ours = cache.cache_controller.storage_backend.asked[-1]
+    key = hrc.RadixKey(tokens, extra_key=None, is_bigram=False).page_aligned(PAGE)
+    op = types.SimpleNamespace(last_hash=last, token_ids=key, prefix_keys=None)
+    HCC._storage_hit_query(cache.cache_controller, op)
+    stock = cache.cache_controller.storage_backend.asked[-1]
+    assert len(ours) == 1 and ours[0] == stock[0]

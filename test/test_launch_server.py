@@ -1,0 +1,63 @@
+"""`python -m dualpath.launch_server`: the SGLang argv and plugin config it builds per role."""
+
+import json
+
+import pytest
+
+from dualpath.config import PluginConfig
+from dualpath.launch_server import build_parser, sglang_args
+
+
+def build(argv):
+    ours, rest = build_parser().parse_known_args(argv)
+    return sglang_args(ours, rest)
+
+
+def value(args, flag):
+    return args[args.index(flag) + 1]
+
+
+def test_prefill_gets_the_store_and_hicache_defaults():
+    args, cfg = build(["--port", "30010", "--disaggregation-mode", "prefill",
+                       "--dualpath-root", "/tmp/kv", "--dualpath-snic-gbps", "6.25"])
+    assert cfg.role == "prefill" and cfg.agent_port == 31010 and not cfg.enable_dual_path
+    extra = json.loads(value(args, "--hicache-storage-backend-extra-config"))
+    assert value(args, "--hicache-storage-backend") == "dynamic"
+    assert extra["root"] == "/tmp/kv" and extra["snic_gbps"] == 6.25
+    assert "--enable-hierarchical-cache" in args
+    assert value(args, "--hicache-mem-layout") == "page_first"
+    assert value(args, "--hicache-storage-prefetch-policy") == "wait_complete"
+    assert "--disaggregation-decode-enable-radix-cache" not in args
+    assert cfg.prefetch_queue is True
+
+
+def test_decode_gets_the_store_only_with_the_flag():
+    plain, _ = build(["--disaggregation-mode", "decode"])
+    assert "--hicache-storage-backend" not in plain  # baseline decode: stock
+    args, cfg = build(["--disaggregation-mode", "decode", "--enable-dual-path"])
+    assert cfg.enable_dual_path and "--disaggregation-decode-enable-radix-cache" in args
+
+
+def test_user_flags_win_and_prefetch_queue_can_be_stock():
+    args, cfg = build(["--disaggregation-mode", "prefill", "--hicache-storage-prefetch-policy",
+                       "timeout", "--dualpath-prefetch-queue", "off"])
+    assert value(args, "--hicache-storage-prefetch-policy") == "timeout"
+    assert args.count("--hicache-storage-prefetch-policy") == 1
+    assert cfg.prefetch_queue is False
+    assert PluginConfig.from_json(cfg.to_json()) == cfg
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--disaggregation-mode", "both"], "prefill or decode"),
+    (["--enable-dual-path"], "needs --disaggregation-mode"),
+    (["--disaggregation-mode", "prefill", "--hicache-storage-backend", "file"], "drop"),
+    (["--disaggregation-mode", "prefill", "--hicache-mem-layout", "layer_first"], "page_first"),
+])
+def test_bad_combinations_are_refused(argv, msg):
+    with pytest.raises(SystemExit, match=msg):
+        build(argv)
+
+
+def test_non_pd_server_is_left_alone():
+    args, cfg = build(["--port", "30000", "--tp", "2"])
+    assert args == ["--port", "30000", "--tp", "2"] and cfg.role == ""
