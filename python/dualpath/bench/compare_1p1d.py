@@ -273,9 +273,11 @@ def main(argv: list[str] | None = None) -> int:
                                      "same trace (cap changed at run time, no restart)")
     ap.add_argument("--max-total-tokens", type=int, default=32768,
                     help="prefill KV pool (tokens): small, so the prefixes come from storage")
-    ap.add_argument("--hicache-ratio", type=float, default=1.5,
+    ap.add_argument("--hicache-ratio", type=float, default=2.0,
                     help="prefill host pool / device pool: a staging buffer, small vs the "
-                         "working set, so turns read storage rather than DRAM")
+                         "working set, so turns read storage rather than DRAM (write-through "
+                         "keeps the device pool's pages in it too: 2 leaves one pool's worth "
+                         "for prefetches)")
     ap.add_argument("--decode-cuda-graph-max-bs", type=int, default=32,
                     help="CUDA graphs on the decode up to this batch (0 = off)")
     ap.add_argument("--decode-max-total-tokens", type=int, default=163840,

@@ -161,10 +161,8 @@ def copy_kv(src: KVLayout, dst: KVLayout, src_pages: torch.Tensor, dst_pages: to
     dev = src_pages.device
     src_base = src.rows_table(tuple(src_layers), dev)
     dst_base = dst.rows_table(tuple(dst_layers), dev)
-    # widest access every address and stride allows (host-side data: no device sync)
-    width = _width(16, src.row_bytes, src.page_stride, src.token_stride, dst.page_stride,
-                   dst.token_stride, *src.base[src_layers].reshape(-1).tolist(),
-                   *dst.base[dst_layers].reshape(-1).tolist())
+    # widest access every address and stride allows (host-side data, cached: no device sync)
+    width = _width(16, src.alignment(tuple(src_layers)), dst.alignment(tuple(dst_layers)))
     nvtx = src_pages.device.type == "cuda"
     if nvtx:
         torch.cuda.nvtx.range_push(f"dualpath.copy_kv {src.kind}->{dst.kind} "

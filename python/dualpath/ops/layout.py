@@ -17,6 +17,7 @@ the same bytes through tensor views.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -45,6 +46,17 @@ class KVLayout:
             table = self.base[list(layers)].reshape(-1).to(device)
             self._tables[key] = table
         return table
+
+    def alignment(self, layers: tuple[int, ...]) -> int:
+        """gcd of the row bytes, strides and the given layers' base addresses: every access of
+        a copy may be as wide as the largest power of two dividing it. Cached."""
+        key = ("align", layers)
+        g = self._tables.get(key)
+        if g is None:
+            g = math.gcd(self.row_bytes, self.page_stride, self.token_stride,
+                         *(int(x) for x in self.base[list(layers)].reshape(-1).tolist()))
+            self._tables[key] = g
+        return g
 
     @property
     def num_layers(self) -> int:
