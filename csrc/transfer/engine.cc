@@ -19,6 +19,20 @@ int Backend::listen(Engine&, const std::string&, int) {
 std::shared_ptr<Peer> Backend::connect(const std::string&, int) {
   throw std::invalid_argument("the '" + name() + "' backend has no remote regions (use tcp)");
 }
+std::string Backend::check_region(Region& r) {
+  if (r.kind != "host")
+    return "region kind '" + r.kind + "' is not supported by the '" + name() +
+           "' backend (host only; device memory needs the cuda backend)";
+  return "";
+}
+std::string Backend::copy_range(const std::vector<Resolved>& ptrs, const std::vector<Desc>& pieces,
+                                uint64_t begin, uint64_t end, Priority, int) {
+  for (uint64_t i = begin; i < end; ++i) {
+    std::string err = copy(ptrs[i].dst, ptrs[i].src, pieces[i].length);
+    if (!err.empty()) return err;
+  }
+  return "";
+}
 
 Engine::Engine(const std::string& backend, int num_workers, uint64_t slice_bytes)
     : backend_(make_backend(backend)), slice_bytes_(slice_bytes ? slice_bytes : 1) {
@@ -47,14 +61,15 @@ Engine::~Engine() {
 }
 
 uint64_t Engine::register_region(uintptr_t addr, uint64_t length, const std::string& kind) {
-  if (kind != "host") throw std::invalid_argument("region kind '" + kind + "' is not supported");
   if (addr == 0 && length > 0) throw std::invalid_argument("null address");
-  std::lock_guard<std::mutex> lk(regions_mu_);
   auto r = std::make_unique<Region>();
-  r->id = next_region_++;
   r->addr = addr;
   r->length = length;
   r->kind = kind;
+  const std::string why = backend_->check_region(*r);
+  if (!why.empty()) throw std::invalid_argument(why);
+  std::lock_guard<std::mutex> lk(regions_mu_);
+  r->id = next_region_++;
   const uint64_t id = r->id;
   regions_.emplace(id, std::move(r));
   return id;
@@ -148,6 +163,8 @@ Handle Engine::submit(std::vector<Desc> descs, Priority priority) {
       else out.src = reinterpret_cast<const void*>(s->addr + d.src_offset);
       if (t->peer) out.remote_dst = t;
       else out.dst = reinterpret_cast<void*>(t->addr + d.dst_offset);
+      out.src_region = s;
+      out.dst_region = t;
     }
     for (Region* r : used) {
       r->in_use.fetch_add(1);
@@ -217,6 +234,19 @@ void Engine::worker_loop(int index) {
       h = next_slice(&b, &e);
       if (!h) return;  // stopping and nothing queued
     }
+    if (backend_->batched()) {  // local ends only (batched backends have no remote regions)
+      if (!h->canceled.load() && h->failed_index.load() < 0) {
+        std::string err;
+        try {
+          err = backend_->copy_range(h->ptrs, h->descs, b, e, h->priority, index);
+        } catch (const std::exception& ex) {
+          err = std::string("exception: ") + ex.what();
+        }
+        if (!err.empty()) record_failure(h, b, err);
+      }
+      finish(h, e - b);
+      continue;
+    }
     for (uint64_t i = b; i < e; ++i) {
       if (h->canceled.load() || h->failed_index.load() >= 0) continue;  // skip, still counted
       const Desc& d = h->descs[i];
@@ -232,15 +262,17 @@ void Engine::worker_loop(int index) {
       } catch (const std::exception& ex) {  // a backend bug must fail the batch, not the process
         err = std::string("exception: ") + ex.what();
       }
-      if (!err.empty()) {
-        std::lock_guard<std::mutex> lk(h->mu);
-        if (h->failed_index.load() < 0) {
-          h->failed_index.store(static_cast<int64_t>(h->origin[i]));
-          h->error = backend_->name() + ": " + err;
-        }
-      }
+      if (!err.empty()) record_failure(h, i, err);
     }
     finish(h, e - b);
+  }
+}
+
+void Engine::record_failure(const Handle& h, uint64_t piece, const std::string& err) {
+  std::lock_guard<std::mutex> lk(h->mu);
+  if (h->failed_index.load() < 0) {  // the first failure is the one reported
+    h->failed_index.store(static_cast<int64_t>(h->origin[piece]));
+    h->error = backend_->name() + ": " + err;
   }
 }
 

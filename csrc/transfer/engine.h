@@ -25,6 +25,15 @@
 //   out of range: that descriptor fails with the reason). A peer that dies or stops answering
 //   for the socket timeout (30 s) fails the descriptors in flight to it
 //   with the reason; nothing hangs. The next batch to that peer reconnects (repost).
+// - Region kinds: "host" (any backend: pageable, pinned or shared memory mapped here) and
+//   "device" (cuda backend: CUDA device memory of this process, or of another process opened
+//   here through CUDA IPC). The backend checks a region when it is registered (kind, memory
+//   type, device) and refuses what it cannot move.
+// - Batched backends (cuda) receive each worker's slice of a batch as one range and move it
+//   with one submission on the worker's stream for the batch's class (latency: the highest
+//   stream priority, bulk: the lowest), then wait for it; a failure fails the range's first
+//   descriptor with the reason. A kernel fault leaves the CUDA context unusable (CUDA's rule):
+//   every later batch on that engine fails with the same reason.
 #pragma once
 
 #include <atomic>
@@ -54,6 +63,8 @@ struct Region {
   std::atomic<int64_t> in_use{0};
   std::shared_ptr<Peer> peer;  // remote regions: the engine that owns the memory
   uint64_t remote_id = 0;      // remote regions: its region id there
+  int device = -1;             // set by the backend: CUDA device of the memory (-1: host)
+  bool gpu_accessible = false;  // set by the backend: a kernel may dereference the address
 };
 
 struct Desc {
@@ -66,6 +77,8 @@ struct Resolved {
   const void* src = nullptr;
   Region* remote_dst = nullptr;
   Region* remote_src = nullptr;
+  const Region* dst_region = nullptr;  // local ends: their regions (device, accessibility)
+  const Region* src_region = nullptr;
 };
 
 class Engine;
@@ -89,6 +102,13 @@ class Backend {
   virtual std::shared_ptr<Peer> connect(const std::string& address, int connections);
   // Stop serving peers (called first thing by ~Engine, before its regions go away).
   virtual void shutdown() {}
+  // Accept (and annotate: device, gpu_accessible) a region being registered, or say why not.
+  virtual std::string check_region(Region& r);
+  // Batched backends move a worker's whole slice [begin, end) of a batch's pieces at once.
+  virtual bool batched() const { return false; }
+  virtual std::string copy_range(const std::vector<Resolved>& ptrs,
+                                 const std::vector<Desc>& pieces, uint64_t begin, uint64_t end,
+                                 Priority priority, int worker);
 };
 
 std::unique_ptr<Backend> make_backend(const std::string& name);
@@ -139,6 +159,7 @@ class Engine {
  private:
   void worker_loop(int index);
   void finish(const Handle& h, uint64_t n_done);
+  void record_failure(const Handle& h, uint64_t piece, const std::string& err);
   Handle next_slice(uint64_t* begin, uint64_t* end);
 
   std::unique_ptr<Backend> backend_;

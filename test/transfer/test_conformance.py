@@ -1,4 +1,5 @@
-"""Conformance of every transfer backend built here (host, tcp) to the contract in
+"""Conformance of every transfer backend built here (host, tcp; cuda on a GPU host, here with
+host memory: device memory is in test_cuda_backend.py) to the contract in
 csrc/transfer/engine.h."""
 
 import time
@@ -6,9 +7,21 @@ import time
 import numpy as np
 import pytest
 
+from dualpath import _C
 from dualpath.transfer import TransferBatch, TransferEngine
 
-BACKENDS = ["host", "tcp"]  # local copies: the same contract for both
+
+def _cuda_usable() -> bool:
+    if not _C.build_info()["with_cuda"]:
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+BACKENDS = ["host", "tcp"] + (["cuda"] if _cuda_usable() else [])  # the same contract
 
 
 @pytest.fixture(params=BACKENDS)

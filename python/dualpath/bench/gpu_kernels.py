@@ -14,32 +14,39 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def tests_then_bench(description: str, tests: str, bench: str, argv: list[str] | None) -> int:
+    """`pytest <tests>` on the GPU, then `python <bench> --out OUT/<name>.jsonl [--bench-args]`;
+    logs streamed into --out, summary.json with both exit codes."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--setup-s", type=float)
-    ap.add_argument("--bench-args", default="", help="extra arguments for bench_copy_kv.py")
+    ap.add_argument("--bench-args", default="", help=f"extra arguments for {bench}")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     t0 = time.time()
     with open(args.out / "tests.log", "w") as log:  # streamed: a killed run keeps its log
-        tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                "--durations=5", str(ROOT / "test/ops")], env=env, stdout=log,
-                               stderr=subprocess.STDOUT, text=True)
+        t = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            "--durations=5", str(ROOT / tests)], env=env, stdout=log,
+                           stderr=subprocess.STDOUT, text=True)
     print((args.out / "tests.log").read_text()[-2000:], flush=True)
     t1 = time.time()
     with open(args.out / "bench.log", "w") as log:
-        bench = subprocess.run([sys.executable, str(ROOT / "benchmark/kernels/bench_copy_kv.py"),
-                                "--out", str(args.out / "bench_copy_kv.jsonl"),
-                                *args.bench_args.split()], env=env, stdout=log,
-                               stderr=subprocess.STDOUT, text=True)
+        b = subprocess.run([sys.executable, str(ROOT / bench),
+                            "--out", str(args.out / (Path(bench).stem + ".jsonl")),
+                            *args.bench_args.split()], env=env, stdout=log,
+                           stderr=subprocess.STDOUT, text=True)
     print((args.out / "bench.log").read_text()[-6000:], flush=True)
-    summary = {"tests_rc": tests.returncode, "bench_rc": bench.returncode,
+    summary = {"tests_rc": t.returncode, "bench_rc": b.returncode,
                "tests_s": round(t1 - t0, 1), "bench_s": round(time.time() - t1, 1),
                "setup_s": args.setup_s}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    return 0 if tests.returncode == 0 and bench.returncode == 0 else 1
+    return 0 if t.returncode == 0 and b.returncode == 0 else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return tests_then_bench(__doc__.split("\n\n")[0], "test/ops",
+                            "benchmark/kernels/bench_copy_kv.py", argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Python face of the C++ transfer engine (`dualpath._C.TransferEngine`); the contract is in
-csrc/transfer/engine.h. Backends: `host` (memcpy between registered regions) and `tcp` (the same
+csrc/transfer/engine.h. Backends: `host` (memcpy between registered regions), `tcp` (the same
 locally, plus one-sided writes/reads into another engine's regions: `listen` on one side,
-`register_remote` on the other).
+`register_remote` on the other) and `cuda` (host and CUDA device memory, including another
+process's device memory opened through CUDA IPC: cuda_ipc.py; built when dualpath._C has CUDA).
 
     eng = TransferEngine("host")
     a, b = eng.register_array(src), eng.register_array(dst)
@@ -56,13 +57,18 @@ class TransferEngine:
         return self._e.register_region(addr, nbytes, kind)
 
     def register_array(self, arr) -> int:
-        """Register a numpy array or CPU torch tensor (kept alive until deregistered)."""
+        """Register a numpy array or a torch tensor (kept alive until deregistered). A CUDA
+        tensor is a 'device' region (cuda backend only)."""
         if hasattr(arr, "data_ptr"):  # torch
-            if arr.device.type != "cpu":
-                raise ValueError("the host backend registers CPU memory only")
+            if arr.device.type not in ("cpu", "cuda"):
+                raise ValueError(f"cannot register {arr.device.type} memory")
+            if arr.device.type == "cuda" and self.backend != "cuda":
+                raise ValueError(f"the {self.backend} backend registers host memory only; "
+                                 "CUDA tensors need TransferEngine('cuda')")
             if not arr.is_contiguous():  # an expanded/strided view spans other memory
                 raise ValueError("register a contiguous tensor")
-            region = self.register(arr.data_ptr(), arr.numel() * arr.element_size())
+            region = self.register(arr.data_ptr(), arr.numel() * arr.element_size(),
+                                   "device" if arr.device.type == "cuda" else "host")
             keep = arr
         else:
             if not isinstance(arr, np.ndarray):  # np.asarray would register a temporary copy

@@ -1,0 +1,249 @@
+// `cuda` backend: copies between host memory and CUDA device memory (this process's GPUs, and
+// another process's device memory opened here through CUDA IPC: python/dualpath/transfer/
+// cuda_ipc.py), batched.
+//
+// A worker's slice of a batch is one submission on that worker's stream of the batch's class
+// (latency: the device's highest stream priority, bulk: its lowest), grouped by the device that
+// executes it (the destination's GPU, else the source's):
+// - pieces of at least kEngineCopyBytes, or touching memory no kernel may dereference (pageable
+//   host memory), go to the copy engines with cudaMemcpyAsync;
+// - the smaller ones are moved by one launch of batched_copy_kernel (a table of (src, dst, len)
+//   copied to the device, 16-byte accesses where aligned): one launch for any number of small
+//   chunks instead of a cudaMemcpyAsync (5-7 us to post) each.
+// The worker then waits for its stream. Pinned host memory is kernel-accessible at its host
+// address (unified addressing); device memory of another GPU is reached through peer access,
+// enabled on first use.
+#include <cuda_runtime.h>
+
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "../../engine.h"
+
+namespace dualpath::transfer {
+
+namespace {
+
+constexpr uint64_t kEngineCopyBytes = 1 << 20;  // at or above: copy engine, below: the kernel
+
+struct Piece {
+  const char* src;
+  char* dst;
+  uint64_t len;
+};
+
+__global__ void batched_copy_kernel(const Piece* __restrict__ pieces, int n) {
+  for (int p = blockIdx.x; p < n; p += gridDim.x) {
+    const Piece pc = pieces[p];
+    const uintptr_t s = reinterpret_cast<uintptr_t>(pc.src), d = reinterpret_cast<uintptr_t>(pc.dst);
+    if (((s | d | pc.len) & 15) == 0) {
+      const int4* src = reinterpret_cast<const int4*>(pc.src);
+      int4* dst = reinterpret_cast<int4*>(pc.dst);
+      const uint64_t n16 = pc.len >> 4;
+      for (uint64_t i = threadIdx.x; i < n16; i += blockDim.x) dst[i] = src[i];
+    } else {
+      for (uint64_t i = threadIdx.x; i < pc.len; i += blockDim.x) pc.dst[i] = pc.src[i];
+    }
+  }
+}
+
+std::string cuda_err(const char* what, cudaError_t e) {
+  return std::string(what) + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")";
+}
+
+// Per (worker, device, class): a stream and the piece tables (pinned staging + device copy).
+struct Lane {
+  cudaStream_t stream = nullptr;
+  Piece* host_table = nullptr;
+  Piece* dev_table = nullptr;
+  size_t capacity = 0;
+};
+
+}  // namespace
+
+class CudaBackend final : public Backend {
+ public:
+  // use_kernel false ("cuda:memcpy"): every piece goes to the copy engines, one cudaMemcpyAsync
+  // each (the baseline the batched kernel is measured against)
+  explicit CudaBackend(bool use_kernel) : use_kernel_(use_kernel) {
+    int n = 0;
+    const cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || n == 0)
+      throw std::runtime_error("cuda transfer backend: no usable GPU (" +
+                               (e != cudaSuccess ? cuda_err("cudaGetDeviceCount", e)
+                                                 : std::string("0 devices")) + ")");
+  }
+  ~CudaBackend() override {
+    for (auto& kv : lanes_) {
+      Lane& l = kv.second;
+      cudaSetDevice(std::get<1>(kv.first));
+      if (l.stream) cudaStreamDestroy(l.stream);
+      if (l.host_table) cudaFreeHost(l.host_table);
+      if (l.dev_table) cudaFree(l.dev_table);
+    }
+  }
+
+  std::string name() const override { return use_kernel_ ? "cuda" : "cuda:memcpy"; }
+  bool batched() const override { return true; }
+
+  std::string check_region(Region& r) override {
+    if (r.kind != "host" && r.kind != "device")
+      return "region kind '" + r.kind + "' is not supported by the cuda backend (host, device)";
+    if (r.length == 0) return "";
+    cudaPointerAttributes a{};
+    const cudaError_t e = cudaPointerGetAttributes(&a, reinterpret_cast<void*>(r.addr));
+    if (e != cudaSuccess) {
+      cudaGetLastError();  // not sticky; clear it
+      return cuda_err("cudaPointerGetAttributes", e);
+    }
+    if (r.kind == "device") {
+      if (a.type != cudaMemoryTypeDevice)
+        return "region registered as 'device' is not CUDA device memory";
+      r.device = a.device;
+      r.gpu_accessible = true;
+      return "";
+    }
+    if (a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged)
+      return "region registered as 'host' is CUDA device memory: register it as 'device'";
+    // pinned (cudaHostAlloc / cudaHostRegister): kernels reach it at its host address when it is
+    // mapped there (unified addressing); pageable memory: copy engines only
+    r.device = -1;
+    r.gpu_accessible = a.type == cudaMemoryTypeHost &&
+                       a.devicePointer == reinterpret_cast<void*>(r.addr);
+    return "";
+  }
+
+  std::string copy(void* dst, const void* src, uint64_t length) override {
+    const cudaError_t e = cudaMemcpy(dst, src, length, cudaMemcpyDefault);
+    return e == cudaSuccess ? "" : cuda_err("cudaMemcpy", e);
+  }
+
+  std::string copy_range(const std::vector<Resolved>& ptrs, const std::vector<Desc>& pieces,
+                         uint64_t begin, uint64_t end, Priority priority, int worker) override {
+    // group by executing device; host-to-host pieces are plain memcpy
+    std::map<int, std::vector<uint64_t>> by_device;
+    for (uint64_t i = begin; i < end; ++i) {
+      if (pieces[i].length == 0) continue;
+      const Resolved& r = ptrs[i];
+      const int dev = r.dst_region->device >= 0 ? r.dst_region->device : r.src_region->device;
+      if (dev < 0) {
+        std::memmove(r.dst, r.src, pieces[i].length);
+        continue;
+      }
+      by_device[dev].push_back(i);
+    }
+    for (auto& kv : by_device) {
+      std::string err = run_on_device(kv.first, kv.second, ptrs, pieces, priority, worker);
+      if (!err.empty()) return "device " + std::to_string(kv.first) + ": " + err;
+    }
+    return "";
+  }
+
+ private:
+  std::string run_on_device(int dev, const std::vector<uint64_t>& idx,
+                            const std::vector<Resolved>& ptrs, const std::vector<Desc>& pieces,
+                            Priority priority, int worker) {
+    cudaError_t e = cudaSetDevice(dev);
+    if (e != cudaSuccess) return cuda_err("cudaSetDevice", e);
+    Lane* lane = nullptr;
+    std::string err = get_lane(worker, dev, priority, &lane);
+    if (!err.empty()) return err;
+    std::vector<Piece> small;
+    for (uint64_t i : idx) {
+      const Resolved& r = ptrs[i];
+      const uint64_t n = pieces[i].length;
+      bool kernel_ok = use_kernel_ && n < kEngineCopyBytes && r.src_region->gpu_accessible &&
+                       r.dst_region->gpu_accessible;
+      for (const Region* other : {r.src_region, r.dst_region})
+        if (kernel_ok && other->device >= 0 && other->device != dev)
+          kernel_ok = peer_access(dev, other->device);  // else the copy engines stage it
+      if (kernel_ok) {
+        small.push_back({static_cast<const char*>(r.src), static_cast<char*>(r.dst), n});
+        continue;
+      }
+      e = cudaMemcpyAsync(r.dst, r.src, n, cudaMemcpyDefault, lane->stream);
+      if (e != cudaSuccess) return cuda_err("cudaMemcpyAsync", e);
+    }
+    if (!small.empty()) {
+      err = reserve(lane, small.size());
+      if (!err.empty()) return err;
+      std::memcpy(lane->host_table, small.data(), small.size() * sizeof(Piece));
+      e = cudaMemcpyAsync(lane->dev_table, lane->host_table, small.size() * sizeof(Piece),
+                          cudaMemcpyHostToDevice, lane->stream);
+      if (e != cudaSuccess) return cuda_err("cudaMemcpyAsync (piece table)", e);
+      const int n = static_cast<int>(small.size());
+      const int blocks = n < 65535 ? n : 65535;
+      batched_copy_kernel<<<blocks, 256, 0, lane->stream>>>(lane->dev_table, n);
+      e = cudaGetLastError();
+      if (e != cudaSuccess) return cuda_err("batched_copy_kernel launch", e);
+    }
+    e = cudaStreamSynchronize(lane->stream);
+    if (e != cudaSuccess) return cuda_err("cudaStreamSynchronize", e);
+    return "";
+  }
+
+  std::string get_lane(int worker, int dev, Priority priority, Lane** out) {
+    std::lock_guard<std::mutex> lk(mu_);
+    Lane& l = lanes_[{worker, dev, static_cast<int>(priority)}];
+    if (!l.stream) {
+      int least = 0, greatest = 0;
+      cudaError_t e = cudaDeviceGetStreamPriorityRange(&least, &greatest);
+      if (e != cudaSuccess) return cuda_err("cudaDeviceGetStreamPriorityRange", e);
+      e = cudaStreamCreateWithPriority(&l.stream, cudaStreamNonBlocking,
+                                       priority == Priority::kLatency ? greatest : least);
+      if (e != cudaSuccess) return cuda_err("cudaStreamCreateWithPriority", e);
+    }
+    *out = &l;
+    return "";
+  }
+
+  static std::string reserve(Lane* l, size_t n) {
+    if (n <= l->capacity) return "";
+    size_t cap = l->capacity ? l->capacity : 1024;
+    while (cap < n) cap *= 2;
+    if (l->host_table) cudaFreeHost(l->host_table);
+    if (l->dev_table) cudaFree(l->dev_table);
+    l->host_table = nullptr;
+    l->dev_table = nullptr;
+    l->capacity = 0;
+    cudaError_t e = cudaMallocHost(&l->host_table, cap * sizeof(Piece));
+    if (e != cudaSuccess) return cuda_err("cudaMallocHost (piece table)", e);
+    e = cudaMalloc(&l->dev_table, cap * sizeof(Piece));
+    if (e != cudaSuccess) return cuda_err("cudaMalloc (piece table)", e);
+    l->capacity = cap;
+    return "";
+  }
+
+  // Can kernels on `dev` (the current device) dereference memory of `peer`? Enables peer
+  // access on first use; remembered either way.
+  bool peer_access(int dev, int peer) {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = peers_.find({dev, peer});
+    if (it != peers_.end()) return it->second;
+    int can = 0;
+    bool ok = cudaDeviceCanAccessPeer(&can, dev, peer) == cudaSuccess && can;
+    if (ok) {
+      const cudaError_t e = cudaDeviceEnablePeerAccess(peer, 0);
+      ok = e == cudaSuccess || e == cudaErrorPeerAccessAlreadyEnabled;
+    }
+    cudaGetLastError();  // neither failure is sticky; do not leave it for the next call
+    peers_[{dev, peer}] = ok;
+    return ok;
+  }
+
+  const bool use_kernel_;
+  std::mutex mu_;
+  std::map<std::tuple<int, int, int>, Lane> lanes_;  // (worker, device, class)
+  std::map<std::pair<int, int>, bool> peers_;
+};
+
+std::unique_ptr<Backend> make_cuda_backend(bool use_kernel) {
+  return std::make_unique<CudaBackend>(use_kernel);
+}
+
+}  // namespace dualpath::transfer
