@@ -297,3 +297,29 @@ def test_a_hanging_decode_agent_costs_at_most_the_timeout(world):
                               keys[:2], *pool.ptrs([0, 1]))
     assert got == [True, True] and time.monotonic() - t0 < 3
     assert np.array_equal(pool.page(0), src.page(0))
+
+
+def test_an_idle_entry_of_another_request_is_read_again_not_cached():
+    from dualpath.sglang_plugin.block_buffer import BlockBuffer
+
+    reads = []
+
+    def fill(keys, k, v):
+        reads.extend(keys)
+        return [True] * len(keys)
+
+    buf = BlockBuffer(8, 4, fill)
+    fwd = buf.acquire(["p0", "p1"], uses=2, rid="turn1")  # forward; the restore never comes
+    buf.release(fwd)
+    again = buf.acquire(["p0", "p1"], uses=1, rid="turn1")  # its own restore: no new read
+    buf.release(again)
+    assert reads == ["p0", "p1"]
+    fwd = buf.acquire(["p0"], uses=2, rid="turn1")  # both were freed: read again
+    buf.release(fwd)  # p0 now idle, still expecting a restore that never comes
+    nxt = buf.acquire(["p0", "p1"], uses=1, rid="turn2")  # the next turn reads storage again
+    assert reads == ["p0", "p1", "p0", "p0", "p1"] and buf.stale == 1 and buf.misses == 5
+    shared = buf.acquire(["p0"], uses=1, rid="other")  # in use right now: one read serves both
+    assert len(reads) == 5 and shared[0] is nxt[0]
+    buf.release(shared)
+    buf.release(nxt)
+    assert buf.stats()["stale"] == 1

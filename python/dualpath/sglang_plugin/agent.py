@@ -117,7 +117,8 @@ class Agent:
         # (tcp mode, maybe across hosts: from arrival, a second short of the prefill's timeout)
         deadline = float(req["deadline_mono"]) if "deadline_mono" in req else (
             time.monotonic() + float(req.get("timeout_s", self.cfg.forward_timeout_s)) - 1.0)
-        slots = self.buffer.acquire(keys, uses=self.buffer_uses(req.get("rid")))
+        rid = req.get("rid")
+        slots = self.buffer.acquire(keys, uses=self.buffer_uses(rid), rid=rid)
         try:
             ok = [s is not None for s in slots]
             if time.monotonic() > deadline:  # the prefill has given up on us: write nothing

@@ -9,8 +9,11 @@ Reads are single-flight: when the forward to a prefill and the decode's own rest
 the same key, storage is read once and the second caller waits for the first. The buffer is a
 staging area, not a cache: an entry is created expecting `uses` consumers (2 when the decode
 restores what it forwards, else 1) and is freed when the last one releases it, so a later turn
-reads storage again, as it would at cluster scale. Entries whose consumers never come are
-reclaimed least recently used first when space runs out.
+reads storage again, as it would at cluster scale. An entry belongs to the request it was read
+for: another request shares it only while it is being read or in use (one storage read serving
+both); once idle it is stale for everyone else and is read again (a decode that already held the
+prefix never comes to restore it, and its entry must not serve the next turn as a DRAM cache).
+Entries whose consumers never come are reclaimed least recently used first when space runs out.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class Slot:
     refs: int = 0
     uses: int = 1  # consumers still expected; the entry is freed after the last
     state: str = "loading"  # loading | ready | failed
+    rid: str | None = None  # the request it was read for
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -48,7 +52,7 @@ class BlockBuffer:
         self._free = list(range(capacity_slots - 1, -1, -1))
         self._slots: OrderedDict[str, Slot] = OrderedDict()  # LRU order, oldest first
         self._lock = threading.Lock()
-        self.hits = self.misses = self.waits = self.no_room = 0
+        self.hits = self.misses = self.waits = self.no_room = self.stale = 0
 
     def offset(self, slot: Slot) -> int:
         return slot.index * self.slot_bytes
@@ -66,11 +70,13 @@ class BlockBuffer:
                 return s.index
         return None
 
-    def acquire(self, keys: Sequence[str], uses: int = 1) -> list[Slot | None]:
+    def acquire(self, keys: Sequence[str], uses: int = 1,
+                rid: str | None = None) -> list[Slot | None]:
         """Pin a slot holding each key, reading the missing ones (one `fill` call) and waiting
         for those another caller is reading. None where the key could not be read (miss or
         damaged block) or no slot was free. Entries made here expect `uses` consumers (this
-        caller included). Release what you got with `release`."""
+        caller included) and belong to `rid`: an idle ready entry of another request is read
+        again, not reused. Release what you got with `release`."""
         if uses < 1:
             raise ValueError("uses must be >= 1")
         got: list[Slot | None] = [None] * len(keys)
@@ -78,6 +84,12 @@ class BlockBuffer:
         with self._lock:
             for i, k in enumerate(keys):
                 s = self._slots.get(k)
+                if (s is not None and rid is not None and s.rid != rid and s.refs == 0
+                        and s.state == "ready"):  # idle, another request's: not a cache
+                    del self._slots[k]
+                    self._free.append(s.index)
+                    self.stale += 1
+                    s = None
                 if s is not None and s.state != "failed":
                     s.refs += 1
                     self._slots.move_to_end(k)
@@ -94,7 +106,7 @@ class BlockBuffer:
                 if s is not None:  # a failed entry is retried
                     self._free.append(s.index)
                     del self._slots[k]
-                s = self._slots[k] = Slot(k, idx, refs=1, uses=uses)
+                s = self._slots[k] = Slot(k, idx, refs=1, uses=uses, rid=rid)
                 got[i] = s
                 mine.append(i)
                 self.misses += 1
@@ -144,4 +156,5 @@ class BlockBuffer:
     def stats(self) -> dict:
         with self._lock:
             return {"slots": self.capacity, "used": len(self._slots), "hits": self.hits,
-                    "misses": self.misses, "waits": self.waits, "no_room": self.no_room}
+                    "misses": self.misses, "waits": self.waits, "no_room": self.no_room,
+                    "stale": self.stale}

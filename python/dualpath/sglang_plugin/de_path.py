@@ -151,7 +151,7 @@ def prefill_get(agent, adapter, pool, plan, keys, k_ptrs, v_ptrs) -> list[bool]:
 
 
 def decode_restore(agent, adapter, keys, k_ptrs, v_ptrs, rid: str | None = None) -> list[bool]:
-    slots = agent.buffer.acquire(keys, uses=agent.buffer_uses(rid))
+    slots = agent.buffer.acquire(keys, uses=agent.buffer_uses(rid), rid=rid)
     try:
         rb = agent.buffer.region_bytes
         for s, kp, vp in zip(slots, k_ptrs, v_ptrs, strict=True):
