@@ -92,42 +92,22 @@ def cmd_run(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    """Prefill: TTFT minus the read at the cap and one decode step ~ prefill time; decode: TPOT
-    at the measured concurrency. Crude on few points: the fit and its inputs are printed."""
+    """Fit the prefill and decode models to measured 1P1D runs (sim/calibrate.py says how);
+    the fit and its inputs are printed."""
     import numpy as np
 
+    from dualpath.sim.calibrate import samples
     from dualpath.sim.model import PerfModel, fit_decode, fit_prefill
 
-    miss, ctx, pre_s, running, dctx, step = [], [], [], [], [], []
-    for path in args.results:
-        res = json.loads(Path(path).read_text())
-        kvb, cap = args.kv_bytes_per_token, (res.get("snic_gbps") or 0) * 1e9
-        for cfg in res.get("configs", []):
-            if cfg.get("config") != "off":
-                continue
-            recs = [r for r in cfg["offline"]["turn_records"] if not r.get("error")]
-            conc = max(1, round(len(recs) / max(1, len({r["agent"] for r in recs}))))
-            for r in recs:
-                hit = r.get("cached_tokens") or 0
-                read_s = hit * kvb / cap if cap else 0.0
-                tp = None
-                if r.get("end_s") and r.get("ttft_s") and r["output_len"] > 1:
-                    tp = (r["end_s"] - r["start_s"] - r["ttft_s"]) / (r["output_len"] - 1)
-                if r.get("ttft_s"):
-                    miss.append(r["prompt_len"] - hit)
-                    ctx.append(r["prompt_len"])
-                    pre_s.append(max(0.0, r["ttft_s"] - read_s - (tp or 0.0)))
-                if tp:
-                    running.append(conc)
-                    dctx.append(conc * r["prompt_len"])
-                    step.append(tp)
-    if len(pre_s) < 3 or len(step) < 3:
+    pre, dec = samples((json.loads(Path(p).read_text()) for p in args.results),
+                       args.kv_bytes_per_token)
+    if len(pre) < 3 or len(dec) < 3:
         print("error: need >= 3 prefill and decode samples from 'off' runs", file=sys.stderr)
         return 2
-    p = fit_prefill(np.array(miss), np.array(ctx), np.array(pre_s))
-    d = fit_decode(np.array(running), np.array(dctx), np.array(step))
+    p = fit_prefill(*(np.array(c) for c in zip(*pre, strict=True)))
+    d = fit_decode(*(np.array(c) for c in zip(*dec, strict=True)))
     model = PerfModel(*p, *d, source=f"calibrated from {', '.join(map(str, args.results))} "
-                                     f"({len(pre_s)} prefill, {len(step)} decode samples)")
+                                     f"({len(pre)} prefill, {len(dec)} decode samples)")
     model.save(args.out)
     print(json.dumps(asdict(model), indent=1))
     return 0

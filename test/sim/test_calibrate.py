@@ -1,0 +1,72 @@
+"""Calibration recovers a known performance model from a synthetic result.json shaped like
+dualpath.bench.compare_1p1d's (per-request stage records, per-turn replay records)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from dualpath.sim.__main__ import main
+from dualpath.sim.calibrate import decode_samples, prefill_samples, samples
+
+P = (0.02, 3e-5, 4e-6)  # prefill: s, s per computed token, s per computed token x 1k context
+D = (0.008, 4e-4, 2e-5)  # decode step: s, s per running turn, s per 1k context tokens
+
+
+def synthetic(seed=0):
+    rng = np.random.default_rng(seed)
+    stage, turns = [], []
+    for _ in range(60):
+        n = int(rng.integers(2000, 16000))
+        cached = int(rng.integers(0, n - 64))
+        miss = n - cached
+        stage.append({"type": "prefill", "input_len": n, "cached_input_len": cached,
+                      "forward_s": P[0] + P[1] * miss + P[2] * miss * n / 1e3})
+        stage.append({"type": "decode", "input_len": n, "forward_s": 1.0})
+    # decode: groups of k turns decoding over the same window
+    t = 0.0
+    for g, k in enumerate([1, 2, 4, 8, 3, 6, 5, 7]):
+        ctx = rng.integers(2000, 12000, k)
+        out = 41
+        live_ctx = float(sum(c + out / 2 for c in ctx))
+        step = D[0] + D[1] * k + D[2] * live_ctx / 1e3
+        for j in range(k):
+            turns.append({"agent": j, "turn": g, "prompt_len": int(ctx[j]), "start_s": t,
+                          "ttft_s": 0.5, "end_s": t + 0.5 + step * (out - 1),
+                          "output_len": out, "cached_tokens": 0, "error": None})
+        t += 100.0  # windows never overlap
+    return {"snic_gbps": 6.25, "configs": [
+        {"config": "off", "offline": {"stage_records": stage, "turn_records": turns}},
+        {"config": "on", "offline": {"stage_records": [], "turn_records": turns[:1]}}]}
+
+
+def test_samples_come_from_the_off_config_only():
+    pre, dec = samples([synthetic()], 131072)
+    assert len(pre) == 60 and len(dec) == 36
+    assert all(m <= n for m, n, _ in pre)
+    assert {r for r, _, _ in dec} == {1, 2, 3, 4, 5, 6, 7, 8}
+
+
+def test_calibration_recovers_the_model(tmp_path):
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps(synthetic()))
+    out = tmp_path / "perf.json"
+    assert main(["calibrate", str(path), "--out", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert [m["p0"], m["p1"], m["p2"]] == pytest.approx(P, rel=1e-3)
+    assert [m["d0"], m["d1"], m["d2"]] == pytest.approx(D, rel=1e-3)
+
+
+def test_without_stage_records_prefill_falls_back_to_ttft():
+    run = {"turn_records": [{"prompt_len": 1000, "cached_tokens": 500, "ttft_s": 0.3,
+                             "start_s": 0, "end_s": 1, "output_len": 2}]}
+    (miss, n, s), = prefill_samples(run, 131072, 6.25)
+    assert (miss, n) == (500, 1000) and s == pytest.approx(0.3 - 500 * 131072 / 6.25e9)
+    assert decode_samples(run) == [(1, 1001.0, 0.7)]
+
+
+def test_too_few_samples_is_an_error(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"configs": [{"config": "off", "offline": {}}]}))
+    assert main(["calibrate", str(path), "--out", str(tmp_path / "p.json")]) == 2
+    assert "need >= 3" in capsys.readouterr().err
