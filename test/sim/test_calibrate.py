@@ -70,3 +70,25 @@ def test_too_few_samples_is_an_error(tmp_path, capsys):
     path.write_text(json.dumps({"configs": [{"config": "off", "offline": {}}]}))
     assert main(["calibrate", str(path), "--out", str(tmp_path / "p.json")]) == 2
     assert "need >= 3" in capsys.readouterr().err
+
+
+def test_validate_simulates_each_measured_run(tmp_path, capsys):
+    res = {"snic_gbps": 6.25, "decode_pool_tokens": 163840,
+           "trace": {"preset": "64k", "scale": 0.05, "initial": 512, "agents": 2,
+                     "max_turns": 2, "seed": 0},
+           "configs": [{"config": "off", "dual_path": False, "read_side": "pe", "oracle": False,
+                        "offline": {"jct_s": 10.0}, "sweep": [{"snic_gbps": 25.0, "jct_s": 8.0}]},
+                       {"config": "oracle", "oracle": True, "offline": {"jct_s": 1.0}},
+                       {"config": "on", "dual_path": True, "read_side": "shorter",
+                        "oracle": False, "offline": {"jct_s": 5.0}}]}
+    path, out = tmp_path / "result.json", tmp_path / "validate.json"
+    path.write_text(json.dumps(res))
+    assert main(["validate", str(path), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["config"], r["snic_gbps"]) for r in rows] == [("off", 6.25), ("off", 25.0),
+                                                             ("on", 6.25)]
+    for r in rows:
+        assert r["simulated_jct_s"] > 0
+        assert r["error"] == pytest.approx((r["simulated_jct_s"] - r["measured_jct_s"])
+                                           / r["measured_jct_s"], abs=2e-3)
+    assert "measured" in capsys.readouterr().out

@@ -304,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"date": time.strftime("%Y-%m-%d"), "git_sha": git_sha(), **gpu_facts(),
               "model": args.model.name, "setup_s": args.setup_s, "snic_gbps": args.snic_gbps,
               "trace": {"preset": args.preset, "scale": args.scale, "initial": args.initial,
+                        "seed": args.seed,
                         "agents": args.agents, "max_turns": args.max_turns, **shape},
               "working_set_tokens": working_set,
               "device_pool_tokens": args.max_total_tokens,

@@ -113,6 +113,44 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_validate(args) -> int:
+    """Simulate the trace, cluster and caps of a measured 1P1D comparison and print measured vs
+    simulated offline JCT per configuration (issue target: within 10%)."""
+    from dualpath.bench.compare_1p1d import make_trace
+    from dualpath.sim.des import simulate
+    from dualpath.sim.model import SimCluster
+
+    res = json.loads(Path(args.result).read_text())
+    tr = res["trace"]
+    ns = argparse.Namespace(preset=tr["preset"], scale=tr["scale"], initial=tr.get("initial"),
+                            agents=tr["agents"], max_turns=tr["max_turns"])
+    trajs = make_trace(ns, seed=tr.get("seed", 0))
+    perf = _perf(args)
+    rows = []
+    for cfg in res["configs"]:
+        if cfg.get("oracle") or not (cfg.get("offline") or {}).get("jct_s"):
+            continue
+        runs = [(res["snic_gbps"], cfg["offline"]["jct_s"])] + [
+            (x["snic_gbps"], x["jct_s"]) for x in cfg.get("sweep", []) if x.get("jct_s")]
+        for cap, measured in runs:
+            c = SimCluster(1, 1, gpus_per_node=1, compute_nic_gbps=args.compute_nic_gbps,
+                           storage_ratio=cap / args.compute_nic_gbps,
+                           decode_kv_tokens=res.get("decode_pool_tokens") or 1_000_000,
+                           policy="dualpath" if cfg.get("dual_path") else "basic",
+                           read_side=cfg.get("read_side") or "shorter",
+                           schedule_interval_s=args.schedule_interval_s)
+            sim = simulate(c, perf, trajs).jct_s
+            rows.append({"config": cfg["config"], "snic_gbps": cap, "measured_jct_s": measured,
+                         "simulated_jct_s": round(sim, 2),
+                         "error": round((sim - measured) / measured, 3)})
+            print(f"{cfg['config']:>8} cap {cap:6.2f} GB/s  measured {measured:8.2f} s  "
+                  f"simulated {sim:8.2f} s  error {rows[-1]['error']:+.1%}", flush=True)
+    if args.out:
+        args.out.write_text(json.dumps({"result": str(args.result), "perf": asdict(perf),
+                                        "rows": rows}, indent=1) + "\n")
+    return 0 if rows else 2
+
+
 def cmd_advise(args) -> int:
     from dualpath.sim.des import simulate
     from dualpath.sim.model import SimCluster
@@ -165,6 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("results", nargs="+", type=Path)
     cal.add_argument("--out", type=Path, required=True)
     cal.add_argument("--kv-bytes-per-token", type=int, default=131072)
+    val = sub.add_parser("validate", help="measured vs simulated JCT of a 1P1D comparison")
+    val.add_argument("result", type=Path, help="compare_1p1d's result.json")
+    val.add_argument("--perf", type=Path, help="engine speeds (calibrate's output)")
+    val.add_argument("--compute-nic-gbps", type=float, default=50.0,
+                     help="GPU-to-GPU KV bandwidth of the host (PD transfer, DE -> PE forward)")
+    val.add_argument("--schedule-interval-s", type=float, default=0.02)
+    val.add_argument("--out", type=Path, help="write the rows as JSON")
     adv = sub.add_parser("advise", help="recommend a P:D split of N nodes")
     adv.add_argument("--g", type=int, default=8)
     adv.add_argument("--s", type=float, default=1.0)
@@ -174,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     _trace_args(adv, cluster=False)
     args = ap.parse_args(argv)
     return {"bounds": cmd_bounds, "run": cmd_run, "calibrate": cmd_calibrate,
-            "advise": cmd_advise}[args.cmd](args)
+            "advise": cmd_advise, "validate": cmd_validate}[args.cmd](args)
 
 
 if __name__ == "__main__":
