@@ -171,3 +171,12 @@ def test_unknown_config_is_refused(capsys):
     with pytest.raises(SystemExit):
         cmp.main(["--out", "/tmp/x", "--configs", "off,bogus"])
     assert "unknown configs" in capsys.readouterr().err
+
+
+def test_max_aps_within_slo():
+    runs = [{"aps": 0.5, "ttft_s_mean": 1.0, "tpot_s_mean": 0.02, "errors": 0},
+            {"aps": 1.0, "ttft_s_mean": 3.9, "tpot_s_mean": 0.049, "errors": 0},
+            {"aps": 2.0, "ttft_s_mean": 6.0, "tpot_s_mean": 0.02, "errors": 0},
+            {"aps": 1.5, "ttft_s_mean": 2.0, "tpot_s_mean": 0.02, "errors": 3}]
+    assert cmp.max_aps_within_slo(runs) == 1.0
+    assert cmp.max_aps_within_slo(runs[2:]) == 0.0 and cmp.max_aps_within_slo([]) is None

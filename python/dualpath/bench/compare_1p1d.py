@@ -64,6 +64,21 @@ def make_trace(args, arrival_rate: float | None = None, seed: int = 0) -> list[T
     return trajs
 
 
+def within_slo(run: dict) -> bool:
+    """An online run is within the SLO when its mean TTFT and mean TPOT meet it and no turn
+    failed (the paper stops a run once TTFT passes 4 s)."""
+    ttft, tpot = run.get("ttft_s_mean"), run.get("tpot_s_mean")
+    return (not run.get("errors") and ttft is not None and ttft <= SLO_TTFT_S
+            and (tpot or 0.0) <= SLO_TPOT_S)
+
+
+def max_aps_within_slo(online: list[dict]) -> float | None:
+    """The highest arrival rate whose run met the SLO (None without online runs)."""
+    if not online:
+        return None
+    return max((r["aps"] for r in online if within_slo(r)), default=0.0)
+
+
 def slo_attainment(records) -> float | None:
     done = [r for r in records if not r.error and r.ttft_s is not None]
     if not records:
@@ -180,7 +195,8 @@ def run_config(name: str, args, out: Path, trajs, res: dict, save) -> dict:
                 fresh(c, root)
                 run = run_once(c, make_trace(args, aps, seed=args.seed + 1 + k), True,
                                args.seed + 1 + k, args.snic_gbps)
-                res["online"].append({"aps": aps, **run})
+                res["online"].append({"aps": aps, **run, "within_slo": within_slo(run)})
+                res["max_aps_within_slo"] = max_aps_within_slo(res["online"])
                 log.info("%s online %.2f APS: SLO %.2f, TTFT p90 %s", name, aps,
                          run["slo_attainment"] or 0, run["ttft_s_p90"])
                 save()
@@ -221,6 +237,9 @@ def table(results: list[dict]) -> str:
     for label, role, field, *stat in stages:
         lines.append(f"{label:16}" + "".join(cell(_stage(r["offline"], role, field, *stat))
                                              for r in results))
+    if any(r.get("online") for r in results):
+        lines.append(f"{'max APS in SLO':16}" + "".join(cell(r.get("max_aps_within_slo"))
+                                                       for r in results))
     base = next((r for r in results if r["config"] == "off"), None)
     if base and base["offline"].get("jct_s"):
         lines.append(f"{'JCT speed-up':16}" + "".join(
