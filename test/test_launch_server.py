@@ -47,6 +47,16 @@ def test_user_flags_win_and_prefetch_queue_can_be_stock():
     assert PluginConfig.from_json(cfg.to_json()) == cfg
 
 
+def test_pd_engine_selects_mooncake():
+    args, cfg = build(["--disaggregation-mode", "decode", "--dualpath-pd-engine"])
+    assert cfg.pd_engine and value(args, "--disaggregation-transfer-backend") == "mooncake"
+    with pytest.raises(SystemExit, match="not 'nixl'"):
+        build(["--disaggregation-mode", "decode", "--dualpath-pd-engine",
+               "--disaggregation-transfer-backend", "nixl"])
+    with pytest.raises(SystemExit, match="needs --disaggregation-mode"):
+        build(["--dualpath-pd-engine"])
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["--disaggregation-mode", "both"], "prefill or decode"),
     (["--enable-dual-path"], "needs --disaggregation-mode"),

@@ -142,6 +142,10 @@ class PluginConfig:
     """A storage prefetch that finds HiCache's prefetch budget (half the host pool) taken waits
     for it instead of being dropped; stock SGLang drops it and the stored prefix is recomputed
     (sglang_plugin/prefetch_queue.py). False = stock behaviour."""
+    pd_engine: bool = False
+    """Run SGLang's Mooncake PD backend on our transfer engine (transfer/mooncake_compat.py:
+    CUDA IPC + the cuda backend for device KV on this host, tcp for host buffers) instead of
+    the Mooncake library; the launcher selects --disaggregation-transfer-backend mooncake."""
     role: str = ""
     """'prefill' or 'decode' (set by the launcher from --disaggregation-mode; '' = neither)."""
     oracle: bool = False

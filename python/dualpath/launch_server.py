@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                     default="on" if d.prefetch_queue else "off",
                     help="on: a storage prefetch that finds HiCache's prefetch budget taken "
                          "waits for it; off: SGLang's behaviour (dropped, prefix recomputed)")
+    ap.add_argument("--dualpath-pd-engine", action="store_true",
+                    help="move PD KV with our transfer engine under SGLang's Mooncake backend "
+                         "(sets --disaggregation-transfer-backend mooncake; no Mooncake "
+                         "library needed; device KV across GPUs of one host)")
     ap.add_argument("--dualpath-oracle", action="store_true",
                     help="benchmark ceiling: skip storage reads, report them done (outputs are "
                          "meaningless)")
@@ -89,10 +93,20 @@ def sglang_args(ours: argparse.Namespace, rest: list[str]) -> tuple[list[str], P
         forward_timeout_s=ours.dualpath_forward_timeout_s, io_threads=ours.dualpath_io_threads,
         role=mode if mode != "null" else "", oracle=ours.dualpath_oracle,
         prefetch_io_threads=ours.dualpath_prefetch_io_threads,
-        prefetch_queue=ours.dualpath_prefetch_queue == "on")
+        prefetch_queue=ours.dualpath_prefetch_queue == "on", pd_engine=ours.dualpath_pd_engine)
     if cfg.enable_dual_path and mode == "null":
         raise SystemExit("error: --enable-dual-path needs --disaggregation-mode prefill or decode")
     out = list(rest)
+    if cfg.pd_engine:
+        if mode == "null":
+            raise SystemExit("error: --dualpath-pd-engine needs --disaggregation-mode prefill or "
+                             "decode")
+        backend = _flag_value(out, "--disaggregation-transfer-backend")
+        if backend is None:
+            out += ["--disaggregation-transfer-backend", "mooncake"]
+        elif backend != "mooncake":
+            raise SystemExit(f"error: --dualpath-pd-engine runs under SGLang's mooncake PD "
+                             f"backend, not {backend!r}")
     wants_store = mode == "prefill" or (mode == "decode" and cfg.enable_dual_path)
     if not wants_store:
         return out, cfg

@@ -23,13 +23,15 @@ PARAMS = {
     "check_prefetch_progress": ["self", "req_id"],
     "release_aborted_request": ["self", "rid"],
 }
-ALL_HOOKS = hooks.LAUNCHER_HOOKS + hooks.PREFETCH_QUEUE_HOOKS + hooks.HOOKS
+ALL_HOOKS = (hooks.LAUNCHER_HOOKS + hooks.PREFETCH_QUEUE_HOOKS + hooks.PD_ENGINE_HOOKS
+             + hooks.HOOKS)
 
 
 def test_every_hook_names_a_version_and_a_reason():
     assert hooks.HOOKS and hooks.LAUNCHER_HOOKS
     for h in ALL_HOOKS:
-        assert h.checked == "0.5.17" and h.why and h.kind in ("BEFORE", "AFTER", "AROUND")
+        assert h.checked == "0.5.17" and h.why
+        assert h.kind in ("BEFORE", "AFTER", "AROUND", "REPLACE")
 
 
 @pytest.mark.parametrize("hook", ALL_HOOKS, ids=lambda h: h.target.rsplit(".", 1)[-1])
@@ -86,7 +88,7 @@ def test_load_registers_by_flag(monkeypatch):
 
     monkeypatch.delenv("DUALPATH_PLUGIN_CONFIG", raising=False)
     called = []
-    monkeypatch.setattr(hooks, "register_all", lambda dual_path, prefetch_queue_on:
+    monkeypatch.setattr(hooks, "register_all", lambda dual_path, prefetch_queue_on, pd_engine:
                         called.append((dual_path, prefetch_queue_on)))
     sglang_plugin.load()
     assert called == [], "not started by our launcher: SGLang stays untouched"
@@ -127,3 +129,17 @@ def test_h2d_loads_are_counted(monkeypatch):
     assert hooks.count_h2d("dev", ctl, [1, 2, 3]) == "dev"
     assert hooks.count_h2d(None, ctl, [1, 2, 3]) is None  # no device room: nothing loaded
     assert seen == [3000]
+
+
+def test_pd_engine_replaces_mooncakes_class_with_the_same_surface():
+    mte = pytest.importorskip(
+        "sglang.srt.distributed.device_communicators.mooncake_transfer_engine")
+    ours = hooks.pd_engine_class()
+    stock = mte.MooncakeTransferEngine
+    public = {n for n in vars(stock) if not n.startswith("_")}
+    assert public <= {n for n in dir(ours) if not n.startswith("_")}, public - set(dir(ours))
+    assert list(inspect.signature(ours.__init__).parameters)[:4] == list(
+        inspect.signature(stock.__init__).parameters)[:4]
+    for name in ("batch_transfer_sync", "transfer_sync", "batch_register", "register"):
+        assert list(inspect.signature(getattr(ours, name)).parameters)[:2] == list(
+            inspect.signature(getattr(stock, name)).parameters)[:2]

@@ -19,16 +19,22 @@ import argparse
 import json
 import logging
 import shutil
-import sys
 import time
 from pathlib import Path
 
 from dualpath.bench import client
-from dualpath.bench.pd_cluster import DEC_PORT, PRE_PORT, ClusterSpec, PDCluster, agent_stats
+from dualpath.bench.pd_cluster import (
+    DEC_PORT,
+    PRE_PORT,
+    ClusterSpec,
+    PDCluster,
+    agent_stats,
+    run_args,
+    start_run,
+)
 from dualpath.bench.pd_cluster import path_bytes as meters
 from dualpath.bench.servers import ServerError
-from dualpath.bench.smoke import DEFAULT_MODEL, SmokeFailure, check, gpu_facts, prompt
-from dualpath.version import git_sha
+from dualpath.bench.smoke import DEFAULT_MODEL, SmokeFailure, check, prompt
 
 log = logging.getLogger("dualpath.dualpath_pd")
 READ_SIDE = {"off": "pe", "de": "de", "split": "split"}
@@ -90,16 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-total-tokens", type=int, default=32768)
     ap.add_argument("--snic-gbps", type=float, default=6.25,
                     help="storage-NIC cap per node (the issue's acceptance setting)")
-    ap.add_argument("--store-dir", default="/dev/shm/dualpath-pd")
     ap.add_argument("--settle-s", type=float, default=1.5)
-    ap.add_argument("--health-timeout", type=float, default=400)
-    ap.add_argument("--setup-s", type=float)
-    args = ap.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, format="[dualpath_pd %(asctime)s] %(message)s",
-                        datefmt="%H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
-    summary = {"date": time.strftime("%Y-%m-%d"), "git_sha": git_sha(), **gpu_facts(),
-               "model": args.model.name, "setup_s": args.setup_s, "snic_gbps": args.snic_gbps,
+    run_args(ap, "/dev/shm/dualpath-pd")
+    args, head = start_run(ap, argv, "dualpath_pd")
+    summary = {**head, "snic_gbps": args.snic_gbps,
                "turns": args.turns, "first_len": args.first_len, "append_len": args.append_len,
                "output_len": args.output_len, "configs": [], "ok": False}
     try:

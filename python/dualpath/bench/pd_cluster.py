@@ -34,7 +34,7 @@ class ClusterSpec:
     # IPC over NVLink; with one GPU visible per process it stages KV through the host (measured
     # 3.8 GB/s on 2x H100, 2026-11-27) and the PD transfer, not storage, bounds a turn.
     share_gpus: bool = True
-    pd_backend: str = "nixl"
+    pd_backend: str = "nixl"  # or "dualpath": our engine under SGLang's mooncake backend
     oracle: bool = False  # storage reads skipped (timing ceiling; outputs not meaningful)
     prefetch_queue: bool = True  # False: SGLang's prefetch admission (drop + recompute)
     extra: list[str] = field(default_factory=list)  # more SGLang flags for both servers
@@ -57,7 +57,8 @@ def server(spec: ClusterSpec, role: str, out: Path) -> ServerProcess:
              "--hicache-write-policy", "write_through", "--enable-cache-report",
              "--enable-request-time-stats-logging",
              "--log-level", "info", "--disaggregation-mode", role,
-             "--disaggregation-transfer-backend", spec.pd_backend,
+             *(["--dualpath-pd-engine"] if spec.pd_backend == "dualpath"
+               else ["--disaggregation-transfer-backend", spec.pd_backend]),
              "--dualpath-root", str(spec.root), "--dualpath-node", f"{role}-node",
              "--dualpath-snic-gbps", str(spec.snic_gbps), *spec.extra]
     if role == "prefill":
@@ -133,6 +134,29 @@ def agent_stats(server_port: int, timeout_s: float = 5.0) -> dict:
             return json.loads(r.read())
     except OSError as e:
         return {"error": str(e)}
+
+
+def run_args(ap, store_dir: str) -> None:
+    """The options every 1P1D GPU check shares (besides --out and --model)."""
+    ap.add_argument("--store-dir", default=store_dir)
+    ap.add_argument("--health-timeout", type=float, default=400)
+    ap.add_argument("--setup-s", type=float, help="set by scripts/gpu_run.sh")
+
+
+def start_run(ap, argv, tag: str):
+    """Parse, create --out, log to stdout with `tag`; returns (args, the result's header)."""
+    import logging
+    import sys
+
+    from dualpath.bench.smoke import gpu_facts
+    from dualpath.version import git_sha
+
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format=f"[{tag} %(asctime)s] %(message)s",
+                        datefmt="%H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
+    return args, {"date": time.strftime("%Y-%m-%d"), "git_sha": git_sha(), **gpu_facts(),
+                  "model": args.model.name, "setup_s": args.setup_s}
 
 
 def set_snic_cap(server_port: int, cap_gbps: float, timeout_s: float = 5.0) -> bool:

@@ -34,6 +34,7 @@ def load() -> None:
         return
     from dualpath.sglang_plugin.hooks import register_all
 
-    register_all(dual_path=cfg.enable_dual_path, prefetch_queue_on=cfg.prefetch_queue)
+    register_all(dual_path=cfg.enable_dual_path, prefetch_queue_on=cfg.prefetch_queue,
+                 pd_engine=cfg.pd_engine)
     log.info("dualpath plugin loaded (dual path %s, role %s, agent port %d)",
              "on" if cfg.enable_dual_path else "off", cfg.role or "-", cfg.agent_port)

@@ -117,6 +117,19 @@ PREFETCH_QUEUE_HOOKS: tuple[Hook, ...] = (
          "an aborted request leaves the prefetch queue"),
 )
 
+def pd_engine_class():
+    from dualpath.transfer.mooncake_compat import DualPathPDEngine
+
+    return DualPathPDEngine
+
+
+# registered with the launcher's --dualpath-pd-engine
+PD_ENGINE_HOOKS: tuple[Hook, ...] = (
+    Hook("sglang.srt.distributed.device_communicators.mooncake_transfer_engine."
+         "MooncakeTransferEngine", "REPLACE", pd_engine_class,
+         "SGLang's Mooncake PD backend moves KV with our engine (CUDA IPC + cuda/tcp backends)"),
+)
+
 # registered only with --enable-dual-path
 HOOKS: tuple[Hook, ...] = (
     Hook("sglang.srt.managers.cache_controller.HiCacheController._page_get_zero_copy",
@@ -131,12 +144,15 @@ HOOKS: tuple[Hook, ...] = (
 )
 
 
-def register_all(dual_path: bool = True, prefetch_queue_on: bool = True) -> None:
+def register_all(dual_path: bool = True, prefetch_queue_on: bool = True,
+                 pd_engine: bool = False) -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     hooks = (LAUNCHER_HOOKS + (PREFETCH_QUEUE_HOOKS if prefetch_queue_on else ())
-             + (HOOKS if dual_path else ()))
+             + (PD_ENGINE_HOOKS if pd_engine else ()) + (HOOKS if dual_path else ()))
     for h in hooks:
-        HookRegistry.register(h.target, h.fn, HookType[h.kind])
+        # a REPLACE hook's fn returns the replacement class (imported only when registered)
+        fn = h.fn() if h.kind == "REPLACE" else h.fn
+        HookRegistry.register(h.target, fn, HookType[h.kind])
     log.info("dualpath: registered %d SGLang hooks (checked against %s)", len(hooks),
              CHECKED_VERSION)

@@ -1,0 +1,122 @@
+"""PD KV transfer on a 2-GPU host: SGLang's NIXL backend vs our transfer engine under SGLang's
+Mooncake backend (`--dualpath-pd-engine`), in one run, on the same prompts.
+
+For each backend: boot 1P1D (+ router), send each prompt length (default 4k, 16k, 32k tokens;
+fresh random ids, so nothing is cached) `--repeats` times, greedy, and record per request the
+TTFT and SGLang's own stage times (prefill forward + KV send; decode's wait for the KV), then
+stop. Checks that both backends give the same greedy tokens for the same prompt. Writes
+result.json. Run through scripts/gpu_pd_transfer.sh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from dualpath.bench import client
+from dualpath.bench.pd_cluster import ClusterSpec, PDCluster, run_args, start_run
+from dualpath.bench.servers import ServerError
+from dualpath.bench.smoke import DEFAULT_MODEL, prompt
+from dualpath.bench.stage_stats import LogCursor, parse_line
+
+log = logging.getLogger("dualpath.pd_transfer")
+
+
+def run_backend(name: str, args, out: Path) -> dict:
+    root = Path(args.store_dir) / name
+    shutil.rmtree(root, ignore_errors=True)
+    spec = ClusterSpec(model=args.model, root=root, pd_backend=name,
+                       max_total_tokens=args.max_total_tokens, snic_gbps=0.0,
+                       decode_max_total_tokens=args.max_total_tokens)
+    res: dict = {"backend": name, "requests": []}
+    try:
+        with PDCluster(spec, out / name, args.health_timeout) as c:
+            res["startup_s"] = c.startup_s
+            client.generate(c.url, prompt(1, 1024), 4)  # warm-up: first-use compiles
+            for n in args.lengths:
+                for k in range(args.repeats):
+                    cur = [LogCursor(p.log_path) for p in (c.pre, c.dec)]
+                    g = client.generate(c.url, prompt(1000 * n + k, n), args.output_len)
+                    time.sleep(0.5)  # the stats lines follow the response
+                    stages = [r for cu in cur for x in cu.new_lines()
+                              if (r := parse_line(x)) is not None]
+                    pre = next((r for r in stages if r["type"] == "prefill"), {})
+                    dec = next((r for r in stages if r["type"] == "decode"), {})
+                    res["requests"].append({
+                        "prompt_len": n, "repeat": k, "ttft_s": round(g.ttft_s, 4),
+                        "output_ids": g.output_ids, "prefill_forward_s": pre.get("forward_s"),
+                        "kv_mb": pre.get("transfer_total_mb"),
+                        "decode_transfer_s": dec.get("transfer_s")})
+                    log.info("%s %d tokens #%d: TTFT %.3f s, prefill fwd+send %s s, decode "
+                             "waited %s s for %s MB", name, n, k, g.ttft_s,
+                             pre.get("forward_s"), dec.get("transfer_s"),
+                             pre.get("transfer_total_mb"))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return res
+
+
+def summarize(res: dict) -> dict:
+    by: dict[int, dict] = {}
+    for r in res["requests"]:
+        by.setdefault(r["prompt_len"], {"ttft": [], "fwd": [], "wait": []})
+        by[r["prompt_len"]]["ttft"].append(r["ttft_s"])
+        if r["prefill_forward_s"] is not None:
+            by[r["prompt_len"]]["fwd"].append(r["prefill_forward_s"])
+        if r["decode_transfer_s"] is not None:
+            by[r["prompt_len"]]["wait"].append(r["decode_transfer_s"])
+    return {n: {k: round(statistics.median(v), 4) if v else None for k, v in d.items()}
+            for n, d in sorted(by.items())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--backends", default="nixl,dualpath")
+    ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")],
+                    default=[4096, 16384, 32768])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--output-len", type=int, default=8)
+    ap.add_argument("--max-total-tokens", type=int, default=131072)
+    run_args(ap, "/dev/shm/dualpath-pd-transfer")
+    args, head = start_run(ap, argv, "pd-transfer")
+    result = {**head, "backends": [], "ok": False}
+    rc = 1
+    try:
+        for name in args.backends.split(","):
+            res = run_backend(name, args, args.out)
+            res["summary"] = summarize(res)
+            result["backends"].append(res)
+            (args.out / "result.json").write_text(json.dumps(result) + "\n")
+        outs = [{(r["prompt_len"], r["repeat"]): r["output_ids"] for r in b["requests"]}
+                for b in result["backends"]]
+        result["outputs_match"] = all(o == outs[0] for o in outs[1:])
+        result["ok"] = result["outputs_match"] and all(
+            len(r["output_ids"]) == args.output_len for b in result["backends"]
+            for r in b["requests"])
+        print(f"{'tokens':>8}" + "".join(f"{b['backend'] + ' TTFT':>16}{'fwd+send':>10}"
+                                          f"{'dec wait':>10}" for b in result["backends"]))
+        for n in args.lengths:
+            line = f"{n:>8}"
+            for b in result["backends"]:
+                s = b["summary"].get(n, {})
+                line += f"{s.get('ttft')!s:>16}{s.get('fwd')!s:>10}{s.get('wait')!s:>10}"
+            print(line)
+        print("greedy outputs equal across backends:", result["outputs_match"], flush=True)
+        rc = 0 if result["ok"] else 1
+    except (ServerError, OSError, RuntimeError) as e:
+        result["failure"] = f"{type(e).__name__}: {e}"
+        log.error("FAIL %s", result["failure"])
+    finally:
+        (args.out / "result.json").write_text(json.dumps(result) + "\n")
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,45 @@
+"""The 1P1D cluster's server command lines (what the GPU checks start) and the PD-transfer
+summary."""
+
+from pathlib import Path
+
+from dualpath.bench import pd_transfer
+from dualpath.bench.pd_cluster import ClusterSpec, server
+from dualpath.launch_server import build_parser, sglang_args
+
+
+def argv(spec, role, tmp_path):
+    p = server(spec, role, tmp_path)
+    return p.args[2:], p.env  # after "-m dualpath.launch_server"
+
+
+def test_roles_get_their_pools_gpus_and_backend(tmp_path):
+    spec = ClusterSpec(model=Path("m"), root=tmp_path / "kv", decode_max_total_tokens=163840,
+                       decode_hicache_ratio=1.25, decode_cuda_graph_max_bs=32, buffer_gb=16)
+    pre, pre_env = argv(spec, "prefill", tmp_path)
+    dec, dec_env = argv(spec, "decode", tmp_path)
+    val = lambda a, f: a[a.index(f) + 1]  # noqa: E731
+    assert val(pre, "--max-total-tokens") == "32768" and val(dec, "--max-total-tokens") == "163840"
+    assert val(dec, "--hicache-ratio") == "1.25" and val(dec, "--cuda-graph-max-bs") == "32"
+    assert "--disable-cuda-graph" in pre and "--disable-cuda-graph" not in dec
+    assert val(pre, "--base-gpu-id") == "0" and val(dec, "--base-gpu-id") == "1"
+    assert pre_env["CUDA_VISIBLE_DEVICES"] == dec_env["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert val(pre, "--disaggregation-transfer-backend") == "nixl"
+    ours, _ = argv(ClusterSpec(model=Path("m"), root=tmp_path, pd_backend="dualpath"), "decode",
+                   tmp_path)
+    assert "--dualpath-pd-engine" in ours and "--disaggregation-transfer-backend" not in ours
+    args, cfg = sglang_args(*build_parser().parse_known_args(ours))  # the launcher accepts it
+    assert cfg.pd_engine and val(args, "--disaggregation-transfer-backend") == "mooncake"
+    stock, _ = argv(ClusterSpec(model=Path("m"), root=tmp_path, prefetch_queue=False),
+                    "prefill", tmp_path)
+    assert val(stock, "--dualpath-prefetch-queue") == "off"
+
+
+def test_pd_transfer_summary_is_per_prompt_length():
+    res = {"requests": [
+        {"prompt_len": 4096, "ttft_s": 0.2, "prefill_forward_s": 0.1, "decode_transfer_s": 0.05},
+        {"prompt_len": 4096, "ttft_s": 0.4, "prefill_forward_s": None, "decode_transfer_s": None},
+        {"prompt_len": 16384, "ttft_s": 1.0, "prefill_forward_s": 0.5, "decode_transfer_s": 0.2}]}
+    assert pd_transfer.summarize(res) == {
+        4096: {"ttft": 0.3, "fwd": 0.1, "wait": 0.05},
+        16384: {"ttft": 1.0, "fwd": 0.5, "wait": 0.2}}
