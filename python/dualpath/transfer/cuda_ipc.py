@@ -122,10 +122,19 @@ class OpenRange:
         self.close()
 
 
-def open_range(desc: IpcRange) -> OpenRange:
-    """Map an exported range into this process (on the current CUDA device's context; peer
-    access to the owner's GPU is enabled as needed)."""
+def open_range(desc: IpcRange, device: int | None = None) -> OpenRange:
+    """Map an exported range into this process, in the context of `device` (default: the
+    calling thread's current device): kernels on that GPU reach it (peer access to the owner's
+    GPU is enabled as needed), so open it on the GPU that will write into it."""
     runtime, _ = _rt()
-    (base,) = _call(runtime.cudaIpcOpenMemHandle, handle_from_bytes(desc.handle),
-                    runtime.cudaIpcMemLazyEnablePeerAccess, what="cudaIpcOpenMemHandle")
+    prev = None
+    if device is not None:
+        (prev,) = _call(runtime.cudaGetDevice, what="cudaGetDevice")
+        _call(runtime.cudaSetDevice, device, what="cudaSetDevice")
+    try:
+        (base,) = _call(runtime.cudaIpcOpenMemHandle, handle_from_bytes(desc.handle),
+                        runtime.cudaIpcMemLazyEnablePeerAccess, what="cudaIpcOpenMemHandle")
+    finally:
+        if prev is not None and prev != device:
+            _call(runtime.cudaSetDevice, prev, what="cudaSetDevice")
     return OpenRange(int(base), desc)

@@ -178,7 +178,8 @@ class DualPathPDEngine:
         with self._lock:
             got = self._opened.get(key)
         if got is None:
-            mem = cuda_ipc.open_range(cuda_ipc.IpcRange.from_dict(row["ipc"]))
+            # mapped on this engine's GPU, whose kernels push our KV into it
+            mem = cuda_ipc.open_range(cuda_ipc.IpcRange.from_dict(row["ipc"]), self.gpu_id)
             got = (mem, self._cuda.register(mem.ptr, row["length"], "device"))
             with self._lock:
                 self._opened[key] = got

@@ -4,7 +4,7 @@
 //
 // A worker's slice of a batch is one submission on that worker's stream of the batch's class
 // (latency: the device's highest stream priority, bulk: its lowest), grouped by the device that
-// executes it (the destination's GPU, else the source's):
+// executes it (the source's GPU, else the destination's):
 // - pieces of at least kEngineCopyBytes, or touching memory no kernel may dereference (pageable
 //   host memory), go to the copy engines with cudaMemcpyAsync;
 // - the smaller ones are moved by one launch of batched_copy_kernel (a table of (src, dst, len)
@@ -130,7 +130,10 @@ class CudaBackend final : public Backend {
     for (uint64_t i = begin; i < end; ++i) {
       if (pieces[i].length == 0) continue;
       const Resolved& r = ptrs[i];
-      const int dev = r.dst_region->device >= 0 ? r.dst_region->device : r.src_region->device;
+      // the source's GPU pushes (peer writes over NVLink; another process's memory is mapped
+      // in this process's context of the current device, i.e. the source's), else the
+      // destination's GPU pulls from host memory
+      const int dev = r.src_region->device >= 0 ? r.src_region->device : r.dst_region->device;
       if (dev < 0) {
         std::memmove(r.dst, r.src, pieces[i].length);
         continue;
