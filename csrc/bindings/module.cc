@@ -28,13 +28,18 @@ py::dict build_info() {
   d["cuda_compiler"] = py::none();
   d["cuda_archs"] = py::none();
 #endif
+#ifdef DUALPATH_WITH_RDMA
+  d["with_rdma"] = true;
+#else
+  d["with_rdma"] = false;
+#endif
   return d;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "DualPath native module (build info; transfer engine and kernels arrive later)";
+  m.doc() = "DualPath native module: build info, the transfer engine, the KV copy kernels";
   bind_transfer(m);
   m.def("build_info", &build_info,
         "How this module was built: version, git sha, compilers, whether CUDA sources are in.");

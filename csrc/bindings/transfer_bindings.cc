@@ -3,10 +3,14 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <tuple>
+
+#include "../transfer/backends/rdma/wr_plan.h"
 #include "../transfer/engine.h"
 
 namespace py = pybind11;
 using namespace dualpath::transfer;
+namespace rdma = dualpath::transfer::rdma;
 
 namespace {
 
@@ -25,6 +29,20 @@ const char* status_name(Status s) {
 }  // namespace
 
 void bind_transfer(py::module_& m) {
+  m.def(
+      "_rdma_plan",
+      [](const std::vector<uint64_t>& lengths, uint64_t max_msg, uint32_t max_chain) {
+        std::vector<std::vector<std::tuple<uint64_t, uint64_t, uint64_t, bool>>> out;
+        for (const auto& chain : rdma::plan_wrs(lengths, max_msg, max_chain)) {
+          out.emplace_back();
+          for (const auto& w : chain) out.back().emplace_back(w.piece, w.offset, w.length,
+                                                              w.signaled);
+        }
+        return out;
+      },
+      py::arg("lengths"), py::arg("max_msg"), py::arg("max_chain"),
+      "The rdma backend's work-request plan (tests): chains of (piece, offset, length, "
+      "signaled).");
   py::class_<Batch, Handle>(m, "TransferHandle")
       .def_property_readonly("size", [](const Batch& b) { return b.size; })
       .def_property_readonly("failed_index", [](const Batch& b) { return b.failed_index.load(); })

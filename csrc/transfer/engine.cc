@@ -126,6 +126,7 @@ void Engine::deregister_region(uint64_t id) {
                                                         " is not registered");
   if (it->second->in_use.load() > 0)
     throw std::runtime_error("region " + std::to_string(id) + " is used by a pending batch");
+  if (!it->second->peer) backend_->on_deregister(*it->second);
   regions_.erase(it);
 }
 
@@ -234,7 +235,7 @@ void Engine::worker_loop(int index) {
       h = next_slice(&b, &e);
       if (!h) return;  // stopping and nothing queued
     }
-    if (backend_->batched()) {  // local ends only (batched backends have no remote regions)
+    if (backend_->batched()) {  // the backend moves the whole slice (remote ends included)
       if (!h->canceled.load() && h->failed_index.load() < 0) {
         std::string err;
         try {

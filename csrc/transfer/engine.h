@@ -53,7 +53,12 @@ namespace dualpath::transfer {
 enum class Priority : int { kLatency = 0, kBulk = 1 };
 enum class Status : int { kPending = 0, kDone = 1, kFailed = 2, kCanceled = 3 };
 
-class Peer;  // a remote engine reached by the backend (tcp); defined by the backend
+// A remote engine reached by a network backend; each backend derives its own (and only ever
+// sees its own peers: an engine has one backend).
+class Peer {
+ public:
+  virtual ~Peer() = default;
+};
 
 struct Region {
   uint64_t id;
@@ -104,6 +109,8 @@ class Backend {
   virtual void shutdown() {}
   // Accept (and annotate: device, gpu_accessible) a region being registered, or say why not.
   virtual std::string check_region(Region& r);
+  // A region is going away (after no batch uses it): release what check_region set up.
+  virtual void on_deregister(Region&) {}
   // Batched backends move a worker's whole slice [begin, end) of a batch's pieces at once.
   virtual bool batched() const { return false; }
   virtual std::string copy_range(const std::vector<Resolved>& ptrs,

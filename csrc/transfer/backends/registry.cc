@@ -9,10 +9,17 @@ std::unique_ptr<Backend> make_host_backend();
 std::unique_ptr<Backend> make_tcp_backend();
 #ifdef DUALPATH_WITH_CUDA
 std::unique_ptr<Backend> make_cuda_backend(bool use_kernel);
-#define DUALPATH_BACKENDS "host, tcp, cuda, cuda:memcpy"
+#define DUALPATH_CUDA_NAMES ", cuda, cuda:memcpy"
 #else
-#define DUALPATH_BACKENDS "host, tcp"
+#define DUALPATH_CUDA_NAMES ""
 #endif
+#ifdef DUALPATH_WITH_RDMA
+std::unique_ptr<Backend> make_rdma_backend(const std::string& spec);
+#define DUALPATH_RDMA_NAMES ", rdma[:device[:gid]]"
+#else
+#define DUALPATH_RDMA_NAMES ""
+#endif
+#define DUALPATH_BACKENDS "host, tcp" DUALPATH_CUDA_NAMES DUALPATH_RDMA_NAMES
 
 std::unique_ptr<Backend> make_backend(const std::string& name) {
   if (name == "host") return make_host_backend();
@@ -24,6 +31,13 @@ std::unique_ptr<Backend> make_backend(const std::string& name) {
   if (name == "cuda" || name == "cuda:memcpy")
     throw std::invalid_argument("the cuda transfer backend is not built into this module "
                                 "(build with CUDA: DUALPATH_BUILD_CUDA=on); built: " DUALPATH_BACKENDS);
+#endif
+#ifdef DUALPATH_WITH_RDMA
+  if (name == "rdma" || name.rfind("rdma:", 0) == 0) return make_rdma_backend(name);
+#else
+  if (name == "rdma" || name.rfind("rdma:", 0) == 0)
+    throw std::invalid_argument("the rdma transfer backend is not built into this module (no "
+                                "infiniband/verbs.h at build time); built: " DUALPATH_BACKENDS);
 #endif
   throw std::invalid_argument("unknown transfer backend '" + name + "'; built: " DUALPATH_BACKENDS);
 }

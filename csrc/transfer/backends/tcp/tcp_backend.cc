@@ -151,10 +151,10 @@ int dial(const std::string& address, std::string* err) {
 
 }  // namespace
 
-class Peer {
+class TcpPeer final : public Peer {
  public:
-  Peer(std::string address, int n) : address_(std::move(address)), conns_(n) {}
-  ~Peer() {
+  TcpPeer(std::string address, int n) : address_(std::move(address)), conns_(n) {}
+  ~TcpPeer() override {
     for (auto& c : conns_)
       if (c.fd >= 0) close(c.fd);
   }
@@ -221,18 +221,20 @@ class TcpBackend final : public Backend {
 
   std::string write_remote(Region& dst, uint64_t offset, const void* src, uint64_t length,
                            int worker) override {
-    return dst.peer->request(worker, kWrite, dst.remote_id, offset, length, src, nullptr);
+    return static_cast<TcpPeer*>(dst.peer.get())
+        ->request(worker, kWrite, dst.remote_id, offset, length, src, nullptr);
   }
 
   std::string read_remote(void* dst, Region& src, uint64_t offset, uint64_t length,
                           int worker) override {
-    return src.peer->request(worker, kRead, src.remote_id, offset, length, nullptr, dst);
+    return static_cast<TcpPeer*>(src.peer.get())
+        ->request(worker, kRead, src.remote_id, offset, length, nullptr, dst);
   }
 
   std::shared_ptr<Peer> connect(const std::string& address, int connections) override {
     std::string host, port;
     split_address(address, &host, &port);  // validate now; sockets open on first use
-    return std::make_shared<Peer>(address, connections);
+    return std::make_shared<TcpPeer>(address, connections);
   }
 
   int listen(Engine& engine, const std::string& host, int port) override {
