@@ -22,6 +22,7 @@ PARAMS = {
                               "last_hash", "prefix_keys"],
     "check_prefetch_progress": ["self", "req_id"],
     "release_aborted_request": ["self", "rid"],
+    "reset": ["self"],
 }
 ALL_HOOKS = (hooks.LAUNCHER_HOOKS + hooks.PREFETCH_QUEUE_HOOKS + hooks.PD_ENGINE_HOOKS
              + hooks.HOOKS)

@@ -123,3 +123,47 @@ def test_lookup_key_is_the_one_stock_queries_first():
     HCC._storage_hit_query(cache.cache_controller, op)
     stock = cache.cache_controller.storage_backend.asked[-1]
     assert len(ours) == 1 and ours[0] == stock[0]
+
+
+def test_first_in_first_out_and_no_overtaking():
+    tokens = list(range(2048))
+    cache = make_cache(stored_tokens=tokens, capacity=3000)
+    cc = cache.cache_controller
+    cc.prefetch_tokens_occupied = 3000
+    n1, n2, n3 = Node(), Node(), Node()
+    cache.prefetch_from_storage("r1", n1, tokens, None, None)
+    cc.prefetch_tokens_occupied = 0  # budget frees before the next arrival
+    cache.prefetch_from_storage("r2", n2, tokens, None, None)  # behind r1, not ahead of it
+    assert list(getattr(cache, pq.ATTR)) == ["r1", "r2"] and cc.started == []
+    assert cache.check("r2") is False  # r1 starts first (2048 tokens), then r2 fits too
+    assert [r for r, _ in cc.started] == ["r1", "r2"]
+    cache.prefetch_from_storage("r3", n3, tokens, None, None)  # r1 + r2 hold the budget
+    assert cc.prefetch_tokens_occupied >= 3000 and "r3" in getattr(cache, pq.ATTR)
+    assert n1.protected == n2.protected == n3.protected == 1
+
+
+def test_entries_expire_and_reset_empties_the_queue(monkeypatch):
+    tokens = list(range(512))
+    cache, node = make_cache(stored_tokens=tokens, capacity=1), Node()
+    cache.cache_controller.prefetch_tokens_occupied = 1
+    cache.prefetch_from_storage("old", node, tokens, None, None)
+    t = pq.time.monotonic()
+    monkeypatch.setattr(pq.time, "monotonic", lambda: t + pq.QUEUE_TTL_S + 1)
+    pq.drain(cache)
+    assert not getattr(cache, pq.ATTR) and node.protected == 0
+    monkeypatch.undo()
+    cache.prefetch_from_storage("x", node, tokens, None, None)
+    assert pq.reset("r", cache) == "r" and not getattr(cache, pq.ATTR)
+
+
+@pytest.mark.parametrize("why", ["decode", "tp2"])
+def test_decode_servers_and_tp_above_one_stay_stock(monkeypatch, why):
+    tokens = list(range(1024))
+    cache, node = make_cache(stored_tokens=tokens, capacity=1), Node()
+    cache.cache_controller.prefetch_tokens_occupied = 1
+    if why == "decode":
+        monkeypatch.setenv("DUALPATH_PLUGIN_CONFIG", '{"role": "decode"}')
+    else:
+        cache.tp_world_size = 2
+    cache.prefetch_from_storage("d", node, tokens, None, None)
+    assert not getattr(cache, pq.ATTR, None) and node.protected == 0  # dropped, as stock

@@ -115,6 +115,8 @@ PREFETCH_QUEUE_HOOKS: tuple[Hook, ...] = (
          "a queued prefetch starts when the budget frees; its request waits for it"),
     Hook(_HRC + "release_aborted_request", "BEFORE", prefetch_queue.release,
          "an aborted request leaves the prefetch queue"),
+    Hook(_HRC + "reset", "AFTER", prefetch_queue.reset,
+         "a flushed cache forgets queued prefetches (their nodes are gone)"),
 )
 
 def pd_engine_class():

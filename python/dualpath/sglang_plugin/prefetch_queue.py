@@ -7,14 +7,20 @@ never prefetches: its stored prefix is recomputed. Under a multi-turn agentic lo
 pool as a staging buffer, most turns arrive in bursts and are recomputed (measured on 2x H100,
 2026-11-27: 48 of 77 later turns with no prefix hit at the prefill; benchmark/results/README.md).
 DualPath's premise is that stored prefixes are loaded, with the storage NICs the bottleneck, so
-a prefetch that finds the budget taken is queued here and started as soon as the budget frees;
+here such a prefetch is queued, first in first out, and started as soon as the budget frees;
 the scheduler keeps the request waiting meanwhile (as it does for a prefetch in progress under
 the `wait_complete` policy).
 
-Only prefixes that storage holds are queued: the first page of the would-be prefetch is looked up
-(one hash, one `batch_exists` of one key), so new prompts are never delayed. State lives on the
-HiRadixCache instance; everything runs on the scheduler thread. With TP > 1 every rank takes the
-same decisions (the budget counter is updated identically and storage is shared).
+- Only prefixes that storage holds are queued: the first page of the would-be prefetch is
+  looked up (one hash, one `batch_exists` of one key), so new prompts are never delayed.
+- Once anything is queued, later arrivals queue behind it (no overtaking); every
+  `check_prefetch_progress` call starts queued prefetches in order while the budget allows.
+- Prefill servers (and non-PD servers) only: a decode's HiCache prefetch bookkeeping
+  (`decode_hicache_mixin`) assumes a started prefetch. TP = 1 only: with TP > 1 ranks could
+  disagree on the lookup (it is not all-reduced), so there the hooks behave as stock.
+- An entry left behind by a request that is never checked again (rejected before scheduling)
+  is dropped after `QUEUE_TTL_S`, and `reset()` empties the queue.
+State lives on the HiRadixCache instance; everything runs on the scheduler thread.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ _WAITING = Gauge("dualpath_prefetch_waiting", "Prefetches queued now")
 _WAIT_S = Histogram("dualpath_prefetch_queue_wait_seconds", "Time a prefetch waited for budget",
                     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32))
 ATTR = "_dualpath_prefetch_queue"
+DRAINING = "_dualpath_prefetch_draining"
+QUEUE_TTL_S = 300.0
 
 
 def _queue(cache) -> OrderedDict:
@@ -40,6 +48,15 @@ def _queue(cache) -> OrderedDict:
         q = OrderedDict()
         setattr(cache, ATTR, q)
     return q
+
+
+def _enabled(cache) -> bool:
+    if getattr(cache, "tp_world_size", 1) > 1:
+        return False
+    from dualpath.sglang_plugin import launcher_config
+
+    cfg = launcher_config()
+    return cfg is None or cfg.role != "decode"
 
 
 def stored_prefix(cache, node, tokens, last_hash, prefix_keys) -> bool:
@@ -62,38 +79,70 @@ def stored_prefix(cache, node, tokens, last_hash, prefix_keys) -> bool:
         return False
 
 
+def _expire(cache, q: OrderedDict) -> None:
+    now = time.monotonic()
+    while q:
+        rid, item = next(iter(q.items()))
+        if now - item[4] < QUEUE_TTL_S:
+            break
+        q.popitem(last=False)
+        item[0].release_host()
+        log.warning("queued prefetch of %s dropped after %.0f s (request gone?)", rid,
+                    now - item[4])
+    _WAITING.set(len(q))
+
+
 def prefetch(original, cache, req_id, last_host_node, new_input_tokens, last_hash=None,
              prefix_keys=None):
-    """AROUND HiRadixCache.prefetch_from_storage: queue instead of dropping when rate-limited."""
+    """AROUND HiRadixCache.prefetch_from_storage: queue instead of dropping when the budget is
+    taken or others already wait."""
+    if getattr(cache, DRAINING, False) or not _enabled(cache):
+        return original(cache, req_id, last_host_node, new_input_tokens, last_hash, prefix_keys)
     cc = cache.cache_controller
+    q = _queue(cache)
+    _expire(cache, q)
     aligned = len(new_input_tokens) - len(new_input_tokens) % cache.page_size
     if (getattr(cache, "enable_storage", False) and aligned >= cache.prefetch_threshold
-            and cc.prefetch_rate_limited()
+            and (q or cc.prefetch_rate_limited())
             and stored_prefix(cache, last_host_node, new_input_tokens, last_hash, prefix_keys)):
         last_host_node.protect_host()  # as stock does for a started prefetch
-        _queue(cache)[req_id] = (last_host_node, new_input_tokens, last_hash, prefix_keys,
-                                 time.monotonic())
+        q[req_id] = (last_host_node, new_input_tokens, last_hash, prefix_keys, time.monotonic())
         _QUEUED.inc()
-        _WAITING.set(len(_queue(cache)))
+        _WAITING.set(len(q))
         log.debug("prefetch of %d tokens for %s queued (budget taken)", aligned, req_id)
         return None
     return original(cache, req_id, last_host_node, new_input_tokens, last_hash, prefix_keys)
 
 
-def check(original, cache, req_id) -> bool:
-    """AROUND HiRadixCache.check_prefetch_progress: a queued prefetch is not done; start it once
-    the budget frees (the request then waits for it like any prefetch in progress)."""
+def drain(cache) -> None:
+    """Start queued prefetches, oldest first, while the budget allows."""
     q = getattr(cache, ATTR, None)
-    if not q or req_id not in q:
-        return original(cache, req_id)
-    if cache.cache_controller.prefetch_rate_limited():
+    if not q:
+        return
+    _expire(cache, q)
+    setattr(cache, DRAINING, True)
+    try:
+        while q and not cache.cache_controller.prefetch_rate_limited():
+            rid, (node, tokens, last_hash, prefix_keys, t0) = q.popitem(last=False)
+            _WAIT_S.observe(time.monotonic() - t0)
+            cache.prefetch_from_storage(rid, node, tokens, last_hash, prefix_keys)
+            node.release_host()  # the started prefetch holds its own protection
+    finally:
+        setattr(cache, DRAINING, False)
+        _WAITING.set(len(q))
+
+
+def check(original, cache, req_id) -> bool:
+    """AROUND HiRadixCache.check_prefetch_progress: start what the budget allows, in order; a
+    request whose prefetch is still queued is not ready."""
+    drain(cache)
+    q = getattr(cache, ATTR, None)
+    if q and req_id in q:
         return False
-    node, tokens, last_hash, prefix_keys, t0 = q.pop(req_id)
-    _WAITING.set(len(q))
-    _WAIT_S.observe(time.monotonic() - t0)
-    cache.prefetch_from_storage(req_id, node, tokens, last_hash, prefix_keys)
-    node.release_host()  # the started prefetch holds its own protection
-    return req_id not in cache.ongoing_prefetch
+    done = original(cache, req_id)
+    if done:
+        drain(cache)  # this request's prefetch may have freed budget
+    return done
 
 
 def release(cache, rid) -> None:
@@ -103,3 +152,12 @@ def release(cache, rid) -> None:
     if item is not None:
         item[0].release_host()
         _WAITING.set(len(q))
+
+
+def reset(result, cache, *args, **kwargs):
+    """AFTER HiRadixCache.reset: the tree is new; queued entries point into the old one."""
+    q = getattr(cache, ATTR, None)
+    if q:
+        q.clear()
+        _WAITING.set(0)
+    return result
