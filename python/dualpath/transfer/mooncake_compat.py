@@ -31,6 +31,7 @@ from dualpath.transfer import cuda_ipc
 from dualpath.transfer.engine import TransferBatch, TransferEngine
 
 log = logging.getLogger("dualpath.pd_engine")
+TIMEOUT_S = 60  # a batch not done by then is canceled (and waited for) and reported failed
 
 
 class _Ranges:
@@ -82,6 +83,7 @@ class DualPathPDEngine:
         self._peers: dict[str, _Ranges] = {}  # session -> its ranges (payload: its table row)
         self._opened: dict[tuple[str, int], tuple] = {}  # (session, start) -> (OpenRange, region)
         self._remote: dict[tuple[str, int], int] = {}  # (session, start) -> tcp remote region
+        self._open_lock = threading.Lock()  # one opener per peer range
         self._http = ThreadingHTTPServer(("0.0.0.0", 0), self._handler())
         threading.Thread(target=self._http.serve_forever, daemon=True,
                          name="dualpath-pd-engine").start()
@@ -134,9 +136,14 @@ class DualPathPDEngine:
             try:
                 payload["cuda"] = self._cuda.register(ptr, n, "device")
                 payload["kind"] = "device"
-                payload["ipc"] = cuda_ipc.export(ptr, n).to_dict()
             except ValueError:  # not device memory
                 payload["cuda"] = self._cuda.register(ptr, n, "host")
+            if payload["kind"] == "device":
+                try:  # fails for VMM memory (e.g. expandable segments): say so, keep nothing
+                    payload["ipc"] = cuda_ipc.export(ptr, n).to_dict()
+                except cuda_ipc.CudaIpcError:
+                    self._cuda.deregister(payload["cuda"])
+                    raise
         if payload["kind"] == "host":
             payload["tcp"] = self._tcp.register(ptr, n)
         with self._lock:
@@ -178,12 +185,25 @@ class DualPathPDEngine:
         with self._lock:
             got = self._opened.get(key)
         if got is None:
-            # mapped on this engine's GPU, whose kernels push our KV into it
-            mem = cuda_ipc.open_range(cuda_ipc.IpcRange.from_dict(row["ipc"]), self.gpu_id)
-            got = (mem, self._cuda.register(mem.ptr, row["length"], "device"))
-            with self._lock:
-                self._opened[key] = got
+            with self._open_lock:
+                got = self._opened.get(key)
+                if got is None:
+                    # mapped on this engine's GPU, whose kernels push our KV into it
+                    mem = cuda_ipc.open_range(cuda_ipc.IpcRange.from_dict(row["ipc"]),
+                                              self.gpu_id)
+                    got = (mem, self._cuda.register(mem.ptr, row["length"], "device"))
+                    with self._lock:
+                        self._opened[key] = got
         return got[1]
+
+    def _open_all(self, session: str) -> None:
+        """Map every range of a peer now (probe / first contact), not inside a transfer."""
+        peer = self._peer(session, refresh=True)
+        for _, _, row in peer.items:
+            if row["kind"] == "device" and self._cuda is not None:
+                self._device_dst(session, row)
+            elif row["kind"] == "host":
+                self._host_dst(session, row)
 
     def _host_dst(self, session: str, row: dict) -> int:
         key = (session, row["start"])
@@ -261,10 +281,17 @@ class DualPathPDEngine:
                 j = inverse[mask]
                 batches[eng] = TransferBatch.of(sreg[j], src[mask] - sbase[j], dreg[j],
                                                 dst[mask] - dbase[j], n[mask])
-        handles = [(eng, eng.submit(b, priority="latency")) for eng, b in batches.items()]
+        # bulk class: KV copies yield to the model's kernels (default stream priority), the
+        # copy engines ignore priorities anyway
+        handles = [(eng, eng.submit(b, priority="bulk")) for eng, b in batches.items()]
         rc = 0
         for eng, h in handles:
-            st = eng.wait(h, 60)
+            st = eng.wait(h, TIMEOUT_S)
+            if st == "pending":  # never return while writes may still land: cancel, then wait
+                eng.cancel(h)
+                st = eng.wait(h)
+                log.error("pd engine: %s batch to %s took over %d s: canceled", eng.backend,
+                          session, TIMEOUT_S)
             if st != "done":
                 log.error("pd engine: %s batch %s: %s", eng.backend, st, h.error)
                 rc = -1
@@ -279,9 +306,10 @@ class DualPathPDEngine:
 
     def send_probe(self, peer_session_id: str) -> int:
         try:
-            self._peer(peer_session_id, refresh=True)
+            self._open_all(peer_session_id)
             return 0
-        except OSError:
+        except (OSError, ValueError, RuntimeError, cuda_ipc.CudaIpcError) as e:
+            log.warning("pd engine: probe of %s failed: %s", peer_session_id, e)
             return -1
 
     def get_engine(self):

@@ -30,6 +30,7 @@ namespace dualpath::transfer {
 namespace {
 
 constexpr uint64_t kEngineCopyBytes = 1 << 20;  // at or above: copy engine, below: the kernel
+constexpr uint64_t kBlockBytes = 64 << 10;       // one kernel block copies at most this much
 
 struct Piece {
   const char* src;
@@ -151,6 +152,7 @@ class CudaBackend final : public Backend {
   std::string run_on_device(int dev, const std::vector<uint64_t>& idx,
                             const std::vector<Resolved>& ptrs, const std::vector<Desc>& pieces,
                             Priority priority, int worker) {
+    cudaGetLastError();  // a failed call of an earlier batch on this thread is not ours
     cudaError_t e = cudaSetDevice(dev);
     if (e != cudaSuccess) return cuda_err("cudaSetDevice", e);
     Lane* lane = nullptr;
@@ -165,8 +167,12 @@ class CudaBackend final : public Backend {
       for (const Region* other : {r.src_region, r.dst_region})
         if (kernel_ok && other->device >= 0 && other->device != dev)
           kernel_ok = peer_access(dev, other->device);  // else the copy engines stage it
-      if (kernel_ok) {
-        small.push_back({static_cast<const char*>(r.src), static_cast<char*>(r.dst), n});
+      if (kernel_ok) {  // cut into block-sized parts: a slice of few larger pieces still
+                        // spreads over the SMs
+        const auto* s8 = static_cast<const char*>(r.src);
+        auto* d8 = static_cast<char*>(r.dst);
+        for (uint64_t o = 0; o < n; o += kBlockBytes)
+          small.push_back({s8 + o, d8 + o, n - o < kBlockBytes ? n - o : kBlockBytes});
         continue;
       }
       e = cudaMemcpyAsync(r.dst, r.src, n, cudaMemcpyDefault, lane->stream);

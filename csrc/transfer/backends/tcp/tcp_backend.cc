@@ -325,13 +325,17 @@ class TcpBackend final : public Backend {
         continue;
       }
       char* mem = reinterpret_cast<char*>(r->addr) + h.offset;
-      if (h.op == kWrite) err = recv_all(fd, mem, h.length);
+      if (h.op == kWrite) {
+        err = recv_all(fd, mem, h.length);
+        engine.unpin(r);  // landed: unpinned before the writer hears so (it may deregister)
+        r = nullptr;
+      }
       Reply rep{kMagic, 0, h.seq, 0};
       if (err.empty()) {
         iovec iov[2] = {{&rep, sizeof rep}, {mem, h.op == kRead ? h.length : 0}};
         err = send_all(fd, iov, h.op == kRead && h.length ? 2 : 1);
       }
-      engine.unpin(r);
+      if (r) engine.unpin(r);
       if (!err.empty()) break;
     }
     std::lock_guard<std::mutex> lk(mu_);
