@@ -6,7 +6,7 @@
 # node) and writes result.json to --out (default .cache/compare_1p1d). Plot it anywhere with
 # `python -m dualpath.bench.plots OUT/result.json`.
 #
-#   bash scripts/bench_1p1d.sh [--configs off,on,oracle] [--agents 16] [--max-turns 10]
+#   bash scripts/bench_1p1d.sh [--configs off,on,oracle] [--agents 16] [--max-turns 20]
 #        [--online-aps 0.5,1,2] [--snic-gbps 6.25] [--out DIR]
 #        [setup/cache options: scripts/gpu_run.sh] [python -m dualpath.bench.compare_1p1d -h]
 set -euo pipefail

@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--initial", type=int, default=8192,
                     help="mean initial context (tokens), overriding the scaled preset's")
     ap.add_argument("--agents", type=int, default=16)
-    ap.add_argument("--max-turns", type=int, default=10, help="turns kept per trajectory")
+    ap.add_argument("--max-turns", type=int, default=20, help="turns kept per trajectory")
     ap.add_argument("--online-aps", type=lambda s: [float(x) for x in s.split(",") if x],
                     default=[], help="comma-separated agent arrival rates for the online sweep")
     ap.add_argument("--snic-gbps", type=float, default=6.25,
