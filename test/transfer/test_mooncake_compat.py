@@ -47,6 +47,31 @@ def test_host_buffers_written_one_sided(pair):
     assert prefill.send_probe(decode.get_session_id()) == 0
 
 
+def test_concurrent_callers_like_sglangs_transfer_workers(pair):
+    import threading
+
+    decode, prefill = pair
+    rng = np.random.default_rng(3)
+    src = rng.integers(0, 256, 4 << 20, dtype=np.uint8)
+    dst = np.zeros(4 << 20, np.uint8)
+    decode.register(dst.ctypes.data, dst.nbytes)
+    prefill.register(src.ctypes.data, src.nbytes)
+    rcs = []
+
+    def worker(k):  # each thread: its own quarter, 256 slices of 4 KiB
+        base = k * (1 << 20)
+        offs = base + np.arange(256) * 4096
+        rcs.append(prefill.batch_transfer_sync(decode.get_session_id(),
+                                               (src.ctypes.data + offs).tolist(),
+                                               (dst.ctypes.data + offs).tolist(), [4096] * 256))
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert rcs == [0, 0, 0, 0] and np.array_equal(src, dst)
+
+
 def test_bad_addresses_fail_cleanly_and_late_registrations_are_found(pair):
     decode, prefill = pair
     src, dst, late = np.ones(4096, np.uint8), np.zeros(4096, np.uint8), np.zeros(64, np.uint8)
