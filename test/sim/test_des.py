@@ -23,7 +23,6 @@ def trajs(n=64, seed=0, rate=None):
 
 def test_every_turn_served_and_every_stored_byte_read_once():
     t = trajs()
-    stored = sum((sum(p for p in tr.prompt_lengths()[1:]) and 0) for tr in t)  # placeholder
     runs = {side: simulate(SimCluster(1, 1, gpus_per_node=2, policy=pol, read_side=side),
                            FAST, t)
             for pol, side in (("basic", "pe"), ("dualpath", "de"), ("dualpath", "split"))}
@@ -33,7 +32,21 @@ def test_every_turn_served_and_every_stored_byte_read_once():
     assert runs["split"].read_bytes_pe > 0 and runs["split"].read_bytes_de > 0
     n = sum(len(tr.turns) for tr in t)
     assert all(r.turns == n for r in runs.values())
-    del stored
+
+
+def test_a_prefill_cache_serves_recent_prefixes_without_storage():
+    t = trajs(4)
+    none = simulate(SimCluster(1, 1, gpus_per_node=1, policy="basic"), FAST, t)
+    big = simulate(SimCluster(1, 1, gpus_per_node=1, policy="basic", pe_cache_tokens=10**7),
+                   FAST, t)
+    small = simulate(SimCluster(1, 1, gpus_per_node=1, policy="basic", pe_cache_tokens=20000),
+                     FAST, t)
+    # with room for every agent only the tokens decoded since (stored by the decode) are read
+    assert none.read_bytes_pe > small.read_bytes_pe > big.read_bytes_pe > 0
+    assert big.read_bytes_pe < 0.01 * none.read_bytes_pe
+    assert big.jct_s < none.jct_s
+    with pytest.raises(ValueError, match="pe_cache_tokens"):
+        SimCluster(1, 1, pe_cache_tokens=-1)
 
 
 def test_storage_bound_speedup_and_its_ceiling():

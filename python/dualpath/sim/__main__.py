@@ -136,6 +136,8 @@ def cmd_validate(args) -> int:
             c = SimCluster(1, 1, gpus_per_node=1, compute_nic_gbps=args.compute_nic_gbps,
                            storage_ratio=cap / args.compute_nic_gbps,
                            decode_kv_tokens=res.get("decode_pool_tokens") or 1_000_000,
+                           pe_cache_tokens=(res.get("device_pool_tokens") or 0)
+                           + (res.get("host_pool_tokens") or 0),
                            policy="dualpath" if cfg.get("dual_path") else "basic",
                            read_side=cfg.get("read_side") or "shorter",
                            schedule_interval_s=args.schedule_interval_s)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from dualpath.config import SchedulerConfig
@@ -98,6 +98,25 @@ class Simulator:
         self.de_index = {s.name: i for i, s in enumerate(dec)}
         self.pe_node = [i // g for i in range(self.n_pe)]
         self.de_node = [i // g for i in range(self.n_de)]
+        self.pe_cache: list[OrderedDict] = [OrderedDict() for _ in range(self.n_pe)]
+
+    def _pe_cached(self, pe: int, tid: int) -> int:
+        """Tokens of turn `tid`'s stored prefix the prefill engine still holds (LRU by agent;
+        the held prefix of an agent is its last prompt there)."""
+        held = self.pe_cache[pe].get(self.turn_agent[tid], 0)
+        return min(held - held % PAGE, self.hit[tid])
+
+    def _pe_keep(self, pe: int, tid: int) -> None:
+        cap = self.c.pe_cache_tokens
+        if cap <= 0:
+            return
+        cache, agent = self.pe_cache[pe], self.turn_agent[tid]
+        cache.pop(agent, None)
+        cache[agent] = self.prompt[tid]
+        total = sum(cache.values())
+        while total > cap and cache:
+            _, n = cache.popitem(last=False)
+            total -= n
 
     def run(self) -> SimResult:
         c, perf = self.c, self.perf
@@ -167,11 +186,13 @@ class Simulator:
                     t = int(plan.rid)
                     pe, de = self.pe_index[plan.prefill], self.de_index[plan.decode]
                     plan_pe[t], plan_de[t] = pe, de
-                    # tokens the plan reads -> bytes actually stored (the trace knows the hit)
+                    # tokens the plan reads -> bytes actually stored (the trace knows the hit),
+                    # less what the prefill engine still caches of this agent's prefix
+                    stored = self.hit[t] - self._pe_cached(pe, t)
                     total = plan.pe_read_tokens + plan.de_read_tokens
                     de_share = plan.de_read_tokens / total if total else 0.0
-                    de_bytes = round(self.hit[t] * de_share) * kvb
-                    pe_bytes = self.hit[t] * kvb - de_bytes
+                    de_bytes = round(stored * de_share) * kvb
+                    pe_bytes = stored * kvb - de_bytes
                     plan_de_read[t] = de_bytes
                     ready = now
                     if pe_bytes:
@@ -199,6 +220,7 @@ class Simulator:
                     start_prefill(pe, now)
             elif kind == PREFILL_DONE:
                 pe, de = plan_pe[tid], plan_de[tid]
+                self._pe_keep(pe, tid)
                 sched.prefill_done(str(tid))
                 pe_busy[pe] = False
                 if waiting:

@@ -33,6 +33,10 @@ class SimCluster:
     """KV slots per decode engine (GPU)."""
     h2d_gbps: float = 50.0
     """Host -> GPU per GPU (the DE's restore of the KV it read, miss-only return)."""
+    pe_cache_tokens: int = 0
+    """Tokens of recently used prefixes each prefill engine keeps in HBM + DRAM (SGLang's
+    device pool and HiCache host pool, LRU by agent); a turn reads from storage only what is
+    not there. 0 = none, as in the paper (its buffers only stage)."""
     policy: str = "dualpath"
     """'dualpath' (the global scheduler, read side by `read_side`) or 'basic' (round-robin
     pairs, prefill-side reads: the paper's baseline)."""
@@ -43,6 +47,8 @@ class SimCluster:
     def __post_init__(self) -> None:
         if min(self.prefill_nodes, self.decode_nodes, self.gpus_per_node) < 1:
             raise ValueError("SimCluster: node and GPU counts must be >= 1")
+        if self.pe_cache_tokens < 0:
+            raise ValueError("SimCluster.pe_cache_tokens must be >= 0")
         for name in ("compute_nic_gbps", "storage_ratio", "h2d_gbps", "schedule_interval_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"SimCluster.{name} must be > 0")
