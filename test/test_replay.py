@@ -86,6 +86,24 @@ def test_online_mode_waits_for_arrivals():
     assert late.start_s >= 0.3
 
 
+def test_ttst_is_after_ttft_and_summarized():
+    summary, records, _ = run_replay([Trajectory(0, 10, [(5, 4)] * 2)], progress_s=None)
+    assert all(r.ttst_s >= r.ttft_s for r in records)
+    assert summary["ttst_s_p50"] >= summary["ttft_s_p50"] and summary["stopped_at_s"] is None
+
+
+def test_online_run_stops_once_ttft_exceeds_the_limit(capsys):
+    from dualpath.bench import replay as rp
+
+    trajs = [Trajectory(a, 10, [(1, 2)] * 50) for a in range(4)]
+    summary, records, _ = run_replay(trajs, online=True, stop_ttft_s=0.0, progress_s=0.05)
+    assert summary["stopped_at_s"] is not None
+    assert rp.STOP_WINDOW <= len(records) < 200  # stopped well before the 200 turns
+    assert "[replay]" in capsys.readouterr().err
+    offline, _, _ = run_replay(trajs[:1], stop_ttft_s=0.0, progress_s=None)
+    assert offline["stopped_at_s"] is None and offline["turns_ok"] == 50  # offline: no stop
+
+
 def test_cli_generate_then_replay(tmp_path):
     from aiohttp.test_utils import TestServer as TS
 

@@ -73,3 +73,40 @@ def test_mooncake_reader_and_shared_prefixes(tmp_path):
     p.write_text('{"timestamp": 1}\n')
     with pytest.raises(ValueError, match="mc.jsonl:1"):
         list(read_mooncake(p))
+
+
+def test_message_traces_become_trajectories(tmp_path):
+    from pathlib import Path
+
+    from dualpath.bench.trace import read_messages
+
+    sample = Path(__file__).resolve().parents[1] / "benchmark/agentic/sample_messages.jsonl"
+    trajs = read_messages(sample, count_tokens=lambda t: len(t.split()))
+    assert [len(t.turns) for t in trajs] == [3, 1] and trajs[1].arrival_s == 1.5
+    # agent 0: system prompt = initial; user -> append; assistant -> generate; tool -> append
+    assert trajs[0].initial == 16 and trajs[0].turns[:2] == [(11, 13), (13, 25)]
+    assert trajs[1].initial == 1  # no system prompt
+    p = tmp_path / "m.jsonl"
+    p.write_text('[{"role": "user", "content": "a b"}, {"role": "assistant", "content": "c"},'
+                 ' {"role": "user", "content": "unanswered"}]\n\n')
+    (t,) = read_messages(p, count_tokens=lambda s: len(s.split()))
+    assert t.turns == [(2, 1)]  # the unanswered tail is dropped
+    p.write_text('{"messages": [{"content": "no role"}]}\n')
+    with pytest.raises(ValueError, match=":1: not a message trace line"):
+        read_messages(p)
+
+
+def test_convert_cli_with_the_shipped_tokenizer(tmp_path):
+    pytest.importorskip("transformers")
+    from pathlib import Path
+
+    from dualpath.bench.agentic import main
+    from dualpath.bench.trace import read_jsonl
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "t.jsonl"
+    assert main(["convert", "--messages", str(root / "benchmark/agentic/sample_messages.jsonl"),
+                 "--tokenizer", str(root / "configs/models/llama-3.1-8b-dummy"),
+                 "--out", str(out)]) == 0
+    trajs = read_jsonl(out)
+    assert len(trajs) == 2 and all(a > 0 and g > 0 for t in trajs for a, g in t.turns)

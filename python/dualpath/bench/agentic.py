@@ -1,6 +1,7 @@
 """`python -m dualpath.bench.agentic`: make an agentic trace, or replay one against a server.
 
   generate --preset 64k --scale 0.25 --agents 16 [--arrival-rate APS] --out trace.jsonl
+  convert --messages conversations.jsonl [--tokenizer DIR] --out trace.jsonl
   replay --url http://127.0.0.1:8000 --trace trace.jsonl [--online] --out result.json
 """
 
@@ -14,7 +15,15 @@ import time
 from pathlib import Path
 
 from dualpath.bench.replay import records_jsonl, replay
-from dualpath.bench.trace import PRESETS, describe, generate, read_jsonl, write_jsonl
+from dualpath.bench.trace import (
+    PRESETS,
+    chars_per_4,
+    describe,
+    generate,
+    read_jsonl,
+    read_messages,
+    write_jsonl,
+)
 from dualpath.version import git_sha
 
 
@@ -32,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
                                                       "at t=0 (offline)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", type=Path, required=True)
+    c = sub.add_parser("convert", help="multi-turn message traces (chat JSONL) -> a trace")
+    c.add_argument("--messages", type=Path, required=True,
+                   help='one conversation per line: {"messages": [{"role", "content"}, ...]}')
+    c.add_argument("--tokenizer", type=Path, help="count tokens with this Hugging Face "
+                                                  "tokenizer (default: 4 characters a token)")
+    c.add_argument("--out", type=Path, required=True)
     r = sub.add_parser("replay", help="replay a trace against /generate")
     r.add_argument("--url", required=True, help="a server or the router")
     r.add_argument("--trace", type=Path, required=True)
@@ -46,6 +61,21 @@ def main(argv: list[str] | None = None) -> int:
         trajs = generate(shape, args.agents, args.seed, args.arrival_rate)
         write_jsonl(trajs, args.out)
         print(json.dumps({"preset": args.preset, "scale": args.scale, **describe(trajs)}))
+        return 0
+    if args.cmd == "convert":
+        count = chars_per_4
+        if args.tokenizer:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(args.tokenizer))
+            count = lambda text: max(1, len(tok.encode(text, add_special_tokens=False)))  # noqa: E731
+        trajs = read_messages(args.messages, count)
+        if not trajs:
+            print(f"error: {args.messages}: no conversation with an assistant reply",
+                  file=sys.stderr)
+            return 2
+        write_jsonl(trajs, args.out)
+        print(json.dumps(describe(trajs)))
         return 0
     trajs = read_jsonl(args.trace)
     summary, records = asyncio.run(replay(args.url, trajs, online=args.online, seed=args.seed))

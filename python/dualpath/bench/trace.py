@@ -129,6 +129,52 @@ def read_jsonl(path: Path) -> list[Trajectory]:
         return [Trajectory.from_json(line) for line in f if line.strip()]
 
 
+def chars_per_4(text: str) -> int:
+    """Token count estimate without a tokenizer: 1 token per 4 characters, at least 1."""
+    return max(1, len(text) // 4)
+
+
+def read_messages(path: Path, count_tokens=chars_per_4) -> list[Trajectory]:
+    """Multi-turn message traces -> trajectories. One JSON object per line: a conversation as
+    `{"messages": [...]}` (or a bare list), each message `{"role", "content"}` in the chat
+    API's shape (content a string or a list of `{"type": "text", "text"}` parts), optionally
+    `"arrival_s"`. The system prompt (if any) is the initial context; each assistant message
+    is a turn's generation, and everything since the previous one (user and tool messages) is
+    that turn's append. Token counts come from `count_tokens(text)` (default: chars / 4; pass a
+    tokenizer's `lambda t: len(tok.encode(t))` for exact counts). A conversation that does not
+    end with an assistant message drops its unanswered tail."""
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                msgs = obj["messages"] if isinstance(obj, dict) else obj
+                initial, append, turns = 0, 0, []
+                for m in msgs:
+                    content = m.get("content") or ""
+                    if isinstance(content, list):
+                        content = "".join(p.get("text", "") for p in content
+                                          if isinstance(p, dict))
+                    k = count_tokens(content)
+                    if m["role"] == "system" and not turns and not append:
+                        initial += k
+                    elif m["role"] == "assistant":
+                        if append == 0 and not turns:
+                            raise ValueError("an assistant message before any user message")
+                        turns.append((max(1, append), k))
+                        append = 0
+                    else:
+                        append += k
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise ValueError(f"{path}:{n}: not a message trace line ({e})") from None
+            if turns:
+                arrival = float(obj.get("arrival_s", 0.0)) if isinstance(obj, dict) else 0.0
+                out.append(Trajectory(len(out), max(1, initial), turns, arrival))
+    return out
+
+
 @dataclass(frozen=True)
 class MooncakeRequest:
     """One line of the Mooncake FAST'25 trace: prefix blocks are shared by hash id."""
