@@ -129,6 +129,18 @@ def read_jsonl(path: Path) -> list[Trajectory]:
         return [Trajectory.from_json(line) for line in f if line.strip()]
 
 
+def _records(path: Path, what: str, parse):
+    """parse(json object) for each non-blank line; a bad line raises naming path:line."""
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield parse(json.loads(line))
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise ValueError(f"{path}:{n}: not {what} ({e})") from None
+
+
 def chars_per_4(text: str) -> int:
     """Token count estimate without a tokenizer: 1 token per 4 characters, at least 1."""
     return max(1, len(text) // 4)
@@ -143,35 +155,30 @@ def read_messages(path: Path, count_tokens=chars_per_4) -> list[Trajectory]:
     that turn's append. Token counts come from `count_tokens(text)` (default: chars / 4; pass a
     tokenizer's `lambda t: len(tok.encode(t))` for exact counts). A conversation that does not
     end with an assistant message drops its unanswered tail."""
+    def parse(obj) -> tuple[int, list, float]:
+        msgs = obj["messages"] if isinstance(obj, dict) else obj
+        initial, append, turns = 0, 0, []
+        for m in msgs:
+            content = m.get("content") or ""
+            if isinstance(content, list):
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            k = count_tokens(content)
+            if m["role"] == "system" and not turns and not append:
+                initial += k
+            elif m["role"] == "assistant":
+                if append == 0 and not turns:
+                    raise ValueError("an assistant message before any user message")
+                turns.append((max(1, append), k))
+                append = 0
+            else:
+                append += k
+        arrival = float(obj.get("arrival_s", 0.0)) if isinstance(obj, dict) else 0.0
+        return max(1, initial), turns, arrival
+
     out = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                msgs = obj["messages"] if isinstance(obj, dict) else obj
-                initial, append, turns = 0, 0, []
-                for m in msgs:
-                    content = m.get("content") or ""
-                    if isinstance(content, list):
-                        content = "".join(p.get("text", "") for p in content
-                                          if isinstance(p, dict))
-                    k = count_tokens(content)
-                    if m["role"] == "system" and not turns and not append:
-                        initial += k
-                    elif m["role"] == "assistant":
-                        if append == 0 and not turns:
-                            raise ValueError("an assistant message before any user message")
-                        turns.append((max(1, append), k))
-                        append = 0
-                    else:
-                        append += k
-            except (KeyError, TypeError, ValueError, AttributeError) as e:
-                raise ValueError(f"{path}:{n}: not a message trace line ({e})") from None
-            if turns:
-                arrival = float(obj.get("arrival_s", 0.0)) if isinstance(obj, dict) else 0.0
-                out.append(Trajectory(len(out), max(1, initial), turns, arrival))
+    for initial, turns, arrival in _records(path, "a message trace line", parse):
+        if turns:
+            out.append(Trajectory(len(out), initial, turns, arrival))
     return out
 
 
@@ -186,16 +193,9 @@ class MooncakeRequest:
 
 
 def read_mooncake(path: Path) -> Iterator[MooncakeRequest]:
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                yield MooncakeRequest(int(d["timestamp"]), int(d["input_length"]),
-                                      int(d["output_length"]), tuple(d["hash_ids"]))
-            except (KeyError, ValueError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: not a Mooncake trace record ({e})") from None
+    return _records(path, "a Mooncake trace record", lambda d: MooncakeRequest(
+        int(d["timestamp"]), int(d["input_length"]), int(d["output_length"]),
+        tuple(d["hash_ids"])))
 
 
 def mooncake_token_ids(req: MooncakeRequest, block_tokens: int = 512) -> list[int]:
