@@ -53,10 +53,14 @@ def _queue(cache) -> OrderedDict:
 def _enabled(cache) -> bool:
     if getattr(cache, "tp_world_size", 1) > 1:
         return False
-    from dualpath.sglang_plugin import launcher_config
+    on = getattr(cache, "_dualpath_prefetch_queue_on", None)
+    if on is None:  # the process's role does not change: read the launcher's config once
+        from dualpath.sglang_plugin import launcher_config
 
-    cfg = launcher_config()
-    return cfg is None or cfg.role != "decode"
+        cfg = launcher_config()
+        on = cfg is None or cfg.role != "decode"
+        cache._dualpath_prefetch_queue_on = on
+    return on
 
 
 def stored_prefix(cache, node, tokens, last_hash, prefix_keys) -> bool:
