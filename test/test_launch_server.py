@@ -71,3 +71,19 @@ def test_bad_combinations_are_refused(argv, msg):
 def test_non_pd_server_is_left_alone():
     args, cfg = build(["--port", "30000", "--tp", "2"])
     assert args == ["--port", "30000", "--tp", "2"] and cfg.role == ""
+
+
+def test_print_gives_a_command_for_sglangs_own_launcher(capsys):
+    import shlex
+
+    from dualpath.launch_server import main
+
+    main(["--disaggregation-mode", "decode", "--enable-dual-path", "--port", "30020",
+          "--dualpath-print"])
+    env, *argv = shlex.split(capsys.readouterr().out.strip())  # what a shell would run
+    name, raw = env.split("=", 1)
+    cfg = PluginConfig.from_json(raw)
+    assert name == "DUALPATH_PLUGIN_CONFIG"
+    assert cfg.enable_dual_path and cfg.role == "decode" and cfg.agent_port == 31020
+    assert argv[1:3] == ["-m", "sglang.launch_server"] and "--enable-hierarchical-cache" in argv
+    assert "--dualpath-print" not in argv

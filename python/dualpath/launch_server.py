@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="move PD KV with our transfer engine under SGLang's Mooncake backend "
                          "(sets --disaggregation-transfer-backend mooncake; no Mooncake "
                          "library needed; device KV across GPUs of one host)")
+    ap.add_argument("--dualpath-print", action="store_true",
+                    help="print the environment and the SGLang command this would run, and "
+                         "exit: to start the server with SGLang's own launcher (any launcher "
+                         "works: the plugin loads wherever DUALPATH_PLUGIN_CONFIG is set)")
     ap.add_argument("--dualpath-oracle", action="store_true",
                     help="benchmark ceiling: skip storage reads, report them done (outputs are "
                          "meaningless)")
@@ -142,6 +146,13 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     ours, rest = build_parser().parse_known_args(argv)
     args, cfg = sglang_args(ours, rest)
+    if ours.dualpath_print:
+        import shlex
+
+        print(f"DUALPATH_PLUGIN_CONFIG={shlex.quote(cfg.to_json())} "
+              f"{shlex.quote(sys.executable)} -m sglang.launch_server "
+              f"{' '.join(shlex.quote(a) for a in args)}")
+        return
     os.environ["DUALPATH_PLUGIN_CONFIG"] = cfg.to_json()
     print(f"dualpath.launch_server: dual path {'ON' if cfg.enable_dual_path else 'off'} "
           f"(role {cfg.role or '-'}, node {cfg.node}, storage-NIC cap "
