@@ -47,3 +47,21 @@ def test_missing_env_and_cache_are_clear_errors(tmp_path, repo_root):
                         "--load-cache", str(tmp_path / "nope.tar.xz"), "--out",
                         str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "no such file" in r.stderr
+
+
+def test_every_gpu_script_explains_itself_and_names_a_real_module(repo_root):
+    """`--help` of each scripts/gpu_*.sh / bench_1p1d.sh prints its header, and the module it
+    hands to gpu_run.sh imports (a renamed module would only fail on the GPU host)."""
+    import importlib
+    import re
+
+    for script in sorted(repo_root.glob("scripts/*.sh")):
+        text = script.read_text()
+        m = re.search(r'gpu_run\.sh" (dualpath\.[\w.]+)', text)
+        if not m:
+            continue
+        r = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True,
+                           timeout=30)
+        assert r.returncode == 0 and len(r.stdout.splitlines()) >= 3, script.name
+        mod = importlib.import_module(m.group(1))
+        assert callable(getattr(mod, "main", None)), m.group(1)
