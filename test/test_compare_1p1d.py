@@ -154,7 +154,7 @@ def test_table_shows_the_speedup():
     assert "JCT speed-up" in text and "1.82" in text and "off" in text.splitlines()[0]
     sweep = cmp.sweep_table(synthetic_result()["configs"], 6.25).splitlines()
     assert [float(x.split()[0]) for x in sweep[1:]] == [3.0, 6.25, 25.0]
-    assert sweep[2].split()[1:4] == ["100.0", "55.0", "1.82"]
+    assert sweep[2].split()[1:4] == ["100.00", "55.00", "1.82"]
 
 
 def test_plots(tmp_path):
@@ -180,3 +180,68 @@ def test_max_aps_within_slo():
             {"aps": 1.5, "ttft_s_mean": 2.0, "tpot_s_mean": 0.02, "errors": 3}]
     assert cmp.max_aps_within_slo(runs) == 1.0
     assert cmp.max_aps_within_slo(runs[2:]) == 0.0 and cmp.max_aps_within_slo([]) is None
+
+
+def test_main_runs_configs_sweep_and_online_end_to_end(monkeypatch, tmp_path):
+    """main() with the cluster replaced by an in-process /generate: each config's offline run,
+    a cap sweep point (cap set on the agents, caches flushed, store emptied between runs), an
+    online point, result.json saved, the tables printed."""
+    prompts: list = []
+    loop = asyncio.new_event_loop()
+    srv = TestServer(fake_server(prompts))
+    loop.run_until_complete(srv.start_server())
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    calls = {"cap": [], "flush": [], "specs": []}
+
+    class Proc:
+        def __init__(self, name):
+            self.url = f"http://{name}"
+            self.log_path = tmp_path / f"{name}.log"
+            self.log_path.write_text("")
+
+    class FakeCluster:
+        def __init__(self, spec, out, timeout):
+            calls["specs"].append(spec)
+            self.url = str(srv.make_url("")).rstrip("/")
+            self.pre, self.dec, self.startup_s = Proc("pre"), Proc("dec"), 0.1
+            spec.root.mkdir(parents=True, exist_ok=True)
+            (spec.root / "ab").mkdir(exist_ok=True)
+            (spec.root / "ab" / "block").write_bytes(b"x")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    monkeypatch.setattr(cmp, "PDCluster", FakeCluster)
+    monkeypatch.setattr(cmp, "set_snic_cap", lambda port, cap: calls["cap"].append((port, cap))
+                        or True)
+    monkeypatch.setattr(cmp, "_flush", lambda url: calls["flush"].append(url))
+    monkeypatch.setattr(cmp, "agent_stats", lambda port, timeout=5: {"error": "no agent"})
+    monkeypatch.setattr(cmp, "gpu_facts", lambda: {"gpu_name": "fake"})
+    out = tmp_path / "out"
+    try:
+        rc = cmp.main(["--out", str(out), "--configs", "stock,on", "--agents", "2",
+                       "--max-turns", "2", "--initial", "256", "--scale", "0.02",
+                       "--snic-sweep", "3", "--online-aps", "50",
+                       "--store-dir", str(tmp_path / "store")])
+    finally:
+        asyncio.run_coroutine_threadsafe(srv.close(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+    assert rc == 0
+    import json
+
+    res = json.loads((out / "result.json").read_text())
+    assert res["ok"] and [c["config"] for c in res["configs"]] == ["stock", "on"]
+    stock, on = res["configs"]
+    assert stock["prefetch_queue"] is False and on["dual_path"] is True
+    assert [s["snic_gbps"] for s in on["sweep"]] == [3.0] and on["online"][0]["aps"] == 50
+    assert on["max_aps_within_slo"] == 50 and "outputs_match_off" not in on  # no off config
+    assert not calls["specs"][0].prefetch_queue and calls["specs"][1].dual_path
+    # cap: stock sets the prefill's only; on sets both, then restores the main cap
+    assert calls["cap"] == [(cmp.PRE_PORT, 3.0), (cmp.PRE_PORT, 6.25),
+                            (cmp.PRE_PORT, 3.0), (cmp.DEC_PORT, 3.0),
+                            (cmp.PRE_PORT, 6.25), (cmp.DEC_PORT, 6.25)]
+    assert len(calls["flush"]) == 8  # both servers before each sweep and online run
+    assert not (tmp_path / "store" / "on").exists()  # the store is removed after each config

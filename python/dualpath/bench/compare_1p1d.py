@@ -262,8 +262,9 @@ def sweep_table(results: list[dict], main_cap: float) -> str:
     for cap in sorted(by):
         row = by[cap]
         base = (row.get("off") or {}).get("jct_s")
-        line = f"{cap:>9.2f}" + "".join(f"{row.get(n, {}).get('jct_s', '-')!s:>13}"
-                                        for n in names)
+        js = [row.get(n, {}).get("jct_s") for n in names]
+        line = f"{cap:>9.2f}" + "".join(f"{j:>13.2f}" if isinstance(j, (int, float))
+                                        else f"{'-':>13}" for j in js)
         for n in names:
             if n != "off":
                 j = row.get(n, {}).get("jct_s")
