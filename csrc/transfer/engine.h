@@ -25,9 +25,10 @@
 //   out of range: that descriptor fails with the reason). A peer that dies or stops answering
 //   for the socket timeout (30 s) fails the descriptors in flight to it
 //   with the reason; nothing hangs. The next batch to that peer reconnects (repost).
-// - Region kinds: "host" (any backend: pageable, pinned or shared memory mapped here) and
-//   "device" (cuda backend: CUDA device memory of this process, or of another process opened
-//   here through CUDA IPC). The backend checks a region when it is registered (kind, memory
+// - Region kinds: "host" (any backend: pageable, pinned or shared memory mapped here),
+//   "device" (cuda backend: CUDA device memory of this process) and "device@N" (cuda backend:
+//   another process's device memory opened here through CUDA IPC in GPU N's context, so GPU N
+//   moves its pieces). The backend checks a region when it is registered (kind, memory
 //   type, device) and refuses what it cannot move.
 // - Batched backends (cuda) receive each worker's slice of a batch as one range and move it
 //   with one submission on the worker's stream for the batch's class (latency: the highest

@@ -139,9 +139,9 @@ def test_write_into_another_process_through_cuda_ipc(length):
     p.start()
     try:
         desc = cuda_ipc.IpcRange.from_dict(parent.recv())
-        with cuda_ipc.open_range(desc) as mem:
+        with cuda_ipc.open_range(desc, device=0) as mem:
             eng = TransferEngine("cuda", slice_bytes=1 << 20)
-            remote = eng.register(mem.ptr, length, "device")
+            remote = eng.register(mem.ptr, length, "device@0")  # opened in GPU 0's context
             src = _random(length, "cuda", seed=7)
             a = eng.register_array(src)
             assert eng.wait(eng.submit(TransferBatch.of(a, 0, remote, 0, length)), 30) == "done"

@@ -191,7 +191,8 @@ class DualPathPDEngine:
                     # mapped on this engine's GPU, whose kernels push our KV into it
                     mem = cuda_ipc.open_range(cuda_ipc.IpcRange.from_dict(row["ipc"]),
                                               self.gpu_id)
-                    got = (mem, self._cuda.register(mem.ptr, row["length"], "device"))
+                    got = (mem, self._cuda.register(mem.ptr, row["length"],
+                                                    f"device@{self.gpu_id}"))
                     with self._lock:
                         self._opened[key] = got
         return got[1]

@@ -93,8 +93,20 @@ class CudaBackend final : public Backend {
   bool batched() const override { return true; }
 
   std::string check_region(Region& r) override {
+    // "device@N": device memory that GPU N's kernels must reach it from (another process's
+    // memory opened through CUDA IPC in GPU N's context; the pointer reports the owner's GPU)
+    int opener = -1;
+    if (r.kind.rfind("device@", 0) == 0) {
+      try {
+        opener = std::stoi(r.kind.substr(7));
+      } catch (const std::exception&) {
+        return "region kind '" + r.kind + "': expected device@<gpu index>";
+      }
+      r.kind = "device";
+    }
     if (r.kind != "host" && r.kind != "device")
-      return "region kind '" + r.kind + "' is not supported by the cuda backend (host, device)";
+      return "region kind '" + r.kind + "' is not supported by the cuda backend (host, device, "
+             "device@<gpu>)";
     if (r.length == 0) return "";
     cudaPointerAttributes a{};
     const cudaError_t e = cudaPointerGetAttributes(&a, reinterpret_cast<void*>(r.addr));
@@ -105,7 +117,7 @@ class CudaBackend final : public Backend {
     if (r.kind == "device") {
       if (a.type != cudaMemoryTypeDevice)
         return "region registered as 'device' is not CUDA device memory";
-      r.device = a.device;
+      r.device = opener >= 0 ? opener : a.device;
       r.gpu_accessible = true;
       return "";
     }
