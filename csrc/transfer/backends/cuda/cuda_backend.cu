@@ -188,24 +188,32 @@ class CudaBackend final : public Backend {
         continue;
       }
       e = cudaMemcpyAsync(r.dst, r.src, n, cudaMemcpyDefault, lane->stream);
-      if (e != cudaSuccess) return cuda_err("cudaMemcpyAsync", e);
+      if (e != cudaSuccess) return drained(lane, cuda_err("cudaMemcpyAsync", e));
     }
     if (!small.empty()) {
       err = reserve(lane, small.size());
-      if (!err.empty()) return err;
+      if (!err.empty()) return drained(lane, err);  // copies queued above end first
       std::memcpy(lane->host_table, small.data(), small.size() * sizeof(Piece));
       e = cudaMemcpyAsync(lane->dev_table, lane->host_table, small.size() * sizeof(Piece),
                           cudaMemcpyHostToDevice, lane->stream);
-      if (e != cudaSuccess) return cuda_err("cudaMemcpyAsync (piece table)", e);
+      if (e != cudaSuccess) return drained(lane, cuda_err("cudaMemcpyAsync (piece table)", e));
       const int n = static_cast<int>(small.size());
       const int blocks = n < 65535 ? n : 65535;
       batched_copy_kernel<<<blocks, 256, 0, lane->stream>>>(lane->dev_table, n);
       e = cudaGetLastError();
-      if (e != cudaSuccess) return cuda_err("batched_copy_kernel launch", e);
+      if (e != cudaSuccess) return drained(lane, cuda_err("batched_copy_kernel launch", e));
     }
     e = cudaStreamSynchronize(lane->stream);
     if (e != cudaSuccess) return cuda_err("cudaStreamSynchronize", e);
     return "";
+  }
+
+  // A failure after some copies were queued: let them finish (the engine reports the batch
+  // failed; nothing may still be writing when it does, and the piece table is reused next).
+  static std::string drained(Lane* lane, std::string err) {
+    cudaStreamSynchronize(lane->stream);
+    cudaGetLastError();
+    return err;
   }
 
   std::string get_lane(int worker, int dev, Priority priority, Lane** out) {
