@@ -42,7 +42,7 @@ from dualpath.bench.replay import replay
 from dualpath.bench.samplers import agents_sampler, gpu_sampler, mean_util, rates
 from dualpath.bench.servers import ServerError
 from dualpath.bench.smoke import DEFAULT_MODEL, gpu_facts
-from dualpath.bench.stage_stats import LogCursor, parse_line, summarize
+from dualpath.bench.stage_stats import LogCursor, parse_lines, summarize_records
 from dualpath.bench.trace import PRESETS, Trajectory, describe, generate
 from dualpath.version import git_sha
 
@@ -120,14 +120,13 @@ def run_once(c: PDCluster, trajs, online: bool, seed: int, cap_gbps: float) -> d
     summary, records = asyncio.run(replay(c.url, trajs, online=online, seed=seed,
                                           stop_ttft_s=SLO_TTFT_S))  # the paper's stop rule
     g_rows, a_rows = gpus.stop(), agents.stop()
-    lines = [x for cur in logs for x in cur.new_lines()]
+    stages = parse_lines(x for cur in logs for x in cur.new_lines())
     wall = summary["wall_s"]
     out = {**summary, "slo_attainment": slo_attainment(records),
            "gpu_util_mean": {"prefill": mean_util(g_rows, 0, 0, wall),
                              "decode": mean_util(g_rows, 1, 0, wall)},
            "sampler_errors": {"gpu": gpus.error, "agents": agents.error},
-           "stages": summarize(lines),
-           "stage_records": [r for r in map(parse_line, lines) if r is not None],
+           "stages": summarize_records(stages), "stage_records": stages,
            "samples": {"gpu": g_rows, "agents": a_rows},
            "turn_records": [dataclasses.asdict(r) for r in records]}
     if a_rows:

@@ -22,7 +22,7 @@ from dualpath.bench import client
 from dualpath.bench.pd_cluster import ClusterSpec, PDCluster, run_args, start_run
 from dualpath.bench.servers import ServerError
 from dualpath.bench.smoke import DEFAULT_MODEL, prompt
-from dualpath.bench.stage_stats import LogCursor, parse_line
+from dualpath.bench.stage_stats import LogCursor, parse_lines
 
 log = logging.getLogger("dualpath.pd_transfer")
 
@@ -43,8 +43,7 @@ def run_backend(name: str, args, out: Path) -> dict:
                     cur = [LogCursor(p.log_path) for p in (c.pre, c.dec)]
                     g = client.generate(c.url, prompt(1000 * n + k, n), args.output_len)
                     time.sleep(0.5)  # the stats lines follow the response
-                    stages = [r for cu in cur for x in cu.new_lines()
-                              if (r := parse_line(x)) is not None]
+                    stages = parse_lines(x for cu in cur for x in cu.new_lines())
                     pre = next((r for r in stages if r["type"] == "prefill"), {})
                     dec = next((r for r in stages if r["type"] == "decode"), {})
                     res["requests"].append({

@@ -142,7 +142,8 @@ async def _agent(session, url, traj: Trajectory, online: bool, seed: int, t0: fl
         ctx = ctx + out
 
 
-def _pct(xs: list[float], q: float) -> float | None:
+def percentile(xs: list[float], q: float) -> float | None:
+    """The q-quantile of xs (nearest rank); None when empty."""
     if not xs:
         return None
     xs = sorted(xs)
@@ -162,7 +163,7 @@ def summarize(records: list[TurnRecord], wall_s: float) -> dict:
                                   / max(1, sum(r.prompt_len for r in ok)))}
     for name, xs in (("ttft_s", ttft), ("ttst_s", ttst), ("tpot_s", tpot)):
         for q in (0.5, 0.9, 0.99):
-            out[f"{name}_p{int(q * 100)}"] = _pct(xs, q)
+            out[f"{name}_p{int(q * 100)}"] = percentile(xs, q)
         out[f"{name}_mean"] = statistics.mean(xs) if xs else None
     return out
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from dualpath.bench.replay import percentile
+
 _LINE = re.compile(r"ReqTimeStats\(rid=[^,]*(?:, bootstrap_room=[^,]*)?, input_len=(\d+), "
                    r"cached_input_len=(\d+), output_len=(\d+), attempts=\d+, type=(\w+)\): (.*)$")
 _FIELD = re.compile(r"(\w+)=([-\d.]+)\s*(ms|GB/s|MB)?")
@@ -37,27 +39,31 @@ def parse_line(line: str) -> dict | None:
     return out
 
 
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))]
+def parse_lines(lines) -> list[dict]:
+    """The ReqTimeStats records among `lines` (parse_line's dicts)."""
+    return [r for r in map(parse_line, lines) if r is not None]
 
 
-def summarize(lines) -> dict:
-    """{role: {'requests': n, field: {'p50', 'p90', 'mean'}}} over the ReqTimeStats lines."""
+def summarize_records(records: list[dict]) -> dict:
+    """{role: {'requests': n, field: {'p50', 'p90', 'mean'}}} over parsed records."""
     by: dict[str, list[dict]] = {}
-    for line in lines:
-        rec = parse_line(line)
-        if rec is not None:
-            by.setdefault(rec.pop("type"), []).append(rec)
+    for rec in records:
+        by.setdefault(rec["type"], []).append(rec)
     out: dict = {}
     for role, recs in by.items():
-        fields = sorted({k for r in recs for k in r})
+        fields = sorted({k for r in recs for k in r} - {"type"})
         out[role] = {"requests": len(recs)}
         for f in fields:
             xs = [r[f] for r in recs if f in r]
-            out[role][f] = {"p50": round(_pct(xs, 0.5), 4), "p90": round(_pct(xs, 0.9), 4),
+            out[role][f] = {"p50": round(percentile(xs, 0.5), 4),
+                            "p90": round(percentile(xs, 0.9), 4),
                             "mean": round(sum(xs) / len(xs), 4)}
     return out
+
+
+def summarize(lines) -> dict:
+    """summarize_records over the ReqTimeStats lines among `lines`."""
+    return summarize_records(parse_lines(lines))
 
 
 class LogCursor:
