@@ -23,6 +23,7 @@ differs is reported, not timed.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -32,10 +33,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "python"))
+try:  # the installed package (with its native module _C) over the source tree
+    import dualpath  # noqa: F401
+except ImportError:  # a checkout without an install
+    sys.path.insert(0, str(ROOT / "python"))
 
 from dualpath.ops import layout as L  # noqa: E402
-from dualpath.ops.kv_copy import copy_kv  # noqa: E402
+from dualpath.ops.kv_copy import copy_kv, cuda_available  # noqa: E402
 from dualpath.version import git_sha  # noqa: E402
 
 MODELS = {"8b": (32, 8, 128), "70b": (80, 8, 128)}
@@ -141,11 +145,11 @@ class Case:
         return ([self.layers // 2], [self.layers // 2]) if self.move == "h2d_layer" else (None,
                                                                                           None)
 
-    def ours(self):
+    def ours(self, impl: str = "triton"):
         src, dst, sp, dp = self.pairs[self.i % self.sets]
         self.i += 1
         sl, dl = self.layers_arg()
-        copy_kv(src, dst, sp, dp, src_layers=sl, dst_layers=dl)
+        copy_kv(src, dst, sp, dp, src_layers=sl, dst_layers=dl, impl=impl)
 
     def peer(self):
         """SGLang's kernel for the same move, or None where SGLang has none."""
@@ -212,8 +216,13 @@ def main() -> int:
     ap.add_argument("--moves", default="d2d_gather,d2d_scatter,h2d_layer,d2h_all")
     ap.add_argument("--max-bytes", type=int, default=4 << 30,
                     help="skip cases that move more than this per call (memory)")
+    ap.add_argument("--impls", default="triton,cuda",
+                    help="our implementations to time (cuda: when dualpath._C has the kernels)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    impls = [i for i in args.impls.split(",") if i != "cuda" or cuda_available()]
+    if len(impls) < len(args.impls.split(",")):
+        print("note: dualpath._C has no CUDA kernels here; timing", ",".join(impls), "only")
     if not torch.cuda.is_available():
         print("needs a CUDA GPU (kernel correctness on the CPU: pytest test/ops)")
         return 2
@@ -224,7 +233,8 @@ def main() -> int:
     print("peaks (GB/s):", {k: round(v, 1) for k, v in pk.items()})
     ref_peak = {"d2d_gather": "d2d_gbps", "d2d_scatter": "d2d_gbps", "h2d_layer": "h2d_gbps",
                 "d2h_all": "d2h_gbps"}
-    print(f"{'move':>12} {'model':>5} {'ps':>3} {'pages':>5} {'ours GB/s':>11} {'of peak':>7} "
+    print(f"{'move':>12} {'impl':>6} {'model':>5} {'ps':>3} {'pages':>5} {'ours GB/s':>11} "
+          f"{'of peak':>7} "
           f"{'sglang GB/s':>11} {'ours eager':>11} {'sgl eager':>11}")
     for model in args.models.split(","):
         for ps in (int(x) for x in args.page_sizes.split(",")):
@@ -239,12 +249,6 @@ def main() -> int:
                     case = Case(move, model, ps, pages)
                     traffic = case.moved * (2 if move.startswith("d2d") else 1)
                     calls = max(4, case.sets)  # every set once per round: L2 never warm
-                    ok = case.check(case.ours)
-                    ours = ours_eager = None
-                    if ok:
-                        ours_eager = traffic / timed(case.ours) / 1e9
-                        t = graph_timed(case.ours, calls)
-                        ours = traffic / t / 1e9 if t else None
                     peer_fn = case.peer()
                     peer = peer_eager = None
                     if peer_fn is not None:
@@ -254,26 +258,42 @@ def main() -> int:
                             peer = traffic / t / 1e9 if t else None
                         else:
                             peer = peer_eager = "wrong"
-                    frac = ours / pk[ref_peak[move]] if ours else None
-                    row = {"move": move, "model": model, "page_size": ps, "pages": pages,
-                           "bytes": case.moved, "ours_gbps": ours, "ours_correct": ok,
-                           "fraction_of_peak": frac, "sglang_gbps": peer,
-                           "ours_eager_gbps": ours_eager, "sglang_eager_gbps": peer_eager,
-                           "timing": "CUDA graph of back-to-back calls (device time); *_eager: "
-                                     "one call between events (includes host overhead)",
-                           **pk, **meta}
-
-                    def fmt(v):
-                        return f"{v:>11}" if isinstance(v, str) else f"{v or float('nan'):>11.1f}"
-                    print(f"{move:>12} {model:>5} {ps:>3} {pages:>5} {fmt(ours)} "
-                          f"{frac or float('nan'):>7.2f} {fmt(peer)} {fmt(ours_eager)} "
-                          f"{fmt(peer_eager)}", flush=True)
-                    if args.out:
-                        with open(args.out, "a") as f:
-                            f.write(json.dumps(row) + "\n")
+                    for impl in impls:
+                        fn = functools.partial(case.ours, impl)
+                        ok = case.check(fn)
+                        ours = ours_eager = None
+                        if ok:
+                            ours_eager = traffic / timed(fn) / 1e9
+                            t = graph_timed(fn, calls)
+                            ours = traffic / t / 1e9 if t else None
+                        row(args, move, impl, model, ps, pages, case, ok, ours, ours_eager,
+                            peer, peer_eager, pk, pk[ref_peak[move]], meta)
                     del case
                     torch.cuda.empty_cache()
     return 0
+
+
+def row(args, move, impl, model, ps, pages, case, ok, ours, ours_eager, peer, peer_eager, pk,
+        peak, meta) -> None:
+    """Print one result line and append it to --out."""
+    frac = ours / peak if ours else None
+    rec = {"move": move, "impl": impl, "model": model, "page_size": ps,
+           "pages": pages, "bytes": case.moved, "ours_gbps": ours,
+           "ours_correct": ok,
+           "fraction_of_peak": frac, "sglang_gbps": peer,
+           "ours_eager_gbps": ours_eager, "sglang_eager_gbps": peer_eager,
+           "timing": "CUDA graph of back-to-back calls (device time); *_eager: "
+                     "one call between events (includes host overhead)",
+           **pk, **meta}
+
+    def fmt(v):
+        return f"{v:>11}" if isinstance(v, str) else f"{v or float('nan'):>11.1f}"
+    print(f"{move:>12} {impl:>6} {model:>5} {ps:>3} {pages:>5} {fmt(ours)} "
+          f"{frac or float('nan'):>7.2f} {fmt(peer)} {fmt(ours_eager)} "
+          f"{fmt(peer_eager)}", flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps(rec) + "\n")
 
 
 if __name__ == "__main__":

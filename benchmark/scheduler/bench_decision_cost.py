@@ -23,7 +23,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "python"))
+try:  # the installed package (with its native module _C) over the source tree
+    import dualpath  # noqa: F401
+except ImportError:  # a checkout without an install
+    sys.path.insert(0, str(ROOT / "python"))
 
 from dualpath.config import SchedulerConfig  # noqa: E402
 from dualpath.scheduler import EngineSpec, GlobalScheduler, Request  # noqa: E402

@@ -18,7 +18,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "python"))
+try:  # the installed package (with its native module _C) over the source tree
+    import dualpath  # noqa: F401
+except ImportError:  # a checkout without an install
+    sys.path.insert(0, str(ROOT / "python"))
 
 from dualpath.bench.trace import PRESETS, generate  # noqa: E402
 from dualpath.sim.des import simulate  # noqa: E402

@@ -38,7 +38,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "python"))
+try:  # the installed package (with its native module _C) over the source tree
+    import dualpath  # noqa: F401
+except ImportError:  # a checkout without an install
+    sys.path.insert(0, str(ROOT / "python"))
 
 from dualpath.version import git_sha  # noqa: E402
 

@@ -167,3 +167,63 @@ def test_decode_servers_and_tp_above_one_stay_stock(monkeypatch, why):
         cache.tp_world_size = 2
     cache.prefetch_from_storage("d", node, tokens, None, None)
     assert not getattr(cache, pq.ATTR, None) and node.protected == 0  # dropped, as stock
+
+
+class HostPool:
+    def __init__(self, free):
+        self.free = free
+
+    def available_size(self):
+        return self.free
+
+
+class Leaf:  # hashable, as TreeNode is
+    def __init__(self, tokens, evicted=True, held=0):
+        self.host_value, self.evicted, self.host_ref_counter = list(range(tokens)), evicted, held
+
+
+_leaf = Leaf
+
+
+def test_no_host_room_queues_until_room_frees():
+    tokens = list(range(1024))
+    cache = make_cache(stored_tokens=tokens, capacity=100_000)
+    cc = cache.cache_controller
+    cc.mem_pool_host = HostPool(free=600)
+    cache.evictable_host_leaves = {_leaf(128, held=1), _leaf(128, evicted=False)}  # not freeable
+    cache.prefetch_from_storage("x", Node(), tokens[:512], None, None)  # room: starts
+    assert [r for r, _ in cc.started] == ["x"]
+    before = dict(pq.STATS)
+    # 600 free - 512 that x has yet to allocate: 1024 more do not fit; stock would start it
+    # and then revoke it (or shorten it) when the host allocation fails
+    node = Node()
+    cache.prefetch_from_storage("y", node, tokens, None, None)
+    assert "y" in getattr(cache, pq.ATTR) and node.protected == 1
+    assert pq.STATS["pf_queued"] == before["pf_queued"] + 1
+    assert pq.STATS["pf_waited_host"] == before["pf_waited_host"] + 1
+    assert cache.check("y") is False and [r for r, _ in cc.started] == ["x"]
+    cache.evictable_host_leaves.add(_leaf(1024))  # a host-only copy evict_host can free
+    assert pq.host_room(cache) == 600 - 512 + 1024
+    assert cache.check("y") is False and [r for r, _ in cc.started] == ["x", "y"]
+    assert node.protected == 1 and not getattr(cache, pq.ATTR)
+
+
+def test_without_prefetches_in_flight_the_head_starts_anyway():
+    tokens = list(range(1024))
+    cache = make_cache(stored_tokens=tokens, capacity=100_000)
+    cache.cache_controller.mem_pool_host = HostPool(free=0)
+    cache.prefetch_from_storage("z", Node(), tokens, None, None)  # as stock: cannot stall
+    assert [r for r, _ in cache.cache_controller.started] == ["z"]
+
+
+def test_revoked_prefetches_are_counted():
+    tokens = list(range(1024))
+    cache = make_cache(stored_tokens=tokens, capacity=100_000)
+    before = dict(pq.STATS)
+    cache.prefetch_from_storage("r", Node(), tokens, None, None)
+    assert pq.STATS["pf_started"] == before["pf_started"] + 1
+    assert pq.STATS["pf_asked_tokens"] == before["pf_asked_tokens"] + 1024
+    HRC._revoke_pending_prefetch(cache, "r")  # what stock does when the host alloc fails
+    assert cache.check("r") is True
+    assert pq.STATS["pf_empty"] == before["pf_empty"] + 1
+    assert pq.STATS["pf_loaded_tokens"] == before["pf_loaded_tokens"]

@@ -57,7 +57,7 @@ def test_cap_accuracy_within_5_percent(tmp_path):
     nic = StorageNic("capped-node", cap_gbps=cap_gbps)
     s = store(tmp_path, nic)
     for i in range(4):
-        s.put(key(i), np.full(G.payload_bytes, i, np.uint8))  # writes share the link too
+        s.put(key(i), np.full(G.payload_bytes, i, np.uint8))
     moved = [0] * 4  # one slot per thread: no shared read-modify-write
     stop = time.monotonic() + 2.5
 
@@ -75,6 +75,26 @@ def test_cap_accuracy_within_5_percent(tmp_path):
         t.join()
     rate = sum(moved) / (time.monotonic() - t0)
     assert abs(rate / (cap_gbps * 1e9) - 1) < 0.05, f"achieved {rate / 1e9:.4f} GB/s"
+
+
+def test_reads_and_writes_each_get_the_cap():
+    """Full duplex: a node's write-back does not slow its reads (and the reverse)."""
+    nic = StorageNic("duplex-node", cap_gbps=1e-6)  # 1000 B/s each way
+    t0 = time.monotonic()
+    done = []
+
+    def move(op):
+        with nic.transfer(op, 300):
+            pass
+        done.append((op, time.monotonic() - t0))
+
+    threads = [threading.Thread(target=move, args=(op,)) for op in ("read", "write")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(op for op, _ in done) == ["read", "write"]
+    assert all(0.25 < dt < 0.5 for _, dt in done), done  # both ~0.3 s, not 0.3 + 0.6
 
 
 def test_read_queue_is_visible_while_reads_wait(tmp_path):
@@ -101,13 +121,14 @@ def test_bad_cap_is_refused():
 
 def test_cap_changes_at_runtime_and_keeps_the_queue():
     nic = StorageNic("rt", cap_gbps=1e-6)  # 1000 B/s
-    nic._clock.reserve(1000, now=time.monotonic())  # the link is busy for ~1 s
-    end = nic._clock._end
+    nic._clocks["read"].reserve(1000, now=time.monotonic())  # busy for ~1 s receiving
+    end = nic._clocks["read"]._end
     nic.set_cap(2e-6)
-    assert nic.cap_gbps == 2e-6 and nic._clock.rate == 2000.0
-    assert nic._clock.reserve(2000) == pytest.approx(end + 1.0)  # behind the old reservation
+    assert nic.cap_gbps == 2e-6 and nic._clocks["read"].rate == 2000.0
+    assert nic._clocks["read"].reserve(2000) == pytest.approx(end + 1.0)  # behind the old one
+    assert nic._clocks["write"].reserve(200) < end - 0.5  # the other direction was idle
     nic.set_cap(None)
-    assert nic.cap_gbps is None and nic._clock is None
+    assert nic.cap_gbps is None and not nic._clocks
     with nic.transfer("read", 10**9):  # no cap: no wait
         pass
     with pytest.raises(ValueError):

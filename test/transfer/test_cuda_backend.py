@@ -117,11 +117,11 @@ def test_peer_gpus(length):
         assert torch.equal(src.cpu(), dst.cpu())
 
 
-def _owner(conn, length):
+def _owner(conn, length, gpu=0):
     """Another process: allocate device memory, export it, wait for the peer's write, check."""
     import torch
 
-    buf = torch.zeros(length + 4096, dtype=torch.uint8, device="cuda")
+    buf = torch.zeros(length + 4096, dtype=torch.uint8, device=f"cuda:{gpu}")
     part = buf[4096:]  # not the allocation's start: the offset must travel
     conn.send(cuda_ipc.export(part.data_ptr(), length).to_dict())
     expected = conn.recv()
@@ -130,25 +130,31 @@ def _owner(conn, length):
 
 
 @gpu
-@pytest.mark.parametrize("length", [70001, (3 << 20) + 1])
-def test_write_into_another_process_through_cuda_ipc(length):
+@pytest.mark.parametrize("backend", ["cuda", "cuda:memcpy"])
+@pytest.mark.parametrize("owner_gpu", [0, 1])  # the other process's memory on our GPU / a peer
+@pytest.mark.parametrize("length", [70001, (3 << 20) + 1])  # batched kernel / copy engines
+def test_write_into_another_process_through_cuda_ipc(length, owner_gpu, backend):
     pytest.importorskip("cuda.bindings")
+    if owner_gpu >= torch.cuda.device_count():
+        pytest.skip("needs 2 GPUs")
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    p = ctx.Process(target=_owner, args=(child, length))
+    p = ctx.Process(target=_owner, args=(child, length, owner_gpu))
     p.start()
     try:
         desc = cuda_ipc.IpcRange.from_dict(parent.recv())
         with cuda_ipc.open_range(desc, device=0) as mem:
-            eng = TransferEngine("cuda", slice_bytes=1 << 20)
+            eng = TransferEngine(backend, slice_bytes=1 << 20)
             remote = eng.register(mem.ptr, length, "device@0")  # opened in GPU 0's context
             src = _random(length, "cuda", seed=7)
             a = eng.register_array(src)
-            assert eng.wait(eng.submit(TransferBatch.of(a, 0, remote, 0, length)), 30) == "done"
+            h = eng.submit(TransferBatch.of(a, 0, remote, 0, length))
+            assert eng.wait(h, 30) == "done", h.error
             eng.deregister(remote)
             parent.send(src.cpu().numpy())
             assert parent.recv() is True
     finally:
+        parent.close()  # a failed test never sends: the owner's recv ends instead of hanging
         p.join(30)
         if p.is_alive():
             p.kill()

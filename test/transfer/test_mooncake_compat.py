@@ -143,6 +143,7 @@ def test_device_kv_pages_into_another_process(page_bytes):
         assert parent.recv() is True
         eng.close()
     finally:
+        parent.close()  # a failed test never sends: the other side's recv ends, no hang
         p.join(30)
         if p.is_alive():
             p.kill()

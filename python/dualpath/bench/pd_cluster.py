@@ -189,4 +189,6 @@ def path_bytes(stats: dict) -> dict:
             "forwarded_bytes": paths.get("forwarded_bytes", 0),
             "received_bytes": paths.get("received_bytes", 0),
             "restore_from_buffer": paths.get("restore_from_buffer", 0),
-            "h2d_bytes": paths.get("h2d_bytes", 0)}
+            "h2d_bytes": paths.get("h2d_bytes", 0),
+            # the host-pool prefetches (sglang_plugin/prefetch_queue.py): queued, started, revoked
+            **{k: v for k, v in (stats.get("prefetch") or {}).items() if k.startswith("pf_")}}

@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
 from dualpath.config import PluginConfig
 from dualpath.router.contract import EngineStats
-from dualpath.sglang_plugin import engine_stats
+from dualpath.sglang_plugin import engine_stats, prefetch_queue
 from dualpath.sglang_plugin.block_buffer import BlockBuffer
 from dualpath.sglang_plugin.peer_memory import PeerMemoryError, PeerRegions, RegionDesc
 from dualpath.sglang_plugin.plan import PlanTable, ReadPlan
@@ -273,7 +273,8 @@ class Agent:
                 "storage": {"read_bytes": snap.read_bytes, "write_bytes": snap.write_bytes,
                             "read_ops": snap.read_ops, "write_ops": snap.write_ops,
                             "cap_gbps": self.nic.cap_gbps or 0},
-                "paths": extra, "buffer": self.buffer.stats() if self.buffer else None,
+                "paths": extra, "prefetch": prefetch_queue.snapshot(),
+                "buffer": self.buffer.stats() if self.buffer else None,
                 "plans": len(self.plans)}
 
     def _token_bytes(self) -> int:

@@ -11,6 +11,14 @@ here such a prefetch is queued, first in first out, and started as soon as the b
 the scheduler keeps the request waiting meanwhile (as it does for a prefetch in progress under
 the `wait_complete` policy).
 
+- A prefetch also waits while the host pool has no room for it. Stock reserves host memory only
+  after the storage lookup and, when the pool is full of pages it cannot evict (copies of
+  device-resident nodes under write-through, other prefetches, backups in flight), shortens the
+  prefetch or revokes it: the prefix is recomputed (measured on 2x H100, 2026-11-27, with the
+  queue above: still 80 of 133 later turns without a prefix hit). Room = free pages + host-only
+  leaves nobody holds (what `evict_host` can free) - the tokens started prefetches have yet to
+  allocate. With no prefetch in flight the head of the queue starts anyway, as stock would, so
+  the queue cannot stall.
 - Only prefixes that storage holds are queued: the first page of the would-be prefetch is
   looked up (one hash, one `batch_exists` of one key), so new prompts are never delayed.
 - Once anything is queued, later arrivals queue behind it (no overtaking); every
@@ -40,6 +48,50 @@ _WAIT_S = Histogram("dualpath_prefetch_queue_wait_seconds", "Time a prefetch wai
 ATTR = "_dualpath_prefetch_queue"
 DRAINING = "_dualpath_prefetch_draining"
 QUEUE_TTL_S = 300.0
+STARTED = "_dualpath_prefetch_started"
+
+# cumulative, for the agent's stats (written on the scheduler thread only)
+STATS = {"pf_queued": 0, "pf_waited_host": 0, "pf_started": 0, "pf_empty": 0,
+         "pf_loaded_tokens": 0, "pf_asked_tokens": 0}
+
+
+def snapshot() -> dict:
+    return dict(STATS)
+
+
+def host_room(cache) -> int | None:
+    """Host-pool tokens a new prefetch could get now (None: the cache has no host pool to ask)."""
+    pool = getattr(cache.cache_controller, "mem_pool_host", None)
+    if pool is None:
+        return None
+    evictable = sum(len(n.host_value) for n in getattr(cache, "evictable_host_leaves", ())
+                    if n.evicted and n.host_ref_counter == 0 and n.host_value is not None)
+    pending = sum(len(key) for _, key, op in cache.ongoing_prefetch.values()
+                  if getattr(op, "host_indices", None) is None)
+    return pool.available_size() + evictable - pending
+
+
+def _no_room(cache, tokens: int) -> bool:
+    """Would a prefetch of `tokens` find no host memory? Never while nothing is in flight."""
+    if not cache.ongoing_prefetch:
+        return False
+    room = host_room(cache)
+    return room is not None and room < tokens
+
+
+def _limited(cache, tokens: int) -> bool:
+    return cache.cache_controller.prefetch_rate_limited() or _no_room(cache, tokens)
+
+
+def _started(cache, req_id, tokens: int) -> None:
+    if req_id in cache.ongoing_prefetch:
+        started = getattr(cache, STARTED, None)
+        if started is None:
+            started = {}
+            setattr(cache, STARTED, started)
+        started[req_id] = tokens
+        STATS["pf_started"] += 1
+        STATS["pf_asked_tokens"] += tokens
 
 
 def _queue(cache) -> OrderedDict:
@@ -100,22 +152,31 @@ def prefetch(original, cache, req_id, last_host_node, new_input_tokens, last_has
              prefix_keys=None):
     """AROUND HiRadixCache.prefetch_from_storage: queue instead of dropping when the budget is
     taken or others already wait."""
+    aligned = len(new_input_tokens) - len(new_input_tokens) % cache.page_size
     if getattr(cache, DRAINING, False) or not _enabled(cache):
-        return original(cache, req_id, last_host_node, new_input_tokens, last_hash, prefix_keys)
+        result = original(cache, req_id, last_host_node, new_input_tokens, last_hash,
+                          prefix_keys)
+        _started(cache, req_id, aligned)
+        return result
     cc = cache.cache_controller
     q = _queue(cache)
     _expire(cache, q)
-    aligned = len(new_input_tokens) - len(new_input_tokens) % cache.page_size
     if (getattr(cache, "enable_storage", False) and aligned >= cache.prefetch_threshold
-            and (q or cc.prefetch_rate_limited())
+            and (q or _limited(cache, aligned))
             and stored_prefix(cache, last_host_node, new_input_tokens, last_hash, prefix_keys)):
         last_host_node.protect_host()  # as stock does for a started prefetch
         q[req_id] = (last_host_node, new_input_tokens, last_hash, prefix_keys, time.monotonic())
         _QUEUED.inc()
         _WAITING.set(len(q))
-        log.debug("prefetch of %d tokens for %s queued (budget taken)", aligned, req_id)
+        STATS["pf_queued"] += 1
+        if not cc.prefetch_rate_limited():
+            STATS["pf_waited_host"] += 1
+        log.debug("prefetch of %d tokens for %s queued (budget or host room taken)", aligned,
+                  req_id)
         return None
-    return original(cache, req_id, last_host_node, new_input_tokens, last_hash, prefix_keys)
+    result = original(cache, req_id, last_host_node, new_input_tokens, last_hash, prefix_keys)
+    _started(cache, req_id, aligned)
+    return result
 
 
 def drain(cache) -> None:
@@ -126,8 +187,11 @@ def drain(cache) -> None:
     _expire(cache, q)
     setattr(cache, DRAINING, True)
     try:
-        while q and not cache.cache_controller.prefetch_rate_limited():
-            rid, (node, tokens, last_hash, prefix_keys, t0) = q.popitem(last=False)
+        while q:
+            rid, (node, tokens, last_hash, prefix_keys, t0) = next(iter(q.items()))
+            if _limited(cache, len(tokens) - len(tokens) % cache.page_size):
+                break
+            q.popitem(last=False)
             _WAIT_S.observe(time.monotonic() - t0)
             cache.prefetch_from_storage(rid, node, tokens, last_hash, prefix_keys)
             node.release_host()  # the started prefetch holds its own protection
@@ -145,12 +209,22 @@ def check(original, cache, req_id) -> bool:
         return False
     done = original(cache, req_id)
     if done:
+        started = getattr(cache, STARTED, None)
+        if started and req_id in started:
+            started.pop(req_id)
+            loaded = cache.prefetch_loaded_tokens_by_reqid.get(req_id, 0)
+            STATS["pf_loaded_tokens"] += loaded
+            if loaded == 0:  # revoked: too few pages stored, or no host memory
+                STATS["pf_empty"] += 1
         drain(cache)  # this request's prefetch may have freed budget
     return done
 
 
 def release(cache, rid) -> None:
     """BEFORE HiRadixCache.release_aborted_request: an aborted request leaves the queue."""
+    started = getattr(cache, STARTED, None)
+    if started:
+        started.pop(rid, None)
     q = getattr(cache, ATTR, None)
     item = q.pop(rid, None) if q else None
     if item is not None:
@@ -164,4 +238,7 @@ def reset(result, cache, *args, **kwargs):
     if q:
         q.clear()
         _WAITING.set(0)
+    started = getattr(cache, STARTED, None)
+    if started:
+        started.clear()
     return result

@@ -3,6 +3,8 @@
 On one GPU host every engine shares one memory bus, so a node's storage NIC must be modelled
 explicitly (DESIGN.md): `cap_gbps` makes each transfer take at least bytes / cap, shared
 first-come-first-served by all transfers of the node in this process, like a link at line rate.
+The link is full duplex, as an Ethernet or InfiniBand NIC is: reads (receive) and writes
+(transmit) each have the cap, so a node's KV write-back does not take its read bandwidth.
 With the cap off (None) this is only a meter, which is what runs in production.
 
 The read queue (reads submitted and not yet finished, in bytes and tokens) is the scheduler's
@@ -71,7 +73,7 @@ class StorageNic:
         self._burst_bytes = burst_bytes
         self._lock = threading.Lock()
         self.cap_gbps: float | None = None
-        self._clock: LinkClock | None = None
+        self._clocks: dict[str, LinkClock] = {}  # per direction: "read", "write"
         self.set_cap(cap_gbps)
         self._c = {"read_bytes": 0, "write_bytes": 0, "read_ops": 0, "write_ops": 0,
                    "reads_in_flight": 0, "writes_in_flight": 0, "read_queue_bytes": 0,
@@ -83,11 +85,13 @@ class StorageNic:
         end times; later ones queue behind them at the new rate."""
         if cap_gbps is not None and not cap_gbps > 0:
             raise ValueError(f"cap_gbps must be > 0 or None, got {cap_gbps}")
-        clock = LinkClock(cap_gbps * 1e9, self._burst_bytes) if cap_gbps else None
+        clocks = ({op: LinkClock(cap_gbps * 1e9, self._burst_bytes) for op in ("read", "write")}
+                  if cap_gbps else {})
         with self._lock:
-            if clock is not None and self._clock is not None:
-                clock._end = self._clock._end
-            self.cap_gbps, self._clock = cap_gbps, clock
+            for op, clock in clocks.items():
+                if op in self._clocks:
+                    clock._end = self._clocks[op]._end
+            self.cap_gbps, self._clocks = cap_gbps, clocks
         _CAP.labels(self.node).set(cap_gbps or 0)
 
     # ---- the read queue (what the scheduler sees) ----
@@ -114,7 +118,7 @@ class StorageNic:
         A failed transfer is not counted as moved bytes."""
         if op not in ("read", "write"):
             raise ValueError(f"op must be 'read' or 'write', got {op!r}")
-        clock = self._clock
+        clock = self._clocks.get(op)
         end = clock.reserve(nbytes) if clock else None
         with self._lock:
             self._c[f"{op}s_in_flight"] += 1
