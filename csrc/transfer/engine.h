@@ -71,6 +71,9 @@ struct Region {
   uint64_t remote_id = 0;      // remote regions: its region id there
   int device = -1;             // set by the backend: CUDA device of the memory (-1: host)
   bool gpu_accessible = false;  // set by the backend: a kernel may dereference the address
+  bool context_bound = false;   // set by the backend: mapped in `device`'s context only (memory
+                                // of another process opened through CUDA IPC): copies that
+                                // touch it must run on that device
 };
 
 struct Desc {

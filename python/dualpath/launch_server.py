@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dualpath-node", default=d.node,
                     help="node name of this server's storage NIC ('' = host name)")
     ap.add_argument("--dualpath-snic-gbps", type=float, default=d.snic_gbps,
-                    help="emulated storage-NIC cap of this node, GB/s (0 = meter only)")
+                    help="emulated storage-NIC cap of this node, GB/s in each direction (reads "
+                         "and writes each get it: full duplex; 0 = meter only)")
     ap.add_argument("--dualpath-agent-host", default=d.agent_host)
     ap.add_argument("--dualpath-agent-port", type=int, default=d.agent_port,
                     help="agent port (0 = SGLang --port + 1000)")

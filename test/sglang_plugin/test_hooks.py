@@ -23,6 +23,7 @@ PARAMS = {
     "check_prefetch_progress": ["self", "req_id"],
     "release_aborted_request": ["self", "rid"],
     "reset": ["self"],
+    "init_load_back": ["self", "params"],
 }
 ALL_HOOKS = (hooks.LAUNCHER_HOOKS + hooks.PREFETCH_QUEUE_HOOKS + hooks.PD_ENGINE_HOOKS
              + hooks.HOOKS)

@@ -227,3 +227,20 @@ def test_revoked_prefetches_are_counted():
     assert cache.check("r") is True
     assert pq.STATS["pf_empty"] == before["pf_empty"] + 1
     assert pq.STATS["pf_loaded_tokens"] == before["pf_loaded_tokens"]
+
+
+def test_host_hits_the_gpu_could_not_load_are_counted():
+    import torch
+
+    root = types.SimpleNamespace(evicted=False, parent=None, host_value=None)
+    mid = types.SimpleNamespace(evicted=True, parent=root, host_value=torch.zeros(128))
+    leaf = types.SimpleNamespace(evicted=True, parent=mid, host_value=torch.zeros(64))
+    params = types.SimpleNamespace(best_match_node=leaf, mem_quota=None)
+    before = dict(pq.STATS)
+    empty = torch.empty(0, dtype=torch.int64)
+    assert pq.count_load_back(lambda c, p: (empty, root), None, params)[1] is root
+    assert pq.STATS["pf_loadback_failed"] == before["pf_loadback_failed"] + 1
+    assert pq.STATS["pf_loadback_failed_tokens"] == before["pf_loadback_failed_tokens"] + 192
+    loaded = torch.arange(192)
+    pq.count_load_back(lambda c, p: (loaded, leaf), None, params)  # loaded: not counted
+    assert pq.STATS["pf_loadback_failed"] == before["pf_loadback_failed"] + 1

@@ -65,6 +65,14 @@ def test_without_stage_records_prefill_falls_back_to_ttft():
     assert decode_samples(run) == [(1, 1001.0, 0.7)]
 
 
+def test_the_kv_send_inside_the_forward_time_is_not_compute():
+    run = {"stage_records": [{"type": "prefill", "input_len": 8000, "cached_input_len": 7800,
+                              "forward_s": 0.4, "transfer_total_mb": 1000.0,
+                              "transfer_speed_gbps": 4.0}]}
+    (miss, n, s), = prefill_samples(run, 131072, 6.25)
+    assert (miss, n) == (200, 8000) and s == pytest.approx(0.4 - 0.25)
+
+
 def test_too_few_samples_is_an_error(tmp_path, capsys):
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"configs": [{"config": "off", "offline": {}}]}))

@@ -158,3 +158,50 @@ def test_write_into_another_process_through_cuda_ipc(length, owner_gpu, backend)
         p.join(30)
         if p.is_alive():
             p.kill()
+
+
+@gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_teardown_keeps_the_callers_current_device():
+    """The engine's destructor runs on the caller's thread; it once left GPU 1 current, and the
+    next `torch.zeros(device="cuda")` landed there."""
+    import gc
+
+    torch.cuda.set_device(0)
+    eng = TransferEngine("cuda")
+    src, dst = _random(4096, "cuda:1"), torch.zeros(4096, dtype=torch.uint8, device="cuda:1")
+    a, b = eng.register_array(src), eng.register_array(dst)
+    assert eng.wait(eng.submit(TransferBatch.of(a, 0, b, 0, 4096)), 30) == "done"
+    del eng
+    gc.collect()
+    assert torch.cuda.current_device() == 0
+
+
+@gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_ipc_memory_is_written_from_the_gpu_that_opened_it():
+    """Source on GPU 1, another process's memory opened on GPU 0: GPU 0 runs the copy (reading
+    GPU 1 over NVLink); GPU 1's kernels cannot reach a mapping made in GPU 0's context."""
+    pytest.importorskip("cuda.bindings")
+    length = 70001
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=_owner, args=(child, length, 0))
+    p.start()
+    try:
+        desc = cuda_ipc.IpcRange.from_dict(parent.recv())
+        with cuda_ipc.open_range(desc, device=0) as mem:
+            eng = TransferEngine("cuda")
+            remote = eng.register(mem.ptr, length, "device@0")
+            src = _random(length, "cuda:1", seed=3)
+            a = eng.register_array(src)
+            h = eng.submit(TransferBatch.of(a, 0, remote, 0, length))
+            assert eng.wait(h, 30) == "done", h.error
+            eng.deregister(remote)
+            parent.send(src.cpu().numpy())
+            assert parent.recv() is True
+    finally:
+        parent.close()
+        p.join(30)
+        if p.is_alive():
+            p.kill()

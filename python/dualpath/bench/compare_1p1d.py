@@ -238,7 +238,8 @@ def table(results: list[dict]) -> str:
         lines.append(f"{label:16}" + "".join(cell(_stage(r["offline"], role, field, *stat))
                                              for r in results))
     for label, key in (("PE pf started", "pe_pf_started"), ("PE pf queued", "pe_pf_queued"),
-                       ("PE pf no host", "pe_pf_waited_host"), ("PE pf revoked", "pe_pf_empty")):
+                       ("PE pf no host", "pe_pf_waited_host"), ("PE pf revoked", "pe_pf_empty"),
+                       ("PE no GPU room", "pe_pf_loadback_failed")):
         lines.append(f"{label:16}" + "".join(cell((r["offline"].get("bytes") or {}).get(key))
                                              for r in results))
     if any(r.get("online") for r in results):

@@ -104,6 +104,9 @@ LAUNCHER_HOOKS: tuple[Hook, ...] = (
          "AROUND", parallel_prefetch_io, "several storage loads in flight, not one"),
     Hook("sglang.srt.managers.cache_controller.HiCacheController.load", "AFTER", count_h2d,
          "H2D bytes per node (host pool -> GPU loads)"),
+    Hook("sglang.srt.mem_cache.hiradix_cache.HiRadixCache.init_load_back", "AROUND",
+         prefetch_queue.count_load_back,
+         "count host-pool hits the GPU had no room to load (recomputed instead)"),
 )
 
 # registered with the launcher's --dualpath-prefetch-queue on (the default), flag on or off

@@ -52,7 +52,26 @@ STARTED = "_dualpath_prefetch_started"
 
 # cumulative, for the agent's stats (written on the scheduler thread only)
 STATS = {"pf_queued": 0, "pf_waited_host": 0, "pf_started": 0, "pf_empty": 0,
-         "pf_loaded_tokens": 0, "pf_asked_tokens": 0}
+         "pf_loaded_tokens": 0, "pf_asked_tokens": 0,
+         # host-pool hits that could not be loaded to the GPU (no device memory): recomputed
+         "pf_loadback_failed": 0, "pf_loadback_failed_tokens": 0}
+
+
+def count_load_back(original, cache, params):
+    """AROUND HiRadixCache.init_load_back (a meter, behaviour unchanged): a prefix found in the
+    host pool (from storage or kept there) that the GPU had no room to load is recomputed; count
+    those (stock says nothing about them)."""
+    node = params.best_match_node
+    evicted = getattr(node, "evicted", False)
+    result = original(cache, params)
+    if evicted and len(result[0]) == 0:
+        n = 0
+        while node is not None and getattr(node, "evicted", False):
+            n += len(node.host_value) if node.host_value is not None else 0
+            node = node.parent
+        STATS["pf_loadback_failed"] += 1
+        STATS["pf_loadback_failed_tokens"] += n
+    return result
 
 
 def snapshot() -> dict:

@@ -2,8 +2,9 @@
 result.json), `off` configuration.
 
 - Prefill: per request, SGLang's own forward time on the prefill (`stage_records`, from
-  --enable-request-time-stats-logging: forward entry to KV sent) against the tokens it computed
-  (prompt minus cached) and the prompt length. Results without stage records fall back to
+  --enable-request-time-stats-logging: forward entry to KV sent) less the KV send in it (size
+  over the measured transfer speed; the simulator has the PD transfer as its own stage),
+  against the tokens it computed (prompt minus cached) and the prompt length. Results without stage records fall back to
   TTFT minus the read at the cap and one decode step, which also counts queueing (crude).
 - Decode: per turn, TPOT against the number of turns decoding at the middle of its decode and
   their summed context (from the replayer's per-turn start/TTFT/end).
@@ -14,13 +15,20 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 
+def transfer_s(rec: dict) -> float:
+    """The KV send inside a prefill's forward time (SGLang counts forward entry to KV sent; the
+    simulator models the PD transfer as its own stage): its size over its measured speed."""
+    mb, gbps = rec.get("transfer_total_mb"), rec.get("transfer_speed_gbps")
+    return mb / 1e3 / gbps if mb and gbps else 0.0
+
+
 def prefill_samples(run: dict, kv_bytes_per_token: int, cap_gbps: float) -> list[tuple]:
     """(computed tokens, prompt tokens, seconds) per prefill."""
     recs = [r for r in run.get("stage_records") or []
             if r.get("type") == "prefill" and "forward_s" in r]
     if recs:
-        return [(r["input_len"] - r.get("cached_input_len", 0), r["input_len"], r["forward_s"])
-                for r in recs]
+        return [(r["input_len"] - r.get("cached_input_len", 0), r["input_len"],
+                 max(0.0, r["forward_s"] - transfer_s(r))) for r in recs]
     out = []
     cap = cap_gbps * 1e9
     for r in run.get("turn_records") or []:

@@ -1,6 +1,7 @@
 // `cuda` backend: copies between host memory and CUDA device memory (this process's GPUs, and
 // another process's device memory opened here through CUDA IPC: python/dualpath/transfer/
-// cuda_ipc.py), batched.
+// cuda_ipc.py; such a "device@N" region is reached only from GPU N, which runs every copy
+// that touches it), batched.
 //
 // A worker's slice of a batch is one submission on that worker's stream of the batch's class
 // (latency: the device's highest stream priority, bulk: its lowest), grouped by the device that
@@ -80,6 +81,10 @@ class CudaBackend final : public Backend {
                                                  : std::string("0 devices")) + ")");
   }
   ~CudaBackend() override {
+    // runs on the caller's thread: leave its current device as it was (a destructor that
+    // switched it once made the next torch allocation land on another GPU)
+    int current = -1;
+    const bool restore = cudaGetDevice(&current) == cudaSuccess;
     for (auto& kv : lanes_) {
       Lane& l = kv.second;
       cudaSetDevice(std::get<1>(kv.first));
@@ -87,6 +92,8 @@ class CudaBackend final : public Backend {
       if (l.host_table) cudaFreeHost(l.host_table);
       if (l.dev_table) cudaFree(l.dev_table);
     }
+    if (restore) cudaSetDevice(current);
+    cudaGetLastError();
   }
 
   std::string name() const override { return use_kernel_ ? "cuda" : "cuda:memcpy"; }
@@ -118,6 +125,7 @@ class CudaBackend final : public Backend {
       if (a.type != cudaMemoryTypeDevice)
         return "region registered as 'device' is not CUDA device memory";
       r.device = opener >= 0 ? opener : a.device;
+      r.context_bound = opener >= 0;
       r.gpu_accessible = true;
       return "";
     }
@@ -143,10 +151,19 @@ class CudaBackend final : public Backend {
     for (uint64_t i = begin; i < end; ++i) {
       if (pieces[i].length == 0) continue;
       const Resolved& r = ptrs[i];
-      // the source's GPU pushes (peer writes over NVLink; another process's memory is mapped
-      // in this process's context of the current device, i.e. the source's), else the
-      // destination's GPU pulls from host memory
-      const int dev = r.src_region->device >= 0 ? r.src_region->device : r.dst_region->device;
+      // memory opened through CUDA IPC is reachable only from the context it was opened in:
+      // that GPU runs the copy (reading a peer GPU's memory over NVLink if need be);
+      // otherwise the source's GPU pushes (peer writes over NVLink), else the destination's
+      // GPU pulls from host memory
+      const Region* s = r.src_region;
+      const Region* d = r.dst_region;
+      const int dev = d->context_bound ? d->device
+                      : s->context_bound ? s->device
+                      : s->device >= 0 ? s->device : d->device;
+      if (s->context_bound && d->context_bound && s->device != d->device)
+        return "piece " + std::to_string(i) + ": its source and destination were opened in "
+               "different GPUs' contexts (" + std::to_string(s->device) + ", " +
+               std::to_string(d->device) + "); open both on one GPU";
       if (dev < 0) {
         std::memmove(r.dst, r.src, pieces[i].length);
         continue;
