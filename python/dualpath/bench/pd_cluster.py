@@ -25,6 +25,7 @@ class ClusterSpec:
     read_side: str = "pe"  # the router's --read-side
     snic_gbps: float = 6.25
     max_total_tokens: int = 32768
+    mem_fraction: float = 0.5  # SGLang --mem-fraction-static (room for the pools above)
     hicache_ratio: float = 2.0
     decode_max_total_tokens: int | None = None  # None: max_total_tokens
     decode_hicache_ratio: float | None = None  # None: hicache_ratio (decode HiCache: dual path)
@@ -52,7 +53,8 @@ def server(spec: ClusterSpec, role: str, out: Path) -> ServerProcess:
              "--sampling-backend", "pytorch", "--page-size", "64",
              *(["--cuda-graph-max-bs", str(spec.decode_cuda_graph_max_bs)] if graphs
                else ["--disable-cuda-graph"]),
-             "--host", "127.0.0.1", "--port", str(port), "--mem-fraction-static", "0.5",
+             "--host", "127.0.0.1", "--port", str(port),
+             "--mem-fraction-static", str(spec.mem_fraction),
              "--max-total-tokens", str(tokens), "--hicache-ratio", str(ratio),
              "--hicache-write-policy", "write_through", "--enable-cache-report",
              "--enable-request-time-stats-logging",

@@ -4,8 +4,9 @@ result.json), `off` configuration.
 - Prefill: per request, SGLang's own forward time on the prefill (`stage_records`, from
   --enable-request-time-stats-logging: forward entry to KV sent) less the KV send in it (size
   over the measured transfer speed; the simulator has the PD transfer as its own stage),
-  against the tokens it computed (prompt minus cached) and the prompt length. Results without stage records fall back to
-  TTFT minus the read at the cap and one decode step, which also counts queueing (crude).
+  against the tokens it computed (prompt minus cached) and the prompt length. Results without
+  stage records fall back to TTFT minus the read at the cap and one decode step, which also
+  counts queueing (crude).
 - Decode: per turn, TPOT against the number of turns decoding at the middle of its decode and
   their summed context (from the replayer's per-turn start/TTFT/end).
 """
