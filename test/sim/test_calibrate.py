@@ -41,7 +41,7 @@ def synthetic(seed=0):
 
 
 def test_samples_come_from_the_off_config_only():
-    pre, dec = samples([synthetic()], 131072)
+    pre, dec, _ = samples([synthetic()], 131072)
     assert len(pre) == 60 and len(dec) == 36
     assert all(m <= n for m, n, _ in pre)
     assert {r for r, _, _ in dec} == {1, 2, 3, 4, 5, 6, 7, 8}
@@ -100,3 +100,33 @@ def test_validate_simulates_each_measured_run(tmp_path, capsys):
         assert r["error"] == pytest.approx((r["simulated_jct_s"] - r["measured_jct_s"])
                                            / r["measured_jct_s"], abs=2e-3)
     assert "measured" in capsys.readouterr().out
+
+
+def test_isolated_prompts_and_the_pd_link_rate(tmp_path):
+    """PD transfer runs (cold prompts alone on the engine) give the prefill model; the 1P1D
+    runs' SGLang-measured KV transfer rates (>= 100 MB) give the PD link."""
+    one_p1d = synthetic()
+    recs = one_p1d["configs"][0]["offline"]["stage_records"]
+    for i, r in enumerate(x for x in recs if x["type"] == "prefill"):
+        r.update(transfer_total_mb=50.0 if i % 2 else 500.0, transfer_speed_gbps=4.0 + i % 2)
+        r["forward_s"] += r["transfer_total_mb"] / 1e3 / r["transfer_speed_gbps"]
+    pd_run = {"backends": [{"backend": "nixl", "requests": [
+        {"prompt_len": n, "prefill_forward_s": P[0] + P[1] * n + P[2] * n * n / 1e3}
+        for n in (4096, 8192, 16384, 32768)]}]}
+    pre, _, rates = samples([one_p1d, pd_run], 131072)
+    assert [n for n, _, _ in pre] == [4096, 8192, 16384, 32768]  # the isolated ones win
+    assert rates and set(rates) == {4.0}  # the 50 MB sends are too small to time a link
+    paths = []
+    for k, res in enumerate((one_p1d, pd_run)):
+        paths.append(tmp_path / f"r{k}.json")
+        paths[-1].write_text(json.dumps(res))
+    out = tmp_path / "perf.json"
+    assert main(["calibrate", *map(str, paths), "--out", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert [m["p0"], m["p1"], m["p2"]] == pytest.approx(P, rel=1e-3)
+    assert m["pd_gbps"] == 4.0
+    # without the isolated prompts the per-request records serve, less their KV send
+    pre, _, _ = samples([one_p1d], 131072)
+    assert len(pre) == 60
+    assert all(sec == pytest.approx(P[0] + P[1] * miss + P[2] * miss * n / 1e3)
+               for miss, n, sec in pre)

@@ -112,3 +112,29 @@ def test_cli_run_and_model_round_trip(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["turns"] > 0 and out["jct_s"] > 0 and out["perf"]["p0"] == FAST.p0
     assert PRESETS["32k"].max_len == 32768
+
+
+def test_a_small_prefill_pool_makes_turns_wait_for_the_pd_transfer():
+    """A turn holds its prompt in the prefill's GPU pool until its KV reached the decode: with a
+    slow PD link and room for one prompt, prefills no longer overlap other turns' transfers."""
+    t = trajs(8)
+    slow = {"gpus_per_node": 1, "policy": "basic", "compute_nic_gbps": 2.0, "storage_ratio": 25.0}
+    busy = PerfModel(p0=0.5, p1=0.0, p2=0.0, d0=0.001, d1=0.0, d2=0.0)  # ~ a transfer's time
+    free = simulate(SimCluster(1, 1, **slow), busy, t)
+    tight = simulate(SimCluster(1, 1, prefill_kv_tokens=1, **slow), busy, t)
+    assert tight.turns == free.turns and tight.jct_s > 1.2 * free.jct_s
+    with pytest.raises(ValueError, match="prefill_kv_tokens"):
+        SimCluster(1, 1, prefill_kv_tokens=-1)
+
+
+def test_given_hits_replace_the_whole_earlier_context():
+    t = trajs(4)
+    c = SimCluster(1, 1, gpus_per_node=1, policy="basic")
+    ideal = simulate(c, FAST, t)
+    none = simulate(c, FAST, t, hits={(a, k): 0 for a, tr in enumerate(t)
+                                      for k in range(len(tr.turns))})
+    assert none.read_bytes_pe == 0 and ideal.read_bytes_pe > 0
+    half = simulate(c, FAST, t, hits={(a, k): 1000 for a, tr in enumerate(t)
+                                      for k in range(len(tr.turns))})
+    n = sum(len(tr.turns) for tr in t)
+    assert half.read_bytes_pe == n * (1000 - 1000 % 64) * KVB

@@ -99,18 +99,27 @@ def cmd_calibrate(args) -> int:
     from dualpath.sim.calibrate import samples
     from dualpath.sim.model import PerfModel, fit_decode, fit_prefill
 
-    pre, dec = samples((json.loads(Path(p).read_text()) for p in args.results),
-                       args.kv_bytes_per_token)
+    pre, dec, rates = samples((json.loads(Path(p).read_text()) for p in args.results),
+                              args.kv_bytes_per_token)
     if len(pre) < 3 or len(dec) < 3:
         print("error: need >= 3 prefill and decode samples from 'off' runs", file=sys.stderr)
         return 2
     p = fit_prefill(*(np.array(c) for c in zip(*pre, strict=True)))
     d = fit_decode(*(np.array(c) for c in zip(*dec, strict=True)))
-    model = PerfModel(*p, *d, source=f"calibrated from {', '.join(map(str, args.results))} "
-                                     f"({len(pre)} prefill, {len(dec)} decode samples)")
+    pd = float(np.median(rates)) if rates else 0.0
+    model = PerfModel(*p, *d, pd_gbps=round(pd, 3),
+                      source=f"calibrated from {', '.join(map(str, args.results))} "
+                             f"({len(pre)} prefill, {len(dec)} decode, {len(rates)} PD "
+                             "transfer samples)")
     model.save(args.out)
     print(json.dumps(asdict(model), indent=1))
     return 0
+
+
+def measured_hits(run: dict) -> dict[tuple[int, int], int]:
+    """(agent, turn) -> the prefix tokens the measured turn reused (SGLang's cached tokens)."""
+    return {(r["agent"], r["turn"]): r.get("cached_tokens") or 0
+            for r in run.get("turn_records") or [] if not r.get("error")}
 
 
 def cmd_validate(args) -> int:
@@ -130,20 +139,28 @@ def cmd_validate(args) -> int:
     for cfg in res["configs"]:
         if cfg.get("oracle") or not (cfg.get("offline") or {}).get("jct_s"):
             continue
-        runs = [(res["snic_gbps"], cfg["offline"]["jct_s"])] + [
-            (x["snic_gbps"], x["jct_s"]) for x in cfg.get("sweep", []) if x.get("jct_s")]
-        for cap, measured in runs:
-            c = SimCluster(1, 1, gpus_per_node=1, compute_nic_gbps=args.compute_nic_gbps,
-                           storage_ratio=cap / args.compute_nic_gbps,
+        runs = [(res["snic_gbps"], cfg["offline"])] + [
+            (x["snic_gbps"], x) for x in cfg.get("sweep", []) if x.get("jct_s")]
+        nic = args.compute_nic_gbps or perf.pd_gbps or 50.0
+        for cap, run in runs:
+            measured = run["jct_s"]
+            hits = measured_hits(run) if args.hits == "measured" else None
+            c = SimCluster(1, 1, gpus_per_node=1, compute_nic_gbps=nic,
+                           storage_ratio=cap / nic,
                            decode_kv_tokens=res.get("decode_pool_tokens") or 1_000_000,
-                           pe_cache_tokens=(res.get("device_pool_tokens") or 0)
+                           # measured hits already count what the prefill's pools held
+                           pe_cache_tokens=0 if hits else (res.get("device_pool_tokens") or 0)
                            + (res.get("host_pool_tokens") or 0),
+                           prefill_kv_tokens=(res.get("device_pool_tokens") or 0)
+                           if args.prefill_kv == "pool" else 0,
+                           h2d_gbps=args.h2d_gbps,
                            policy="dualpath" if cfg.get("dual_path") else "basic",
                            read_side=cfg.get("read_side") or "shorter",
                            schedule_interval_s=args.schedule_interval_s)
-            sim = simulate(c, perf, trajs).jct_s
+            sim = simulate(c, perf, trajs, hits=hits).jct_s
             rows.append({"config": cfg["config"], "snic_gbps": cap, "measured_jct_s": measured,
-                         "simulated_jct_s": round(sim, 2),
+                         "simulated_jct_s": round(sim, 2), "hits": args.hits,
+                         "prefill_kv": args.prefill_kv,
                          "error": round((sim - measured) / measured, 3)})
             print(f"{cfg['config']:>8} cap {cap:6.2f} GB/s  measured {measured:8.2f} s  "
                   f"simulated {sim:8.2f} s  error {rows[-1]['error']:+.1%}", flush=True)
@@ -208,9 +225,18 @@ def main(argv: list[str] | None = None) -> int:
     val = sub.add_parser("validate", help="measured vs simulated JCT of a 1P1D comparison")
     val.add_argument("result", type=Path, help="compare_1p1d's result.json")
     val.add_argument("--perf", type=Path, help="engine speeds (calibrate's output)")
-    val.add_argument("--compute-nic-gbps", type=float, default=50.0,
-                     help="GPU-to-GPU KV bandwidth of the host (PD transfer, DE -> PE forward)")
+    val.add_argument("--compute-nic-gbps", type=float,
+                     help="GPU-to-GPU KV rate of the host (PD transfer, DE -> PE forward); "
+                          "default: the calibrated pd_gbps, else 50")
     val.add_argument("--schedule-interval-s", type=float, default=0.02)
+    val.add_argument("--hits", choices=["measured", "trace"], default="measured",
+                     help="each turn's stored prefix: what the measured turn reused (default) or "
+                          "the whole earlier context (the trace's ideal)")
+    val.add_argument("--prefill-kv", choices=["pool", "unlimited"], default="pool",
+                     help="prefill GPU pool: the run's device pool (turns wait to fit) or none")
+    val.add_argument("--h2d-gbps", type=float, default=26.0,
+                     help="host -> GPU prefix load of the prefill (SGLang's one-layer load "
+                          "measured 20-30 GB/s on H100)")
     val.add_argument("--out", type=Path, help="write the rows as JSON")
     adv = sub.add_parser("advise", help="recommend a P:D split of N nodes")
     adv.add_argument("--g", type=int, default=8)

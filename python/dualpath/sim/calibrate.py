@@ -1,5 +1,11 @@
-"""Fit the simulator's PerfModel to a measured 1P1D comparison (dualpath.bench.compare_1p1d's
-result.json), `off` configuration.
+"""Fit the simulator's PerfModel to measured runs: 1P1D comparisons (dualpath.bench.
+compare_1p1d's result.json, `off` configuration) and, for the prefill, PD transfer runs
+(dualpath.bench.pd_transfer's result.json: isolated cold prompts) when given.
+
+- Prefill, from PD transfer runs: SGLang's forward time of each cold prompt, alone on the
+  engine, against its length. Preferred: in a loaded 1P1D run a request's forward time also
+  holds the other requests of its batch and the wait for its KV send.
+- PD link: the median of SGLang's measured KV transfer rates of the 1P1D prefills (>= 100 MB).
 
 - Prefill: per request, SGLang's own forward time on the prefill (`stage_records`, from
   --enable-request-time-stats-logging: forward entry to KV sent) less the KV send in it (size
@@ -60,12 +66,33 @@ def decode_samples(run: dict) -> list[tuple]:
     return out
 
 
-def samples(results: Iterable[dict], kv_bytes_per_token: int) -> tuple[list, list]:
-    pre, dec = [], []
+def isolated_prefill_samples(res: dict) -> list[tuple]:
+    """(tokens, tokens, seconds) per cold prompt of a PD transfer run (dualpath.bench.
+    pd_transfer's result.json): one request at a time, nothing cached, so SGLang's prefill
+    forward time is the compute (its KV send overlaps the next chunk; ~10 ms remain)."""
+    return [(r["prompt_len"], r["prompt_len"], r["prefill_forward_s"])
+            for b in res.get("backends", []) for r in b.get("requests", [])
+            if r.get("prefill_forward_s")]
+
+
+def pd_transfer_gbps(run: dict) -> list[float]:
+    """SGLang's measured PD KV transfer rates of a run's prefills that sent >= 100 MB."""
+    return [r["transfer_speed_gbps"] for r in run.get("stage_records") or []
+            if r.get("type") == "prefill" and r.get("transfer_speed_gbps")
+            and (r.get("transfer_total_mb") or 0) >= 100]
+
+
+def samples(results: Iterable[dict], kv_bytes_per_token: int) -> tuple[list, list, list]:
+    """Prefill samples (from PD transfer runs when any are given: isolated prompts; else from the
+    1P1D runs' per-request records, which also hold batching and send waits), decode samples
+    and PD transfer rates (the 1P1D runs' `off` configuration)."""
+    isolated, pre, dec, rates = [], [], [], []
     for res in results:
+        isolated += isolated_prefill_samples(res)
         for cfg in res.get("configs", []):
             if cfg.get("config") != "off" or not cfg.get("offline"):
                 continue
             pre += prefill_samples(cfg["offline"], kv_bytes_per_token, res.get("snic_gbps") or 0)
             dec += decode_samples(cfg["offline"])
-    return pre, dec
+            rates += pd_transfer_gbps(cfg["offline"])
+    return (isolated or pre), dec, rates

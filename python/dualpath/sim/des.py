@@ -58,7 +58,10 @@ def _pct(xs: list[float], q: float) -> float:
 
 class Simulator:
     def __init__(self, cluster: SimCluster, perf: PerfModel, trajectories, *,
-                 online: bool = False, slo_ttft_s: float = 4.0, slo_tpot_s: float = 0.050):
+                 online: bool = False, slo_ttft_s: float = 4.0, slo_tpot_s: float = 0.050,
+                 hits: dict[tuple[int, int], int] | None = None):
+        """`hits`: (agent, turn) -> prefix tokens the turn found stored, in place of the whole
+        earlier context (e.g. what a measured run actually reused)."""
         self.c, self.perf, self.online = cluster, perf, online
         self.slo = (slo_ttft_s, slo_tpot_s)
         g = cluster.gpus_per_node
@@ -81,6 +84,13 @@ class Simulator:
                 self.gen.append(gen)
                 ctx += gen
             self.arrival_at.append(traj.arrival_s if online else 0.0)
+        if hits:
+            turn_of = [tid - self.agent_first[a] for tid, a in enumerate(self.turn_agent)]
+            for tid, a in enumerate(self.turn_agent):
+                h = hits.get((a, turn_of[tid]))
+                if h is not None:
+                    h = min(int(h), self.prompt[tid])
+                    self.hit[tid] = h - h % PAGE
         self.agent_end = self.agent_first[1:] + [len(self.prompt)]
         if cluster.policy == "basic":
             self.sched = PairScheduler(pre, dec, "round_robin")
@@ -132,6 +142,8 @@ class Simulator:
         de_nic = [0.0] * self.n_de
         pe_queue = [deque() for _ in range(self.n_pe)]
         pe_busy = [False] * self.n_pe
+        pe_kv = [0] * self.n_pe  # GPU-pool tokens held by turns from prefill start to handoff
+        kv_cap = c.prefill_kv_tokens
         pe_busy_s = 0.0
         de_running = [0] * self.n_de
         de_ctx = [0] * self.n_de
@@ -164,10 +176,18 @@ class Simulator:
             return link[node]
 
         def start_prefill(pe, now):
+            """Start the head of the engine's queue if it fits its GPU pool (always when the
+            pool holds nothing else)."""
             nonlocal pe_busy_s
-            tid = pe_queue[pe].popleft()
+            tid = pe_queue[pe][0]
+            if kv_cap and pe_kv[pe] and pe_kv[pe] + self.prompt[tid] > kv_cap:
+                return
+            pe_queue[pe].popleft()
             pe_busy[pe] = True
-            dt = perf.prefill_s(self.prompt[tid] - self.hit[tid], self.prompt[tid])
+            pe_kv[pe] += self.prompt[tid]
+            # the prefix goes host -> GPU layer by layer while the missed tokens compute
+            dt = max(perf.prefill_s(self.prompt[tid] - self.hit[tid], self.prompt[tid]),
+                     self.hit[tid] * kvb / h2d_bps)
             pe_busy_s += dt
             push(now + dt, PREFILL_DONE, tid)
 
@@ -236,6 +256,10 @@ class Simulator:
                     arrive = max(arrive, now + self.hit[tid] * kvb / h2d_bps)
                 push(arrive, DECODE_START, tid)
             elif kind == DECODE_START:
+                pe = plan_pe[tid]
+                pe_kv[pe] -= self.prompt[tid]  # its KV reached the decode: the prefill frees it
+                if pe_queue[pe] and not pe_busy[pe]:
+                    start_prefill(pe, now)
                 de = plan_de[tid]
                 de_running[de] += 1
                 de_ctx[de] += self.prompt[tid]

@@ -7,6 +7,7 @@ given by hand:
   prefill time  = p0 + p1 * miss_tokens + p2 * miss_tokens * context_tokens / 1e3
   decode step   = d0 + d1 * running_requests + d2 * running_context_tokens / 1e3
   a request's decode time = its output tokens x the step time when it starts decoding.
+  pd_gbps: the rate KV moved prefill -> decode on the measured host (its PD backend).
 """
 
 from __future__ import annotations
@@ -32,11 +33,17 @@ class SimCluster:
     decode_kv_tokens: int = 1_000_000
     """KV slots per decode engine (GPU)."""
     h2d_gbps: float = 50.0
-    """Host -> GPU per GPU (the DE's restore of the KV it read, miss-only return)."""
+    """Host -> GPU per GPU: the prefill loading a turn's prefix into its GPU pool (overlapped
+    with its compute, layer by layer), and the DE's restore of the KV it read (miss-only
+    return)."""
     pe_cache_tokens: int = 0
     """Tokens of recently used prefixes each prefill engine keeps in HBM + DRAM (SGLang's
     device pool and HiCache host pool, LRU by agent); a turn reads from storage only what is
     not there. 0 = none, as in the paper (its buffers only stage)."""
+    prefill_kv_tokens: int = 0
+    """KV slots of each prefill engine's GPU pool: a turn holds its whole prompt there from the
+    start of its prefill until its KV has reached the decode (SGLang's prefill keeps it for the
+    PD transfer); the next turn in the engine's queue waits until it fits. 0 = unlimited."""
     policy: str = "dualpath"
     """'dualpath' (the global scheduler, read side by `read_side`) or 'basic' (round-robin
     pairs, prefill-side reads: the paper's baseline)."""
@@ -49,6 +56,8 @@ class SimCluster:
             raise ValueError("SimCluster: node and GPU counts must be >= 1")
         if self.pe_cache_tokens < 0:
             raise ValueError("SimCluster.pe_cache_tokens must be >= 0")
+        if self.prefill_kv_tokens < 0:
+            raise ValueError("SimCluster.prefill_kv_tokens must be >= 0")
         for name in ("compute_nic_gbps", "storage_ratio", "h2d_gbps", "schedule_interval_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"SimCluster.{name} must be > 0")
@@ -68,6 +77,9 @@ class PerfModel:
     d0: float = 0.012
     d1: float = 5.0e-5
     d2: float = 2.0e-6
+    pd_gbps: float = 0.0
+    """The PD KV transfer rate measured on the host (GB/s; 0 = not measured: the cluster's
+    compute NIC)."""
     source: str = "default (not calibrated)"
 
     def prefill_s(self, miss: int, context: int) -> float:
