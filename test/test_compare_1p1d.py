@@ -224,8 +224,8 @@ def test_main_runs_configs_sweep_and_online_end_to_end(monkeypatch, tmp_path):
     try:
         rc = cmp.main(["--out", str(out), "--configs", "stock,on", "--agents", "2",
                        "--max-turns", "2", "--initial", "256", "--scale", "0.02",
-                       "--snic-sweep", "3", "--online-aps", "50",
-                       "--store-dir", str(tmp_path / "store")])
+                       "--snic-sweep", "3", "--online-aps", "50", "--pd-backend", "dualpath",
+                       "--mem-fraction", "0.7", "--store-dir", str(tmp_path / "store")])
     finally:
         asyncio.run_coroutine_threadsafe(srv.close(), loop).result(5)
         loop.call_soon_threadsafe(loop.stop)
@@ -239,6 +239,8 @@ def test_main_runs_configs_sweep_and_online_end_to_end(monkeypatch, tmp_path):
     assert [s["snic_gbps"] for s in on["sweep"]] == [3.0] and on["online"][0]["aps"] == 50
     assert on["max_aps_within_slo"] == 50 and "outputs_match_off" not in on  # no off config
     assert not calls["specs"][0].prefetch_queue and calls["specs"][1].dual_path
+    assert {(sp.pd_backend, sp.mem_fraction) for sp in calls["specs"]} == {("dualpath", 0.7)}
+    assert (res["pd_backend"], res["mem_fraction"]) == ("dualpath", 0.7)
     # cap: stock sets the prefill's only; on sets both, then restores the main cap
     assert calls["cap"] == [(cmp.PRE_PORT, 3.0), (cmp.PRE_PORT, 6.25),
                             (cmp.PRE_PORT, 3.0), (cmp.DEC_PORT, 3.0),

@@ -164,7 +164,7 @@ def run_config(name: str, args, out: Path, trajs, res: dict, save) -> dict:
     shutil.rmtree(root, ignore_errors=True)
     spec = ClusterSpec(model=args.model, root=root, dual_path=dual, read_side=side,
                        snic_gbps=args.snic_gbps, max_total_tokens=args.max_total_tokens,
-                       mem_fraction=args.mem_fraction,
+                       mem_fraction=args.mem_fraction, pd_backend=args.pd_backend,
                        decode_max_total_tokens=args.decode_max_total_tokens,
                        decode_hicache_ratio=args.decode_hicache_ratio,
                        buffer_gb=args.buffer_gb, hicache_ratio=args.hicache_ratio,
@@ -299,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--snic-sweep", type=lambda s: [float(x) for x in s.split(",") if x],
                     default=[], help="comma-separated caps (GB/s) of extra offline runs of the "
                                      "same trace (cap changed at run time, no restart)")
+    ap.add_argument("--pd-backend", choices=["nixl", "dualpath"], default=ClusterSpec.pd_backend,
+                    help="PD KV transfer of every configuration: SGLang's NIXL (UCX) or our "
+                         "engine under SGLang's Mooncake backend (CUDA IPC over NVLink)")
     ap.add_argument("--mem-fraction", type=float, default=ClusterSpec.mem_fraction,
                     help="SGLang --mem-fraction-static of both servers (raise it with the pools)")
     ap.add_argument("--max-total-tokens", type=int, default=32768,
@@ -340,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
               "decode_pool_tokens": args.decode_max_total_tokens,
               "decode_host_pool_tokens": int(args.decode_hicache_ratio
                                              * args.decode_max_total_tokens),
-              "mem_fraction": args.mem_fraction,
+              "mem_fraction": args.mem_fraction, "pd_backend": args.pd_backend,
               "buffer_gb": args.buffer_gb, "slo": {"ttft_s": SLO_TTFT_S,
                                                                      "tpot_s": SLO_TPOT_S},
               "configs": [], "ok": False}
