@@ -47,6 +47,16 @@ def test_user_flags_win_and_prefetch_queue_can_be_stock():
     assert PluginConfig.from_json(cfg.to_json()) == cfg
 
 
+def test_stack_sampling_reaches_the_plugin_config():
+    _, cfg = build(["--disaggregation-mode", "prefill", "--dualpath-stack-sample",
+                    "/tmp/s_{pid}.txt", "--dualpath-stack-sample-hz", "250"])
+    assert (cfg.stack_sample, cfg.stack_sample_hz) == ("/tmp/s_{pid}.txt", 250.0)
+    _, off = build(["--disaggregation-mode", "prefill"])
+    assert off.stack_sample == ""
+    with pytest.raises(ValueError, match="stack_sample_hz"):
+        PluginConfig(stack_sample_hz=0)
+
+
 def test_pd_engine_selects_mooncake():
     args, cfg = build(["--disaggregation-mode", "decode", "--dualpath-pd-engine"])
     assert cfg.pd_engine and value(args, "--disaggregation-transfer-backend") == "mooncake"

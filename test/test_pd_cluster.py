@@ -33,6 +33,13 @@ def test_roles_get_their_pools_gpus_and_backend(tmp_path):
     stock, _ = argv(ClusterSpec(model=Path("m"), root=tmp_path, prefetch_queue=False),
                     "prefill", tmp_path)
     assert val(stock, "--dualpath-prefetch-queue") == "off"
+    assert val(pre, "--mem-fraction-static") == "0.5" and "--dualpath-stack-sample" not in pre
+    prof, _ = argv(ClusterSpec(model=Path("m"), root=tmp_path, stack_sample=True,
+                               mem_fraction=0.8), "decode", tmp_path)
+    assert val(prof, "--dualpath-stack-sample") == str(tmp_path / "stacks_decode.txt")
+    assert val(prof, "--mem-fraction-static") == "0.8"
+    _, cfg = sglang_args(*build_parser().parse_known_args(prof))
+    assert cfg.stack_sample == str(tmp_path / "stacks_decode.txt")
 
 
 def test_pd_transfer_summary_is_per_prompt_length():

@@ -148,6 +148,10 @@ class PluginConfig:
     the Mooncake library; the launcher selects --disaggregation-transfer-backend mooncake."""
     role: str = ""
     """'prefill' or 'decode' (set by the launcher from --disaggregation-mode; '' = neither)."""
+    stack_sample: str = ""
+    """Sample the scheduler thread's Python stack into this file (folded stacks; '{pid}' is
+    replaced by the process id; '' = off): sglang_plugin/stack_sampler.py."""
+    stack_sample_hz: float = 100.0
     oracle: bool = False
     """Benchmark ceiling only: stored pages are reported loaded without reading them (no storage
     traffic, the pages keep whatever they held), so outputs are meaningless; the paper's
@@ -166,6 +170,8 @@ class PluginConfig:
         for name in ("forward_timeout_s", "plan_ttl_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"PluginConfig.{name} must be > 0")
+        if not self.stack_sample_hz > 0:
+            raise ValueError("PluginConfig.stack_sample_hz must be > 0")
         if self.io_threads < 1 or self.prefetch_io_threads < 1:
             raise ValueError("PluginConfig.io_threads and prefetch_io_threads must be >= 1")
 

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print the environment and the SGLang command this would run, and "
                          "exit: to start the server with SGLang's own launcher (any launcher "
                          "works: the plugin loads wherever DUALPATH_PLUGIN_CONFIG is set)")
+    ap.add_argument("--dualpath-stack-sample", default=d.stack_sample, metavar="FILE",
+                    help="sample the scheduler thread's Python stack into FILE (folded stacks, "
+                         "'{pid}' = process id; summarize with python -m dualpath.bench.stacks)")
+    ap.add_argument("--dualpath-stack-sample-hz", type=float, default=d.stack_sample_hz)
     ap.add_argument("--dualpath-oracle", action="store_true",
                     help="benchmark ceiling: skip storage reads, report them done (outputs are "
                          "meaningless)")
@@ -98,7 +102,8 @@ def sglang_args(ours: argparse.Namespace, rest: list[str]) -> tuple[list[str], P
         forward_timeout_s=ours.dualpath_forward_timeout_s, io_threads=ours.dualpath_io_threads,
         role=mode if mode != "null" else "", oracle=ours.dualpath_oracle,
         prefetch_io_threads=ours.dualpath_prefetch_io_threads,
-        prefetch_queue=ours.dualpath_prefetch_queue == "on", pd_engine=ours.dualpath_pd_engine)
+        prefetch_queue=ours.dualpath_prefetch_queue == "on", pd_engine=ours.dualpath_pd_engine,
+        stack_sample=ours.dualpath_stack_sample, stack_sample_hz=ours.dualpath_stack_sample_hz)
     if cfg.enable_dual_path and mode == "null":
         raise SystemExit("error: --enable-dual-path needs --disaggregation-mode prefill or decode")
     out = list(rest)

@@ -165,6 +165,7 @@ def run_config(name: str, args, out: Path, trajs, res: dict, save) -> dict:
     spec = ClusterSpec(model=args.model, root=root, dual_path=dual, read_side=side,
                        snic_gbps=args.snic_gbps, max_total_tokens=args.max_total_tokens,
                        mem_fraction=args.mem_fraction, pd_backend=args.pd_backend,
+                       stack_sample=args.stack_sample,
                        decode_max_total_tokens=args.decode_max_total_tokens,
                        decode_hicache_ratio=args.decode_hicache_ratio,
                        buffer_gb=args.buffer_gb, hicache_ratio=args.hicache_ratio,
@@ -299,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--snic-sweep", type=lambda s: [float(x) for x in s.split(",") if x],
                     default=[], help="comma-separated caps (GB/s) of extra offline runs of the "
                                      "same trace (cap changed at run time, no restart)")
+    ap.add_argument("--stack-sample", action="store_true",
+                    help="profile both schedulers' threads: OUT/<config>/stacks_<role>.txt "
+                         "(python -m dualpath.bench.stacks FILE)")
     ap.add_argument("--pd-backend", choices=["nixl", "dualpath"], default=ClusterSpec.pd_backend,
                     help="PD KV transfer of every configuration: SGLang's NIXL (UCX) or our "
                          "engine under SGLang's Mooncake backend (CUDA IPC over NVLink)")

@@ -82,6 +82,18 @@ def count_h2d(result, self, host_indices, *args, **kwargs):
     return result
 
 
+def start_stack_sampler(result, self, *args, **kwargs):
+    """With --dualpath-stack-sample: sample this (the scheduler's) thread from now on."""
+    from dualpath.sglang_plugin import launcher_config
+
+    cfg = launcher_config()
+    if cfg is not None and cfg.stack_sample:
+        from dualpath.sglang_plugin.stack_sampler import start_for_current_thread
+
+        start_for_current_thread(cfg.stack_sample, cfg.stack_sample_hz)
+    return result
+
+
 def attach_scheduler(result, self, *args, **kwargs):
     """Let the agent read the scheduler's queues and free KV for the router's stats."""
     from dualpath.sglang_plugin.agent import attach_scheduler as attach
@@ -104,6 +116,9 @@ LAUNCHER_HOOKS: tuple[Hook, ...] = (
          "AROUND", parallel_prefetch_io, "several storage loads in flight, not one"),
     Hook("sglang.srt.managers.cache_controller.HiCacheController.load", "AFTER", count_h2d,
          "H2D bytes per node (host pool -> GPU loads)"),
+    Hook("sglang.srt.managers.scheduler.Scheduler.init_disaggregation", "AFTER",
+         start_stack_sampler, "--dualpath-stack-sample: profile the scheduler thread (the "
+         "thread that builds the scheduler runs its event loop)"),
     Hook("sglang.srt.mem_cache.hiradix_cache.HiRadixCache.init_load_back", "AROUND",
          prefetch_queue.count_load_back,
          "count host-pool hits the GPU had no room to load (recomputed instead)"),
