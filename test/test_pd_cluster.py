@@ -46,7 +46,11 @@ def test_pd_transfer_summary_is_per_prompt_length():
     res = {"requests": [
         {"prompt_len": 4096, "ttft_s": 0.2, "prefill_forward_s": 0.1, "decode_transfer_s": 0.05},
         {"prompt_len": 4096, "ttft_s": 0.4, "prefill_forward_s": None, "decode_transfer_s": None},
-        {"prompt_len": 16384, "ttft_s": 1.0, "prefill_forward_s": 0.5, "decode_transfer_s": 0.2}]}
+        {"prompt_len": 16384, "ttft_s": 1.0, "prefill_forward_s": 0.5, "decode_transfer_s": 0.2},
+        {"prompt_len": 16384, "phase": "warm", "ttft_s": 0.3, "prefill_forward_s": 0.04,
+         "decode_transfer_s": 0.05},
+        {"prompt_len": 16384, "phase": "warm", "ttft_s": 0.3, "prefill_forward_s": 0.06,
+         "decode_transfer_s": 0.05}]}
     assert pd_transfer.summarize(res) == {
-        4096: {"ttft": 0.3, "fwd": 0.1, "wait": 0.05},
-        16384: {"ttft": 1.0, "fwd": 0.5, "wait": 0.2}}
+        4096: {"ttft": 0.3, "fwd": 0.1, "wait": 0.05, "xfer": None},
+        16384: {"ttft": 1.0, "fwd": 0.5, "wait": 0.2, "xfer": 0.05}}  # warm ones apart

@@ -2,7 +2,10 @@
 Mooncake backend (`--dualpath-pd-engine`), in one run, on the same prompts.
 
 For each backend: boot 1P1D (+ router), send each prompt length (default 4k, 16k, 32k tokens;
-fresh random ids, so nothing is cached) `--repeats` times, greedy, and record per request the
+fresh random ids, so nothing is cached) `--repeats` times, greedy ("cold": the KV send overlaps
+the chunked prefill), then the first of those prompts `--repeats` times again ("warm": the
+prefill finds it in its GPU cache and computes one page, the decode holds nothing, so the
+prefill's forward + send is the KV transfer of the whole prompt), and record per request the
 TTFT and SGLang's own stage times (prefill forward + KV send; decode's wait for the KV), then
 stop. Checks that both backends give the same greedy tokens for the same prompt. Writes
 result.json. Run through scripts/gpu_pd_transfer.sh.
@@ -39,36 +42,46 @@ def run_backend(name: str, args, out: Path) -> dict:
             res["startup_s"] = c.startup_s
             client.generate(c.url, prompt(1, 1024), 4)  # warm-up: first-use compiles
             for n in args.lengths:
-                for k in range(args.repeats):
+                for phase, k in ([("cold", k) for k in range(args.repeats)]
+                                 + [("warm", k) for k in range(args.repeats if args.warm else 0)]):
+                    seed = 1000 * n + (k if phase == "cold" else 0)  # warm: cold #0 again
                     cur = [LogCursor(p.log_path) for p in (c.pre, c.dec)]
-                    g = client.generate(c.url, prompt(1000 * n + k, n), args.output_len)
+                    g = client.generate(c.url, prompt(seed, n), args.output_len)
                     time.sleep(0.5)  # the stats lines follow the response
                     stages = parse_lines(x for cu in cur for x in cu.new_lines())
                     pre = next((r for r in stages if r["type"] == "prefill"), {})
                     dec = next((r for r in stages if r["type"] == "decode"), {})
                     res["requests"].append({
-                        "prompt_len": n, "repeat": k, "ttft_s": round(g.ttft_s, 4),
-                        "output_ids": g.output_ids, "prefill_forward_s": pre.get("forward_s"),
+                        "prompt_len": n, "phase": phase, "repeat": k,
+                        "ttft_s": round(g.ttft_s, 4), "output_ids": g.output_ids,
+                        "prefill_cached": pre.get("cached_input_len"),
+                        "prefill_forward_s": pre.get("forward_s"),
                         "kv_mb": pre.get("transfer_total_mb"),
                         "decode_transfer_s": dec.get("transfer_s")})
-                    log.info("%s %d tokens #%d: TTFT %.3f s, prefill fwd+send %s s, decode "
-                             "waited %s s for %s MB", name, n, k, g.ttft_s,
-                             pre.get("forward_s"), dec.get("transfer_s"),
-                             pre.get("transfer_total_mb"))
+                    log.info("%s %d tokens %s #%d: TTFT %.3f s, prefill cached %s, fwd+send %s "
+                             "s, decode waited %s s for %s MB", name, n, phase, k, g.ttft_s,
+                             pre.get("cached_input_len"), pre.get("forward_s"),
+                             dec.get("transfer_s"), pre.get("transfer_total_mb"))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return res
 
 
 def summarize(res: dict) -> dict:
+    """Medians per prompt length: cold TTFT / forward+send / decode wait, and the warm
+    forward+send (the whole prompt's KV transfer; None without warm requests)."""
     by: dict[int, dict] = {}
     for r in res["requests"]:
-        by.setdefault(r["prompt_len"], {"ttft": [], "fwd": [], "wait": []})
-        by[r["prompt_len"]]["ttft"].append(r["ttft_s"])
+        d = by.setdefault(r["prompt_len"], {"ttft": [], "fwd": [], "wait": [], "xfer": []})
+        if r.get("phase", "cold") == "warm":
+            if r["prefill_forward_s"] is not None:
+                d["xfer"].append(r["prefill_forward_s"])
+            continue
+        d["ttft"].append(r["ttft_s"])
         if r["prefill_forward_s"] is not None:
-            by[r["prompt_len"]]["fwd"].append(r["prefill_forward_s"])
+            d["fwd"].append(r["prefill_forward_s"])
         if r["decode_transfer_s"] is not None:
-            by[r["prompt_len"]]["wait"].append(r["decode_transfer_s"])
+            d["wait"].append(r["decode_transfer_s"])
     return {n: {k: round(statistics.median(v), 4) if v else None for k, v in d.items()}
             for n, d in sorted(by.items())}
 
@@ -82,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                     default=[4096, 16384, 32768])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--output-len", type=int, default=8)
+    ap.add_argument("--no-warm", dest="warm", action="store_false",
+                    help="skip the warm requests (prefill cache hit: forward + send = transfer)")
     ap.add_argument("--max-total-tokens", type=int, default=131072)
     run_args(ap, "/dev/shm/dualpath-pd-transfer")
     args, head = start_run(ap, argv, "pd-transfer")
@@ -93,19 +108,21 @@ def main(argv: list[str] | None = None) -> int:
             res["summary"] = summarize(res)
             result["backends"].append(res)
             (args.out / "result.json").write_text(json.dumps(result) + "\n")
-        outs = [{(r["prompt_len"], r["repeat"]): r["output_ids"] for r in b["requests"]}
-                for b in result["backends"]]
+        outs = [{(r["prompt_len"], r.get("phase"), r["repeat"]): r["output_ids"]
+                 for r in b["requests"]} for b in result["backends"]]
         result["outputs_match"] = all(o == outs[0] for o in outs[1:])
         result["ok"] = result["outputs_match"] and all(
             len(r["output_ids"]) == args.output_len for b in result["backends"]
             for r in b["requests"])
         print(f"{'tokens':>8}" + "".join(f"{b['backend'] + ' TTFT':>16}{'fwd+send':>10}"
-                                          f"{'dec wait':>10}" for b in result["backends"]))
+                                          f"{'dec wait':>10}{'warm xfer':>10}"
+                                          for b in result["backends"]))
         for n in args.lengths:
             line = f"{n:>8}"
             for b in result["backends"]:
                 s = b["summary"].get(n, {})
-                line += f"{s.get('ttft')!s:>16}{s.get('fwd')!s:>10}{s.get('wait')!s:>10}"
+                line += (f"{s.get('ttft')!s:>16}{s.get('fwd')!s:>10}{s.get('wait')!s:>10}"
+                         f"{s.get('xfer')!s:>10}")
             print(line)
         print("greedy outputs equal across backends:", result["outputs_match"], flush=True)
         rc = 0 if result["ok"] else 1
