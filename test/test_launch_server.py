@@ -55,6 +55,10 @@ def test_stack_sampling_reaches_the_plugin_config():
     assert off.stack_sample == ""
     with pytest.raises(ValueError, match="stack_sample_hz"):
         PluginConfig(stack_sample_hz=0)
+    _, budget = build(["--disaggregation-mode", "prefill", "--dualpath-host-cache-tokens", "0"])
+    assert budget.host_cache_tokens == 0 and off.host_cache_tokens == -1
+    with pytest.raises(ValueError, match="host_cache_tokens"):
+        PluginConfig(host_cache_tokens=-2)
 
 
 def test_pd_engine_selects_mooncake():

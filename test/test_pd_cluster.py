@@ -40,6 +40,11 @@ def test_roles_get_their_pools_gpus_and_backend(tmp_path):
     assert val(prof, "--mem-fraction-static") == "0.8"
     _, cfg = sglang_args(*build_parser().parse_known_args(prof))
     assert cfg.stack_sample == str(tmp_path / "stacks_decode.txt")
+    assert "--dualpath-host-cache-tokens" not in pre
+    spec = ClusterSpec(model=Path("m"), root=tmp_path, host_cache_tokens=4096)
+    (p_argv, _), (d_argv, _) = argv(spec, "prefill", tmp_path), argv(spec, "decode", tmp_path)
+    assert val(p_argv, "--dualpath-host-cache-tokens") == "4096"
+    assert "--dualpath-host-cache-tokens" not in d_argv  # the prefill's pool only
 
 
 def test_pd_transfer_summary_is_per_prompt_length():

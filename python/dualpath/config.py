@@ -142,6 +142,10 @@ class PluginConfig:
     """A storage prefetch that finds HiCache's prefetch budget (half the host pool) taken waits
     for it instead of being dropped; stock SGLang drops it and the stored prefix is recomputed
     (sglang_plugin/prefetch_queue.py). False = stock behaviour."""
+    host_cache_tokens: int = -1
+    """Prefill only: host-only prefix pages the HiCache host pool may keep (LRU beyond it is
+    evicted; -1 = no limit, stock). Emulates DRAM that holds a negligible share of the working
+    set on a scaled-down benchmark host: the pool then stages loads instead of caching."""
     pd_engine: bool = False
     """Run SGLang's Mooncake PD backend on our transfer engine (transfer/mooncake_compat.py:
     CUDA IPC + the cuda backend for device KV on this host, tcp for host buffers) instead of
@@ -170,6 +174,8 @@ class PluginConfig:
         for name in ("forward_timeout_s", "plan_ttl_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"PluginConfig.{name} must be > 0")
+        if self.host_cache_tokens < -1:
+            raise ValueError("PluginConfig.host_cache_tokens must be >= -1 (-1 = no limit)")
         if not self.stack_sample_hz > 0:
             raise ValueError("PluginConfig.stack_sample_hz must be > 0")
         if self.io_threads < 1 or self.prefetch_io_threads < 1:

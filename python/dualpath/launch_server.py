@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                     default="on" if d.prefetch_queue else "off",
                     help="on: a storage prefetch that finds HiCache's prefetch budget taken "
                          "waits for it; off: SGLang's behaviour (dropped, prefix recomputed)")
+    ap.add_argument("--dualpath-host-cache-tokens", type=int, default=d.host_cache_tokens,
+                    help="prefill: host-only prefix pages the HiCache host pool may keep (LRU "
+                         "beyond it evicted; -1 = no limit): DRAM as a staging buffer, for "
+                         "scaled-down benchmarks")
     ap.add_argument("--dualpath-pd-engine", action="store_true",
                     help="move PD KV with our transfer engine under SGLang's Mooncake backend "
                          "(sets --disaggregation-transfer-backend mooncake; no Mooncake "
@@ -103,7 +107,8 @@ def sglang_args(ours: argparse.Namespace, rest: list[str]) -> tuple[list[str], P
         role=mode if mode != "null" else "", oracle=ours.dualpath_oracle,
         prefetch_io_threads=ours.dualpath_prefetch_io_threads,
         prefetch_queue=ours.dualpath_prefetch_queue == "on", pd_engine=ours.dualpath_pd_engine,
-        stack_sample=ours.dualpath_stack_sample, stack_sample_hz=ours.dualpath_stack_sample_hz)
+        stack_sample=ours.dualpath_stack_sample, stack_sample_hz=ours.dualpath_stack_sample_hz,
+        host_cache_tokens=ours.dualpath_host_cache_tokens)
     if cfg.enable_dual_path and mode == "null":
         raise SystemExit("error: --enable-dual-path needs --disaggregation-mode prefill or decode")
     out = list(rest)

@@ -244,3 +244,35 @@ def test_host_hits_the_gpu_could_not_load_are_counted():
     loaded = torch.arange(192)
     pq.count_load_back(lambda c, p: (loaded, leaf), None, params)  # loaded: not counted
     assert pq.STATS["pf_loadback_failed"] == before["pf_loadback_failed"] + 1
+
+
+def fresh(cache):
+    return types.SimpleNamespace(**{k: v for k, v in vars(cache).items()
+                                    if not k.startswith("_dualpath")})
+
+
+def test_host_cache_budget_evicts_host_only_pages_beyond_it(monkeypatch):
+    cache = make_cache(capacity=100_000)
+    pool = HostPool(free=0)
+    cache.cache_controller.mem_pool_host = pool
+    cache.evictable_host_leaves = {Leaf(1000), Leaf(1000), Leaf(1000), Leaf(500, held=1)}
+    asked = []
+
+    def evict_host(n):
+        asked.append(n)
+        pool.free += n
+
+    cache.evict_host = evict_host
+    assert pq.trim(cache) == 0  # no budget configured: stock
+    monkeypatch.setenv("DUALPATH_PLUGIN_CONFIG", '{"host_cache_tokens": 1000}')
+    cache = fresh(cache)  # a fresh cache reads the config again
+    before = pq.STATS["pf_trimmed_tokens"]
+    assert pq.trim(cache) == 2000 and asked == [2000]  # the held leaf is not evictable
+    assert pq.STATS["pf_trimmed_tokens"] == before + 2000
+    assert pq.trim(cache) == 0 and asked == [2000]  # at most every TRIM_EVERY_S
+    cache._dualpath_trimmed_at = -1e9
+    cache.evictable_host_leaves = {Leaf(800)}
+    assert pq.trim(cache) == 0 and asked == [2000]  # within the budget
+    monkeypatch.setenv("DUALPATH_PLUGIN_CONFIG", '{"host_cache_tokens": 0, "role": "decode"}')
+    dec = fresh(cache)
+    assert pq.trim(dec) == 0  # decode servers: never

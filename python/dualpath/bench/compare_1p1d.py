@@ -166,6 +166,7 @@ def run_config(name: str, args, out: Path, trajs, res: dict, save) -> dict:
                        snic_gbps=args.snic_gbps, max_total_tokens=args.max_total_tokens,
                        mem_fraction=args.mem_fraction, pd_backend=args.pd_backend,
                        stack_sample=args.stack_sample,
+                       host_cache_tokens=args.host_cache_tokens,
                        decode_max_total_tokens=args.decode_max_total_tokens,
                        decode_hicache_ratio=args.decode_hicache_ratio,
                        buffer_gb=args.buffer_gb, hicache_ratio=args.hicache_ratio,
@@ -300,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--snic-sweep", type=lambda s: [float(x) for x in s.split(",") if x],
                     default=[], help="comma-separated caps (GB/s) of extra offline runs of the "
                                      "same trace (cap changed at run time, no restart)")
+    ap.add_argument("--host-cache-tokens", type=int, default=ClusterSpec.host_cache_tokens,
+                    help="prefill: host-only prefix pages its host pool may keep (-1 = no "
+                         "limit); with a large --hicache-ratio the pool stages loads without "
+                         "caching a share of the scaled-down working set")
     ap.add_argument("--stack-sample", action="store_true",
                     help="profile both schedulers' threads: OUT/<config>/stacks_<role>.txt "
                          "(python -m dualpath.bench.stacks FILE)")
@@ -348,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
               "decode_host_pool_tokens": int(args.decode_hicache_ratio
                                              * args.decode_max_total_tokens),
               "mem_fraction": args.mem_fraction, "pd_backend": args.pd_backend,
+              "host_cache_tokens": args.host_cache_tokens,
               "buffer_gb": args.buffer_gb, "slo": {"ttft_s": SLO_TTFT_S,
                                                                      "tpot_s": SLO_TPOT_S},
               "configs": [], "ok": False}

@@ -39,6 +39,7 @@ class ClusterSpec:
     oracle: bool = False  # storage reads skipped (timing ceiling; outputs not meaningful)
     prefetch_queue: bool = True  # False: SGLang's prefetch admission (drop + recompute)
     stack_sample: bool = False  # profile both schedulers: out/stacks_<role>.txt
+    host_cache_tokens: int = -1  # prefill: host-only pages kept (-1: no limit)
     extra: list[str] = field(default_factory=list)  # more SGLang flags for both servers
 
 
@@ -66,6 +67,8 @@ def server(spec: ClusterSpec, role: str, out: Path) -> ServerProcess:
              "--dualpath-snic-gbps", str(spec.snic_gbps), *spec.extra]
     if role == "prefill":
         flags += ["--disaggregation-bootstrap-port", str(BOOT_PORT)]
+        if spec.host_cache_tokens >= 0:
+            flags += ["--dualpath-host-cache-tokens", str(spec.host_cache_tokens)]
     if spec.dual_path:
         flags.append("--enable-dual-path")
     if spec.oracle:

@@ -48,13 +48,16 @@ _WAIT_S = Histogram("dualpath_prefetch_queue_wait_seconds", "Time a prefetch wai
 ATTR = "_dualpath_prefetch_queue"
 DRAINING = "_dualpath_prefetch_draining"
 QUEUE_TTL_S = 300.0
+TRIM_EVERY_S = 0.05
 STARTED = "_dualpath_prefetch_started"
 
 # cumulative, for the agent's stats (written on the scheduler thread only)
 STATS = {"pf_queued": 0, "pf_waited_host": 0, "pf_started": 0, "pf_empty": 0,
          "pf_loaded_tokens": 0, "pf_asked_tokens": 0,
          # host-pool hits that could not be loaded to the GPU (no device memory): recomputed
-         "pf_loadback_failed": 0, "pf_loadback_failed_tokens": 0}
+         "pf_loadback_failed": 0, "pf_loadback_failed_tokens": 0,
+         # host-only pages evicted by --dualpath-host-cache-tokens
+         "pf_trimmed_tokens": 0}
 
 
 def count_load_back(original, cache, params):
@@ -78,13 +81,18 @@ def snapshot() -> dict:
     return dict(STATS)
 
 
+def evictable_host_tokens(cache) -> int:
+    """Tokens `evict_host` can free now: host-only leaves nobody holds."""
+    return sum(len(n.host_value) for n in getattr(cache, "evictable_host_leaves", ())
+               if n.evicted and n.host_ref_counter == 0 and n.host_value is not None)
+
+
 def host_room(cache) -> int | None:
     """Host-pool tokens a new prefetch could get now (None: the cache has no host pool to ask)."""
     pool = getattr(cache.cache_controller, "mem_pool_host", None)
     if pool is None:
         return None
-    evictable = sum(len(n.host_value) for n in getattr(cache, "evictable_host_leaves", ())
-                    if n.evicted and n.host_ref_counter == 0 and n.host_value is not None)
+    evictable = evictable_host_tokens(cache)
     pending = sum(len(key) for _, key, op in cache.ongoing_prefetch.values()
                   if getattr(op, "host_indices", None) is None)
     return pool.available_size() + evictable - pending
@@ -96,6 +104,41 @@ def _no_room(cache, tokens: int) -> bool:
         return False
     room = host_room(cache)
     return room is not None and room < tokens
+
+
+def _host_cache_budget(cache) -> int:
+    b = getattr(cache, "_dualpath_host_cache_tokens", None)
+    if b is None:  # read the launcher's config once
+        from dualpath.sglang_plugin import launcher_config
+
+        cfg = launcher_config()
+        b = cfg.host_cache_tokens if cfg is not None and cfg.role != "decode" else -1
+        cache._dualpath_host_cache_tokens = b
+    return b
+
+
+def trim(cache) -> int:
+    """With --dualpath-host-cache-tokens N: evict host-only pages (LRU) beyond N, at most every
+    TRIM_EVERY_S; returns the tokens freed. The host pool then stages loads (and mirrors the
+    GPU pool under write-through) instead of caching prefixes, as DualPath's buffers do: on a
+    scaled-down benchmark host, DRAM would otherwise hold a share of the working set no real
+    deployment's DRAM holds. Counts leaves only (a chain frees its parents on later calls)."""
+    budget = _host_cache_budget(cache)
+    if budget < 0:
+        return 0
+    now = time.monotonic()
+    if now - getattr(cache, "_dualpath_trimmed_at", -1e9) < TRIM_EVERY_S:
+        return 0
+    cache._dualpath_trimmed_at = now
+    excess = evictable_host_tokens(cache) - budget
+    if excess <= 0:
+        return 0
+    pool = cache.cache_controller.mem_pool_host
+    before = pool.available_size()
+    cache.evict_host(excess)
+    freed = max(0, pool.available_size() - before)
+    STATS["pf_trimmed_tokens"] += freed
+    return freed
 
 
 def _limited(cache, tokens: int) -> bool:
@@ -222,6 +265,7 @@ def drain(cache) -> None:
 def check(original, cache, req_id) -> bool:
     """AROUND HiRadixCache.check_prefetch_progress: start what the budget allows, in order; a
     request whose prefetch is still queued is not ready."""
+    trim(cache)
     drain(cache)
     q = getattr(cache, ATTR, None)
     if q and req_id in q:
