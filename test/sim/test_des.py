@@ -138,3 +138,17 @@ def test_given_hits_replace_the_whole_earlier_context():
                                       for k in range(len(tr.turns))})
     n = sum(len(tr.turns) for tr in t)
     assert half.read_bytes_pe == n * (1000 - 1000 % 64) * KVB
+
+
+def test_prefill_staging_room_limits_loads_in_flight():
+    """Reads land in the prefill's host staging until its prefill starts: with room for one
+    prefix, the two nodes' NICs no longer read different turns at once."""
+    t = trajs(32)
+    free = simulate(SimCluster(1, 1, gpus_per_node=1, read_side="shorter"), FAST, t)
+    one = simulate(SimCluster(1, 1, gpus_per_node=1, read_side="shorter",
+                              prefill_staging_tokens=1), FAST, t)
+    assert one.turns == free.turns
+    assert one.read_bytes_pe + one.read_bytes_de == free.read_bytes_pe + free.read_bytes_de
+    assert one.jct_s > 1.3 * free.jct_s, (one.jct_s, free.jct_s)
+    with pytest.raises(ValueError, match="prefill_staging_tokens"):
+        SimCluster(1, 1, prefill_staging_tokens=-1)

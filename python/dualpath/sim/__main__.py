@@ -142,6 +142,8 @@ def cmd_validate(args) -> int:
         runs = [(res["snic_gbps"], cfg["offline"])] + [
             (x["snic_gbps"], x) for x in cfg.get("sweep", []) if x.get("jct_s")]
         nic = args.compute_nic_gbps or perf.pd_gbps or 50.0
+        # the host pool less its mirror of the GPU pool (write-through) stages the loads
+        staging = max(0, (res.get("host_pool_tokens") or 0) - (res.get("device_pool_tokens") or 0))
         for cap, run in runs:
             measured = run["jct_s"]
             hits = measured_hits(run) if args.hits == "measured" else None
@@ -153,6 +155,7 @@ def cmd_validate(args) -> int:
                            + (res.get("host_pool_tokens") or 0),
                            prefill_kv_tokens=(res.get("device_pool_tokens") or 0)
                            if args.prefill_kv == "pool" else 0,
+                           prefill_staging_tokens=staging if args.prefill_kv == "pool" else 0,
                            h2d_gbps=args.h2d_gbps,
                            policy="dualpath" if cfg.get("dual_path") else "basic",
                            read_side=cfg.get("read_side") or "shorter",
@@ -233,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="each turn's stored prefix: what the measured turn reused (default) or "
                           "the whole earlier context (the trace's ideal)")
     val.add_argument("--prefill-kv", choices=["pool", "unlimited"], default="pool",
-                     help="prefill GPU pool: the run's device pool (turns wait to fit) or none")
+                     help="prefill pools: the run's GPU pool (turns wait to fit) and host pool "
+                          "less its GPU mirror as the staging of loads (reads wait for room), "
+                          "or neither")
     val.add_argument("--h2d-gbps", type=float, default=26.0,
                      help="host -> GPU prefix load of the prefill (SGLang's one-layer load "
                           "measured 20-30 GB/s on H100)")

@@ -144,6 +144,11 @@ class Simulator:
         pe_busy = [False] * self.n_pe
         pe_kv = [0] * self.n_pe  # GPU-pool tokens held by turns from prefill start to handoff
         kv_cap = c.prefill_kv_tokens
+        # the prefill's host staging: a turn's read prefix (either side's read lands there)
+        # from read start until its prefill moves it to the GPU
+        stage_cap, staged = c.prefill_staging_tokens, [0] * n_turns
+        pe_stage = [0] * self.n_pe
+        stage_wait = [deque() for _ in range(self.n_pe)]
         pe_busy_s = 0.0
         de_running = [0] * self.n_de
         de_ctx = [0] * self.n_de
@@ -175,6 +180,30 @@ class Simulator:
             busy[node] += nbytes / store_bps
             return link[node]
 
+        def start_read(t, pe_bytes, de_bytes, now):
+            """Both sides' reads of turn t start now; it lands in its prefill's staging."""
+            pe, de = plan_pe[t], plan_de[t]
+            pe_stage[pe] += staged[t]
+            ready = now
+            if pe_bytes:
+                read_bytes[0] += pe_bytes
+                ready = storage_read(pe_link, pe_link_busy, self.pe_node[pe], pe_bytes, now)
+            if de_bytes:
+                read_bytes[1] += de_bytes
+                end = storage_read(de_link, de_link_busy, self.de_node[de], de_bytes, now)
+                fwd = max(end, de_nic[de]) + de_bytes / nic_bps  # DE -> PE
+                de_nic[de] = fwd
+                ready = max(ready, fwd)
+            push(ready, READ_DONE, t)
+
+        def unstage(pe, t, now):
+            """Turn t's prefix left the prefill's staging for its GPU pool: start the reads
+            that waited for room, in order."""
+            pe_stage[pe] -= staged[t]
+            q = stage_wait[pe]
+            while q and (not pe_stage[pe] or pe_stage[pe] + staged[q[0][0]] <= stage_cap):
+                start_read(*q.popleft(), now)
+
         def start_prefill(pe, now):
             """Start the head of the engine's queue if it fits its GPU pool (always when the
             pool holds nothing else)."""
@@ -185,6 +214,7 @@ class Simulator:
             pe_queue[pe].popleft()
             pe_busy[pe] = True
             pe_kv[pe] += self.prompt[tid]
+            unstage(pe, tid, now)
             # the prefix goes host -> GPU layer by layer while the missed tokens compute
             dt = max(perf.prefill_s(self.prompt[tid] - self.hit[tid], self.prompt[tid]),
                      self.hit[tid] * kvb / h2d_bps)
@@ -214,18 +244,11 @@ class Simulator:
                     de_bytes = round(stored * de_share) * kvb
                     pe_bytes = stored * kvb - de_bytes
                     plan_de_read[t] = de_bytes
-                    ready = now
-                    if pe_bytes:
-                        read_bytes[0] += pe_bytes
-                        ready = storage_read(pe_link, pe_link_busy, self.pe_node[pe], pe_bytes,
-                                             now)
-                    if de_bytes:
-                        read_bytes[1] += de_bytes
-                        end = storage_read(de_link, de_link_busy, self.de_node[de], de_bytes, now)
-                        fwd = max(end, de_nic[de]) + de_bytes / nic_bps  # DE -> PE
-                        de_nic[de] = fwd
-                        ready = max(ready, fwd)
-                    push(ready, READ_DONE, t)
+                    staged[t] = stored
+                    if stage_cap and pe_stage[pe] and pe_stage[pe] + stored > stage_cap:
+                        stage_wait[pe].append((t, pe_bytes, de_bytes))  # no room to land yet
+                    else:
+                        start_read(t, pe_bytes, de_bytes, now)
                 # what still waits was refused: only a finished read, prefill or turn can change
                 # that, and each of those asks for the next tick (no polling)
                 if waiting and not heap:  # nothing in flight, nothing to arrive: never runs
