@@ -145,7 +145,8 @@ class PluginConfig:
     host_cache_tokens: int = -1
     """Prefill only: host-only prefix pages the HiCache host pool may keep (LRU beyond it is
     evicted; -1 = no limit, stock). Emulates DRAM that holds a negligible share of the working
-    set on a scaled-down benchmark host: the pool then stages loads instead of caching."""
+    set on a scaled-down benchmark host: the pool then stages loads instead of caching. TP = 1
+    only (ranks would evict differently)."""
     pd_engine: bool = False
     """Run SGLang's Mooncake PD backend on our transfer engine (transfer/mooncake_compat.py:
     CUDA IPC + the cuda backend for device KV on this host, tcp for host buffers) instead of

@@ -276,3 +276,7 @@ def test_host_cache_budget_evicts_host_only_pages_beyond_it(monkeypatch):
     monkeypatch.setenv("DUALPATH_PLUGIN_CONFIG", '{"host_cache_tokens": 0, "role": "decode"}')
     dec = fresh(cache)
     assert pq.trim(dec) == 0  # decode servers: never
+    monkeypatch.setenv("DUALPATH_PLUGIN_CONFIG", '{"host_cache_tokens": 0}')
+    tp = fresh(cache)
+    tp.tp_world_size = 2
+    assert pq.trim(tp) == 0 and asked == [2000]  # TP ranks could evict differently

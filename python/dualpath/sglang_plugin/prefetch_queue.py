@@ -124,7 +124,7 @@ def trim(cache) -> int:
     scaled-down benchmark host, DRAM would otherwise hold a share of the working set no real
     deployment's DRAM holds. Counts leaves only (a chain frees its parents on later calls)."""
     budget = _host_cache_budget(cache)
-    if budget < 0:
+    if budget < 0 or getattr(cache, "tp_world_size", 1) > 1:  # TP ranks would evict apart
         return 0
     now = time.monotonic()
     if now - getattr(cache, "_dualpath_trimmed_at", -1e9) < TRIM_EVERY_S:
