@@ -28,6 +28,10 @@ the `wait_complete` policy).
   disagree on the lookup (it is not all-reduced), so there the hooks behave as stock.
 - An entry left behind by a request that is never checked again (rejected before scheduling)
   is dropped after `QUEUE_TTL_S`, and `reset()` empties the queue.
+- Also here, because they are the same host-pool policy: `trim` (--dualpath-host-cache-tokens:
+  host-only pages beyond a budget are evicted, so the pool stages rather than caches) and
+  `count_load_back` (a meter of host hits the GPU had no room to load). `STATS` counts it all
+  for the agent's stats (`pf_*`).
 State lives on the HiRadixCache instance; everything runs on the scheduler thread.
 """
 
