@@ -152,3 +152,15 @@ def test_prefill_staging_room_limits_loads_in_flight():
     assert one.jct_s > 1.3 * free.jct_s, (one.jct_s, free.jct_s)
     with pytest.raises(ValueError, match="prefill_staging_tokens"):
         SimCluster(1, 1, prefill_staging_tokens=-1)
+
+
+def test_loads_in_flight_per_prefill_are_limited():
+    """A prefill runs at most `prefill_loads` loads at once (its prefetch IO threads): with one,
+    the two nodes' NICs no longer read for different turns at the same time."""
+    t = trajs(32)
+    free = simulate(SimCluster(1, 1, gpus_per_node=1, read_side="shorter"), FAST, t)
+    one = simulate(SimCluster(1, 1, gpus_per_node=1, read_side="shorter", prefill_loads=1),
+                   FAST, t)
+    assert one.turns == free.turns and one.jct_s > 1.3 * free.jct_s, (one.jct_s, free.jct_s)
+    with pytest.raises(ValueError, match="prefill_loads"):
+        SimCluster(1, 1, prefill_loads=-1)

@@ -156,6 +156,7 @@ def cmd_validate(args) -> int:
                            prefill_kv_tokens=(res.get("device_pool_tokens") or 0)
                            if args.prefill_kv == "pool" else 0,
                            prefill_staging_tokens=staging if args.prefill_kv == "pool" else 0,
+                           prefill_loads=args.prefill_loads,
                            h2d_gbps=args.h2d_gbps,
                            policy="dualpath" if cfg.get("dual_path") else "basic",
                            read_side=cfg.get("read_side") or "shorter",
@@ -239,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="prefill pools: the run's GPU pool (turns wait to fit) and host pool "
                           "less its GPU mirror as the staging of loads (reads wait for room), "
                           "or neither")
+    val.add_argument("--prefill-loads", type=int, default=4,
+                     help="loads in flight per prefill (the plugin's prefetch IO threads, "
+                          "default 4; 0 = unlimited)")
     val.add_argument("--h2d-gbps", type=float, default=26.0,
                      help="host -> GPU prefix load of the prefill (SGLang's one-layer load "
                           "measured 20-30 GB/s on H100)")

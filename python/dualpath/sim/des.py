@@ -149,6 +149,8 @@ class Simulator:
         stage_cap, staged = c.prefill_staging_tokens, [0] * n_turns
         pe_stage = [0] * self.n_pe
         stage_wait = [deque() for _ in range(self.n_pe)]
+        # loads (either side's read + forward) a prefill has in flight: its prefetch IO threads
+        load_cap, pe_loads = c.prefill_loads, [0] * self.n_pe
         pe_busy_s = 0.0
         de_running = [0] * self.n_de
         de_ctx = [0] * self.n_de
@@ -184,6 +186,7 @@ class Simulator:
             """Both sides' reads of turn t start now; it lands in its prefill's staging."""
             pe, de = plan_pe[t], plan_de[t]
             pe_stage[pe] += staged[t]
+            pe_loads[pe] += 1
             ready = now
             if pe_bytes:
                 read_bytes[0] += pe_bytes
@@ -196,13 +199,22 @@ class Simulator:
                 ready = max(ready, fwd)
             push(ready, READ_DONE, t)
 
+        def can_read(pe, stored) -> bool:
+            """Room in the prefill's staging (always when empty) and a free load slot?"""
+            if load_cap and pe_loads[pe] >= load_cap:
+                return False
+            return not (stage_cap and pe_stage[pe] and pe_stage[pe] + stored > stage_cap)
+
+        def start_waiting_reads(pe, now):
+            q = stage_wait[pe]
+            while q and can_read(pe, staged[q[0][0]]):
+                start_read(*q.popleft(), now)
+
         def unstage(pe, t, now):
             """Turn t's prefix left the prefill's staging for its GPU pool: start the reads
             that waited for room, in order."""
             pe_stage[pe] -= staged[t]
-            q = stage_wait[pe]
-            while q and (not pe_stage[pe] or pe_stage[pe] + staged[q[0][0]] <= stage_cap):
-                start_read(*q.popleft(), now)
+            start_waiting_reads(pe, now)
 
         def start_prefill(pe, now):
             """Start the head of the engine's queue if it fits its GPU pool (always when the
@@ -245,8 +257,9 @@ class Simulator:
                     pe_bytes = stored * kvb - de_bytes
                     plan_de_read[t] = de_bytes
                     staged[t] = stored
-                    if stage_cap and pe_stage[pe] and pe_stage[pe] + stored > stage_cap:
-                        stage_wait[pe].append((t, pe_bytes, de_bytes))  # no room to land yet
+                    # nothing stored: no load at all (it never waits for one)
+                    if stored and (stage_wait[pe] or not can_read(pe, stored)):
+                        stage_wait[pe].append((t, pe_bytes, de_bytes))  # in order, later
                     else:
                         start_read(t, pe_bytes, de_bytes, now)
                 # what still waits was refused: only a finished read, prefill or turn can change
@@ -258,6 +271,8 @@ class Simulator:
                 if waiting:
                     request_tick(now)
                 pe = plan_pe[tid]
+                pe_loads[pe] -= 1
+                start_waiting_reads(pe, now)
                 pe_queue[pe].append(tid)
                 if not pe_busy[pe]:
                     start_prefill(pe, now)

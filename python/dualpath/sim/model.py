@@ -48,6 +48,9 @@ class SimCluster:
     """Host staging of each prefill engine (SGLang's HiCache host pool less what mirrors the
     GPU pool): a turn's read prefix occupies it from read start until its prefill starts; a read
     waits for room (always starts when the staging is empty). 0 = unlimited."""
+    prefill_loads: int = 0
+    """Loads a prefill engine has in flight at most, PE- and DE-side reads alike (the
+    plugin's prefetch IO threads; each waits for its whole read and forward). 0 = unlimited."""
     policy: str = "dualpath"
     """'dualpath' (the global scheduler, read side by `read_side`) or 'basic' (round-robin
     pairs, prefill-side reads: the paper's baseline)."""
@@ -60,9 +63,9 @@ class SimCluster:
             raise ValueError("SimCluster: node and GPU counts must be >= 1")
         if self.pe_cache_tokens < 0:
             raise ValueError("SimCluster.pe_cache_tokens must be >= 0")
-        if self.prefill_kv_tokens < 0 or self.prefill_staging_tokens < 0:
-            raise ValueError("SimCluster.prefill_kv_tokens and prefill_staging_tokens must be "
-                             ">= 0")
+        if min(self.prefill_kv_tokens, self.prefill_staging_tokens, self.prefill_loads) < 0:
+            raise ValueError("SimCluster.prefill_kv_tokens, prefill_staging_tokens and "
+                             "prefill_loads must be >= 0")
         for name in ("compute_nic_gbps", "storage_ratio", "h2d_gbps", "schedule_interval_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"SimCluster.{name} must be > 0")
