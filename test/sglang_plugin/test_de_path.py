@@ -121,6 +121,25 @@ def test_de_reads_and_forwards_into_the_prefill_pool(world, mode, shared):
     assert pe.counters["received_bytes"] == 5 * page_bytes
 
 
+def test_a_pull_of_several_chunks_lands_whole(world, monkeypatch):
+    """Pulls are read in chunks, the next read while the last is copied: 12 pages in chunks of
+    5 (5 + 5 + 2) land exactly, every slot is released, the counters add up."""
+    from dualpath.sglang_plugin import agent as agent_mod
+
+    monkeypatch.setattr(agent_mod, "PULL_CHUNK_PAGES", 5)
+    src, keys, pe, de = world
+    pool = ShmPool(shared=True)
+    pages = [11, 3, 7, 0, 9, 1, 5, 2, 10, 4, 8, 6]
+    got = de_path.prefill_get(pe, pe.adapter, pool, ReadPlan("r-chunks", 1.0, de_agent=de.url),
+                              keys, *pool.ptrs(pages))
+    assert got == [True] * 12
+    for i, p in enumerate(pages):
+        assert np.array_equal(pool.page(p), src.page(i))
+    assert reads(de) == 12 * pe.adapter.store.block_bytes and reads(pe) == 0
+    assert de.counters["pull_pages_ok"] == 12 and de.counters["pull_pages_failed"] == 0
+    assert all(s.refs == 0 for s in de.buffer._slots.values())  # nothing left pinned
+
+
 def test_split_reads_on_both_nodes(world):
     src, keys, pe, de = world
     pool = ShmPool()

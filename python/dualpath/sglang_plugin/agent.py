@@ -59,6 +59,9 @@ def node_nic(node: str, cap_gbps: float | None) -> StorageNic:
         return nic
 
 
+PULL_CHUNK_PAGES = 8  # a pull copies chunk n while later chunks are still being read
+
+
 class Agent:
     def __init__(self, cfg: PluginConfig, role: str, node: str, port: int):
         self.cfg, self.role, self.node, self.port = cfg, role, node, port
@@ -77,6 +80,9 @@ class Agent:
                          "pull_pages_failed": 0, "restore_from_buffer": 0, "h2d_bytes": 0}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="dualpath-agent")
+        # the chunk reads of the pulls being served (each waits on the store's own IO threads)
+        self._read_ahead = ThreadPoolExecutor(4 * cfg.io_threads,
+                                              thread_name_prefix="dualpath-read-ahead")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -107,7 +113,9 @@ class Agent:
     # ---- DE side: serve a pull ----
     def serve_pull(self, req: dict) -> tuple[list[bool], bytes | None]:
         """Read the asked pages into the DE buffer and deliver them; returns per-page success
-        and, in inline mode, the bytes of the pages that succeeded."""
+        and, in inline mode, the bytes of the pages that succeeded. One-sided modes work in
+        chunks of PULL_CHUNK_PAGES, all read at once and copied in order as each arrives, so a
+        pull takes its read time plus about one chunk's copy, not read + copy."""
         if self.buffer is None:
             raise RuntimeError("this agent has no store attached yet")
         keys = list(req["keys"])
@@ -118,28 +126,56 @@ class Agent:
         deadline = float(req["deadline_mono"]) if "deadline_mono" in req else (
             time.monotonic() + float(req.get("timeout_s", self.cfg.forward_timeout_s)) - 1.0)
         rid = req.get("rid")
-        slots = self.buffer.acquire(keys, uses=self.buffer_uses(rid), rid=rid)
-        try:
-            ok = [s is not None for s in slots]
-            if time.monotonic() > deadline:  # the prefill has given up on us: write nothing
-                return [False] * len(keys), None
-            if req.get("mode") == "inline":
+        uses = self.buffer_uses(rid)
+        if req.get("mode") == "inline":
+            slots = self.buffer.acquire(keys, uses=uses, rid=rid)
+            try:
+                ok = [s is not None for s in slots]
+                if time.monotonic() > deadline:  # the prefill has given up on us
+                    return [False] * len(keys), None
                 data = b"".join(self.buffer.view(s).tobytes() for s in slots if s is not None)
                 self._count_forward(len(data), ok)
                 return ok, data
-            k_off, v_off = req["k_offsets"], req["v_offsets"]
-            if not len(k_off) == len(v_off) == len(keys):
-                raise ValueError("keys, k_offsets and v_offsets differ in length")
-            if req.get("mode") == "tcp":
-                dst, nbytes = self._dst_tcp(req["region"])
-            else:
-                dst, nbytes = self._dst_shm(RegionDesc.from_dict(req["region"]))
-            done = self._write(dst, nbytes, slots, k_off, v_off, deadline)
-            ok = [a and done for a in ok]
-            self._count_forward(sum(ok) * self.buffer.slot_bytes, ok)
-            return ok, None
+            finally:
+                self.buffer.release(slots)
+        k_off, v_off = req["k_offsets"], req["v_offsets"]
+        if not len(k_off) == len(v_off) == len(keys):
+            raise ValueError("keys, k_offsets and v_offsets differ in length")
+        if req.get("mode") == "tcp":
+            dst, nbytes = self._dst_tcp(req["region"])
+        else:
+            dst, nbytes = self._dst_shm(RegionDesc.from_dict(req["region"]))
+        ok = [False] * len(keys)
+        chunks = [range(i, min(i + PULL_CHUNK_PAGES, len(keys)))
+                  for i in range(0, len(keys), PULL_CHUNK_PAGES)]
+
+        def read(c):
+            return self.buffer.acquire([keys[i] for i in c], uses=uses, rid=rid)
+
+        reads = [self._read_ahead.submit(read, c) for c in chunks]  # all in flight, in order
+        try:
+            for n, c in enumerate(chunks):
+                slots = reads[n].result()
+                reads[n] = None
+                try:
+                    if time.monotonic() > deadline:  # the prefill has given up: write nothing
+                        continue
+                    done = self._write(dst, nbytes, slots, [k_off[i] for i in c],
+                                       [v_off[i] for i in c], deadline)
+                    for j, i in enumerate(c):
+                        ok[i] = done and slots[j] is not None
+                finally:
+                    self.buffer.release(slots)
         finally:
-            self.buffer.release(slots)
+            for f in reads:  # an error above: the chunks read ahead are not delivered
+                if f is None:
+                    continue
+                try:
+                    self.buffer.release(f.result())
+                except Exception:  # noqa: BLE001  (the error above is the one to report)
+                    log.warning("read-ahead of an abandoned pull failed", exc_info=True)
+        self._count_forward(sum(ok) * self.buffer.slot_bytes, ok)
+        return ok, None
 
     def buffer_uses(self, rid: str | None) -> int:
         """Consumers of a DE read: the forward, plus the decode's own restore when the plan
