@@ -31,6 +31,9 @@ _local = threading.local()
 _LOCAL_NAMES = {"127.0.0.1", "localhost", "::1", socket.gethostname()}
 _side_pool = ThreadPoolExecutor(4, thread_name_prefix="dualpath-pe-read")
 _pull_pool = ThreadPoolExecutor(8, thread_name_prefix="dualpath-pull")
+# page copies of decode restores (numpy releases the GIL while it copies: measured 1.85x with
+# 2 cores on the CPU VM, 2026-11-27)
+_restore_pool = ThreadPoolExecutor(8, thread_name_prefix="dualpath-restore")
 
 
 def _conn(url: str, timeout: float) -> http.client.HTTPConnection:
@@ -151,14 +154,19 @@ def prefill_get(agent, adapter, pool, plan, keys, k_ptrs, v_ptrs) -> list[bool]:
 
 
 def decode_restore(agent, adapter, keys, k_ptrs, v_ptrs, rid: str | None = None) -> list[bool]:
+    if not len(keys) == len(k_ptrs) == len(v_ptrs):
+        raise ValueError("keys, k_ptrs and v_ptrs differ in length")
     slots = agent.buffer.acquire(keys, uses=agent.buffer_uses(rid), rid=rid)
     try:
         rb = agent.buffer.region_bytes
-        for s, kp, vp in zip(slots, k_ptrs, v_ptrs, strict=True):
+
+        def copy(s, kp, vp) -> None:
             if s is not None:
                 v = agent.buffer.view(s)
                 host_view(kp, rb)[:] = v[:rb]
                 host_view(vp, rb)[:] = v[rb:]
+
+        list(_restore_pool.map(copy, slots, k_ptrs, v_ptrs))  # pages in parallel
         missing = [i for i, s in enumerate(slots) if s is None]
         got = [s is not None for s in slots]
         agent.count_restore(len(keys) - len(missing), "buffer")
