@@ -8,7 +8,9 @@ heads x 128 x bf16, 8 MiB a page) it times:
 - `pe`: the prefill's own read into its pool (`PageFirstAdapter.get_pages`, what the baseline
   and a PE-side plan do);
 - `de`: `de_path.prefill_get` with a decode-side plan: one HTTP pull, the decode agent reads into
-  its DE buffer, then copies into the prefill's pool (shm) with the transfer engine.
+  its DE buffer, then copies into the prefill's pool (shm) with the transfer engine;
+- `restore`: the decode's own restore of those pages from its DE buffer into its host pool
+  (`de_path.decode_restore`, miss-only return), timed after the pull that read them.
 At each storage-NIC cap given (0 = none) and median of repeats; the `de / pe` ratio is what the
 detour costs over a direct read. Every load is checked byte for byte.
 
@@ -162,6 +164,36 @@ def main(argv: list[str] | None = None) -> int:
                 if args.out:
                     with open(args.out, "a") as f:
                         f.write(json.dumps(row) + "\n")
+            ts = []
+            own = Pool(args.pages)  # the decode's host pool
+            for r in range(args.repeats + 1):
+                rid = f"bench-restore-{cap}-{r}"
+                plan = ReadPlan(rid, 1.0, de_agent=de.url)
+                de.plans.put(plan)  # a decode-side plan: the pulled pages await the restore
+                if de_path.prefill_get(pe, pe.adapter, dst, plan, keys, k_ptrs,
+                                       v_ptrs) != [True] * args.pages:
+                    print("error: pull before the restore failed", file=sys.stderr)
+                    return 1
+                own.arr[...] = 0
+                t0 = time.perf_counter()
+                got = de_path.decode_restore(de, de.adapter, keys, *own.ptrs(order), rid=rid)
+                ts.append(time.perf_counter() - t0)
+                if got != [True] * args.pages or de.counters["restore_from_buffer"] == 0:
+                    print("error: restore failed", file=sys.stderr)
+                    return 1
+                for i, p in enumerate(order):
+                    if not np.array_equal(own.arr[:, p * G.page_size:(p + 1) * G.page_size],
+                                          src.arr[:, i * G.page_size:(i + 1) * G.page_size]):
+                        print(f"error: restored page {i} wrong", file=sys.stderr)
+                        return 1
+            times["restore"] = statistics.median(ts[1:])
+            gbps = args.pages * page_bytes / times["restore"] / 1e9
+            print(f"{cap:>9.2f} {'restore':>7} {times['restore']:>7.3f} {gbps:>7.2f}")
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps({"cap_gbps": cap, "path": "restore",
+                                        "median_s": times["restore"], "gbps": gbps,
+                                        **meta}) + "\n")
             print(f"{'':>9} de/pe {times['de'] / times['pe']:>9.2f}")
     return 0
 

@@ -16,6 +16,6 @@ def test_a_tiny_run_times_both_paths(tmp_path, capsys):
     assert mod.main(["--pages", "2", "--caps", "0", "--repeats", "1", "--dir", str(tmp_path),
                      "--out", str(out)]) == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [r["path"] for r in rows] == ["pe", "de"]
+    assert [r["path"] for r in rows] == ["pe", "de", "restore"]
     assert all(r["median_s"] > 0 and r["pages"] == 2 for r in rows)
     assert "de/pe" in capsys.readouterr().out
