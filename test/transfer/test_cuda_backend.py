@@ -129,14 +129,10 @@ def _owner(conn, length, gpu=0):
     conn.send(bool(np.array_equal(part.cpu().numpy(), expected)))
 
 
-@gpu
-@pytest.mark.parametrize("backend", ["cuda", "cuda:memcpy"])
-@pytest.mark.parametrize("owner_gpu", [0, 1])  # the other process's memory on our GPU / a peer
-@pytest.mark.parametrize("length", [70001, (3 << 20) + 1])  # batched kernel / copy engines
-def test_write_into_another_process_through_cuda_ipc(length, owner_gpu, backend):
+def _write_into_owner(length, owner_gpu, backend, src_device, seed):
+    """Another process owns `length` bytes on `owner_gpu`; open them on GPU 0 (as "device@0"),
+    write random bytes from `src_device` with `backend`, and have the owner check them."""
     pytest.importorskip("cuda.bindings")
-    if owner_gpu >= torch.cuda.device_count():
-        pytest.skip("needs 2 GPUs")
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     p = ctx.Process(target=_owner, args=(child, length, owner_gpu))
@@ -146,7 +142,7 @@ def test_write_into_another_process_through_cuda_ipc(length, owner_gpu, backend)
         with cuda_ipc.open_range(desc, device=0) as mem:
             eng = TransferEngine(backend, slice_bytes=1 << 20)
             remote = eng.register(mem.ptr, length, "device@0")  # opened in GPU 0's context
-            src = _random(length, "cuda", seed=7)
+            src = _random(length, src_device, seed=seed)
             a = eng.register_array(src)
             h = eng.submit(TransferBatch.of(a, 0, remote, 0, length))
             assert eng.wait(h, 30) == "done", h.error
@@ -158,6 +154,16 @@ def test_write_into_another_process_through_cuda_ipc(length, owner_gpu, backend)
         p.join(30)
         if p.is_alive():
             p.kill()
+
+
+@gpu
+@pytest.mark.parametrize("backend", ["cuda", "cuda:memcpy"])
+@pytest.mark.parametrize("owner_gpu", [0, 1])  # the other process's memory on our GPU / a peer
+@pytest.mark.parametrize("length", [70001, (3 << 20) + 1])  # batched kernel / copy engines
+def test_write_into_another_process_through_cuda_ipc(length, owner_gpu, backend):
+    if owner_gpu >= torch.cuda.device_count():
+        pytest.skip("needs 2 GPUs")
+    _write_into_owner(length, owner_gpu, backend, "cuda", seed=7)
 
 
 @gpu
@@ -182,26 +188,4 @@ def test_teardown_keeps_the_callers_current_device():
 def test_ipc_memory_is_written_from_the_gpu_that_opened_it():
     """Source on GPU 1, another process's memory opened on GPU 0: GPU 0 runs the copy (reading
     GPU 1 over NVLink); GPU 1's kernels cannot reach a mapping made in GPU 0's context."""
-    pytest.importorskip("cuda.bindings")
-    length = 70001
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    p = ctx.Process(target=_owner, args=(child, length, 0))
-    p.start()
-    try:
-        desc = cuda_ipc.IpcRange.from_dict(parent.recv())
-        with cuda_ipc.open_range(desc, device=0) as mem:
-            eng = TransferEngine("cuda")
-            remote = eng.register(mem.ptr, length, "device@0")
-            src = _random(length, "cuda:1", seed=3)
-            a = eng.register_array(src)
-            h = eng.submit(TransferBatch.of(a, 0, remote, 0, length))
-            assert eng.wait(h, 30) == "done", h.error
-            eng.deregister(remote)
-            parent.send(src.cpu().numpy())
-            assert parent.recv() is True
-    finally:
-        parent.close()
-        p.join(30)
-        if p.is_alive():
-            p.kill()
+    _write_into_owner(70001, 0, "cuda", "cuda:1", seed=3)

@@ -54,6 +54,7 @@ DRAINING = "_dualpath_prefetch_draining"
 QUEUE_TTL_S = 300.0
 TRIM_EVERY_S = 0.05
 STARTED = "_dualpath_prefetch_started"
+SETTINGS = "_dualpath_settings"
 
 # cumulative, for the agent's stats (written on the scheduler thread only)
 STATS = {"pf_queued": 0, "pf_waited_host": 0, "pf_started": 0, "pf_empty": 0,
@@ -110,24 +111,13 @@ def _no_room(cache, tokens: int) -> bool:
     return room is not None and room < tokens
 
 
-def _host_cache_budget(cache) -> int:
-    b = getattr(cache, "_dualpath_host_cache_tokens", None)
-    if b is None:  # read the launcher's config once
-        from dualpath.sglang_plugin import launcher_config
-
-        cfg = launcher_config()
-        b = cfg.host_cache_tokens if cfg is not None and cfg.role != "decode" else -1
-        cache._dualpath_host_cache_tokens = b
-    return b
-
-
 def trim(cache) -> int:
     """With --dualpath-host-cache-tokens N: evict host-only pages (LRU) beyond N, at most every
     TRIM_EVERY_S; returns the tokens freed. The host pool then stages loads (and mirrors the
     GPU pool under write-through) instead of caching prefixes, as DualPath's buffers do: on a
     scaled-down benchmark host, DRAM would otherwise hold a share of the working set no real
     deployment's DRAM holds. Counts leaves only (a chain frees its parents on later calls)."""
-    budget = _host_cache_budget(cache)
+    budget = _settings(cache)[1]
     if budget < 0 or getattr(cache, "tp_world_size", 1) > 1:  # TP ranks would evict apart
         return 0
     now = time.monotonic()
@@ -168,17 +158,22 @@ def _queue(cache) -> OrderedDict:
     return q
 
 
-def _enabled(cache) -> bool:
-    if getattr(cache, "tp_world_size", 1) > 1:
-        return False
-    on = getattr(cache, "_dualpath_prefetch_queue_on", None)
-    if on is None:  # the process's role does not change: read the launcher's config once
+def _settings(cache) -> tuple[bool, int]:
+    """(queue on, host-cache budget) of this process: the launcher's config, read once (the
+    process's role does not change). Decode servers get neither."""
+    got = getattr(cache, SETTINGS, None)
+    if got is None:
         from dualpath.sglang_plugin import launcher_config
 
         cfg = launcher_config()
-        on = cfg is None or cfg.role != "decode"
-        cache._dualpath_prefetch_queue_on = on
-    return on
+        prefill = cfg is None or cfg.role != "decode"
+        got = (prefill, cfg.host_cache_tokens if cfg is not None and prefill else -1)
+        setattr(cache, SETTINGS, got)
+    return got
+
+
+def _enabled(cache) -> bool:
+    return getattr(cache, "tp_world_size", 1) <= 1 and _settings(cache)[0]
 
 
 def stored_prefix(cache, node, tokens, last_hash, prefix_keys) -> bool:
