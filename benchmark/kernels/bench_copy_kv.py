@@ -120,8 +120,9 @@ class Case:
                              [buf() for _ in range(self.layers)], self.ps)
 
     def _host(self, pages):
-        t = torch.randn(2, pages * self.ps, self.layers, self.heads, self.dim,
-                        dtype=torch.bfloat16).pin_memory()
+        shape = (2, pages * self.ps, self.layers, self.heads, self.dim)
+        t = torch.empty(shape, dtype=torch.bfloat16, pin_memory=True)
+        t.copy_(torch.randn(shape, dtype=torch.bfloat16, device="cuda"))  # CPU randn: minutes
         return L.host_page_first(t, self.ps)
 
     def _make(self):

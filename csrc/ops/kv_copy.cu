@@ -1,4 +1,5 @@
-// Launcher for dualpath::copy_kv_kernel: picks the widest aligned vector and checks the launch.
+// Launcher for dualpath::copy_kv_kernel: picks the widest aligned vector, splits each page into
+// chunks of kCopyKvChunkVecs vectors (grid z) and checks the launch.
 #include <cuda_runtime.h>
 
 #include <string>
@@ -12,9 +13,15 @@ std::string copy_kv_launch(const CopyKvArgs& a) {
   if (a.num_pairs == 0 || a.num_rows == 0) return "";
   if (a.num_rows > 65535) return "copy_kv: more than 65535 (layer, part) rows in one call";
   if (a.row_bytes % a.width != 0) return "copy_kv: row_bytes is not a multiple of width";
+  const int64_t vecs = static_cast<int64_t>(a.page_size) * (a.row_bytes / a.width);
+  if (vecs >= (int64_t{1} << 31)) return "copy_kv: a page of more than 2^31 vectors";
+  const int64_t chunks = (vecs + kCopyKvChunkVecs - 1) / kCopyKvChunkVecs;
+  if (chunks > 65535) return "copy_kv: a page of more than 65535 chunks; use a wider access";
+  if (a.num_pairs > 0x7fffffff) return "copy_kv: more than 2^31 - 1 page pairs in one call";
   const int32_t row_vecs = static_cast<int32_t>(a.row_bytes / a.width);
-  const dim3 grid(static_cast<unsigned>(a.num_pairs), static_cast<unsigned>(a.num_rows));
-  const int threads = 256;
+  const dim3 grid(static_cast<unsigned>(a.num_pairs), static_cast<unsigned>(a.num_rows),
+                  static_cast<unsigned>(chunks));
+  const int threads = kCopyKvThreads;
   auto stream = reinterpret_cast<cudaStream_t>(a.stream);
   const auto* sb = reinterpret_cast<const int64_t*>(a.src_base);
   const auto* db = reinterpret_cast<const int64_t*>(a.dst_base);

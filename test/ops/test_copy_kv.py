@@ -159,3 +159,26 @@ def test_op_is_registered_with_declared_mutation():
     op = torch.ops.dualpath.copy_kv.default
     mutated = [a.name for a in op._schema.arguments if a.alias_info and a.alias_info.is_write]
     assert mutated == ["dst_tensors"]
+
+
+def test_op_called_through_the_dispatcher_copies():
+    """Eager copy_kv skips the dispatcher; torch.compile calls the op: it must copy the same."""
+    from dualpath.ops.kv_copy import _width
+
+    gen = torch.Generator().manual_seed(7)
+    src = build("device_pool", 3, 2, 9, 16, 2, 64, torch.bfloat16, gen, True)
+    dst = build("full_blocks", 3, 2, 5, 16, 2, 64, torch.bfloat16, gen, False)
+    ref = build("full_blocks", 3, 2, 5, 16, 2, 64, torch.bfloat16, gen, False)
+    ref.tensors[0].copy_(dst.tensors[0])
+    before = snapshot(dst)
+    sp = torch.tensor([8, 0, 3], dtype=torch.int64, device=DEVICE)
+    dp = torch.tensor([4, 1, 0], dtype=torch.int64, device=DEVICE)
+    layers = (0, 1, 2)
+    width = _width(16, src.alignment(layers), dst.alignment(layers))
+    torch.ops.dualpath.copy_kv(list(src.tensors), list(dst.tensors),
+                               src.rows_table(layers, sp.device), dst.rows_table(layers, sp.device),
+                               sp, dp, src.page_stride, src.token_stride, dst.page_stride,
+                               dst.token_stride, 16, src.row_bytes, width, IMPLS[-1])
+    copy_kv(src, ref, sp, dp, impl="reference")
+    assert bytes_equal(dst.tensors, ref.tensors)
+    assert not bytes_equal(dst.tensors, before)
