@@ -24,6 +24,11 @@ PARAMS = {
     "release_aborted_request": ["self", "rid"],
     "reset": ["self"],
     "init_load_back": ["self", "params"],
+    "_send_kvcache_generic": ["self", "mooncake_session_id", "src_data_ptrs", "dst_data_ptrs",
+                              "item_lens", "prefill_data_indices", "dst_data_indices",
+                              "executor", "state_type", "force_flat", "src_layer_ids",
+                              "dst_layer_ids", "dst_device_data_indices",
+                              "dst_device_data_ptrs"],
 }
 ALL_HOOKS = (hooks.LAUNCHER_HOOKS + hooks.PREFETCH_QUEUE_HOOKS + hooks.PD_ENGINE_HOOKS
              + hooks.HOOKS)

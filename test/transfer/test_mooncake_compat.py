@@ -47,6 +47,29 @@ def test_host_buffers_written_one_sided(pair):
     assert prefill.send_probe(decode.get_session_id()) == 0
 
 
+def test_many_ranges_on_both_sides_like_per_layer_buffers(pair):
+    """Descriptors spread over several local and peer buffers (SGLang registers one per layer
+    and part): each lands in the peer buffer its address names."""
+    decode, prefill = pair
+    rng = np.random.default_rng(1)
+    srcs = [rng.integers(0, 256, 4096, dtype=np.uint8) for _ in range(5)]
+    dsts = [np.zeros(4096, np.uint8) for _ in range(7)]
+    assert prefill.batch_register([a.ctypes.data for a in srcs], [a.nbytes for a in srcs]) == 0
+    assert decode.batch_register([a.ctypes.data for a in dsts], [a.nbytes for a in dsts]) == 0
+    n = 300
+    si, di = rng.integers(0, 5, n), rng.integers(0, 7, n)
+    so, do = rng.integers(0, 4096 - 16, n), np.arange(n) % 256 * 16
+    keep = ~np.array([any(di[j] == di[i] and do[j] == do[i] for j in range(i))
+                      for i in range(n)])  # one writer per destination slot
+    si, di, so, do = si[keep], di[keep], so[keep], do[keep]
+    src_addrs = [srcs[a].ctypes.data + int(o) for a, o in zip(si, so, strict=True)]
+    dst_addrs = [dsts[b].ctypes.data + int(o) for b, o in zip(di, do, strict=True)]
+    assert prefill.batch_transfer_sync(decode.get_session_id(), src_addrs, dst_addrs,
+                                       [16] * len(si)) == 0
+    for a, b, x, y in zip(si, di, so, do, strict=True):
+        assert np.array_equal(dsts[b][y:y + 16], srcs[a][x:x + 16])
+
+
 def test_concurrent_callers_like_sglangs_transfer_workers(pair):
     import threading
 

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dualpath.sglang_plugin import prefetch_queue
+from dualpath.sglang_plugin import pd_send, prefetch_queue
 
 log = logging.getLogger("dualpath.hooks")
 CHECKED_VERSION = "0.5.17"
@@ -148,6 +148,10 @@ PD_ENGINE_HOOKS: tuple[Hook, ...] = (
     Hook("sglang.srt.distributed.device_communicators.mooncake_transfer_engine."
          "MooncakeTransferEngine", "REPLACE", pd_engine_class,
          "SGLang's Mooncake PD backend moves KV with our engine (CUDA IPC + cuda/tcp backends)"),
+    Hook("sglang.srt.disaggregation.mooncake.conn.MooncakeKVManager._send_kvcache_generic",
+         "AROUND", pd_send.send_kvcache_arrays,
+         "a request's KV descriptors built with numpy and passed as arrays (stock: one Python "
+         "tuple per layer and page run)"),
 )
 
 # registered only with --enable-dual-path

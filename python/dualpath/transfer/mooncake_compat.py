@@ -22,6 +22,7 @@ import bisect
 import json
 import logging
 import threading
+import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -32,6 +33,7 @@ from dualpath.transfer.engine import TransferBatch, TransferEngine
 
 log = logging.getLogger("dualpath.pd_engine")
 TIMEOUT_S = 60  # a batch not done by then is canceled (and waited for) and reported failed
+LOG_BYTES = 256 << 20  # transfers at least this large log their preparation and copy times
 
 
 class _Ranges:
@@ -67,6 +69,8 @@ class _Ranges:
 
 class DualPathPDEngine:
     """Drop-in for sglang...mooncake_transfer_engine.MooncakeTransferEngine (same methods)."""
+
+    accepts_arrays = True  # batch_transfer_sync takes int64 arrays too (sglang_plugin.pd_send)
 
     def __init__(self, hostname: str, gpu_id: int | None = None, ib_device: str | None = None,
                  num_workers: int = 4):
@@ -237,6 +241,7 @@ class DualPathPDEngine:
     def _transfer(self, session: str, src: np.ndarray, dst: np.ndarray, n: np.ndarray) -> int:
         if not len(src):
             return 0
+        t0 = time.perf_counter()
         with self._lock:
             li = self._local.find(src, n)
             local = list(self._local.items)
@@ -255,8 +260,10 @@ class DualPathPDEngine:
                              f"buffer {session} registered")
         # per distinct (local range, peer range) pair: which engine and which two regions;
         # then the descriptors as arrays (a request is ~10k per-page slices)
-        pairs, inverse = np.unique(np.stack([li, pi], axis=1), axis=0, return_inverse=True)
+        # (np.unique over one int64 key: 30x faster than over rows, ~1 ms per 32k descriptors)
+        keys, inverse = np.unique(li * (len(peer.items) + 1) + pi, return_inverse=True)
         inverse = inverse.reshape(-1)
+        pairs = np.stack([keys // (len(peer.items) + 1), keys % (len(peer.items) + 1)], axis=1)
         use_cuda = np.zeros(len(pairs), bool)
         sreg, dreg = np.zeros(len(pairs), np.int64), np.zeros(len(pairs), np.int64)
         sbase, dbase = np.zeros(len(pairs), np.int64), np.zeros(len(pairs), np.int64)
@@ -284,6 +291,7 @@ class DualPathPDEngine:
                                                 dst[mask] - dbase[j], n[mask])
         # bulk class: KV copies yield to the model's kernels (default stream priority), the
         # copy engines ignore priorities anyway
+        t1 = time.perf_counter()
         handles = [(eng, eng.submit(b, priority="bulk")) for eng, b in batches.items()]
         rc = 0
         for eng, h in handles:
@@ -296,6 +304,12 @@ class DualPathPDEngine:
             if st != "done":
                 log.error("pd engine: %s batch %s: %s", eng.backend, st, h.error)
                 rc = -1
+        t2 = time.perf_counter()
+        total = int(n.sum())
+        if total >= LOG_BYTES:  # a request's KV (or a big chunk of it): say what it cost
+            log.info("pd engine: %d descriptors, %.1f MB to %s: prepare %.2f ms, copy %.2f ms "
+                     "(%.1f GB/s)", len(n), total / 1e6, session, 1e3 * (t1 - t0),
+                     1e3 * (t2 - t1), total / max(t2 - t1, 1e-9) / 1e9)
         return rc
 
     # ---- the rest of MooncakeTransferEngine's surface ----

@@ -1,0 +1,59 @@
+"""SGLang's Mooncake PD sender, vectorised for our engine.
+
+Stock `MooncakeKVManager._send_kvcache_generic` (0.5.17) turns a request's KV pages into one
+Python tuple per (layer, part, contiguous page run) and hands the engine three Python lists:
+~16k tuples for a 16k-token prompt whose pages are scattered (page 64, 32 layers x K/V), tens
+of milliseconds of Python per request in the prefill's transfer thread, while NIXL's backend
+uses prepared descriptor lists. For the common case (MHA KV, one pool, no custom memory pool)
+this builds the same descriptors, in the same order, with numpy and passes the arrays to our
+engine (`DualPathPDEngine.accepts_arrays`). Every other case goes to stock unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def contiguous_runs(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray,
+                                                                 np.ndarray]:
+    """(src start, dst start, length) of the runs where both index arrays step by 1: what
+    SGLang's `group_concurrent_contiguous` groups, as arrays."""
+    brk = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
+    starts = np.concatenate([np.zeros(1, np.int64), brk])
+    lengths = np.diff(np.concatenate([starts, np.array([src.size], np.int64)]))
+    return src[starts], dst[starts], lengths
+
+
+def send_kvcache_arrays(original, self, mooncake_session_id, src_data_ptrs, dst_data_ptrs,
+                        item_lens, prefill_data_indices, dst_data_indices, executor,
+                        state_type=None, force_flat=False, src_layer_ids=None,
+                        dst_layer_ids=None, dst_device_data_indices=None,
+                        dst_device_data_ptrs=None):
+    """AROUND hook of MooncakeKVManager._send_kvcache_generic (see the module docstring)."""
+    src = np.asarray(prefill_data_indices, dtype=np.int64).reshape(-1)
+    dst = np.asarray(dst_data_indices, dtype=np.int64).reshape(-1)
+    simple = (getattr(self.engine, "accepts_arrays", False)
+              and not (self.is_mla_backend or getattr(self, "is_hybrid_mla_backend", False)
+                       or force_flat)
+              and dst_device_data_indices is None and not self.enable_custom_mem_pool
+              and src.size == dst.size)
+    if simple:
+        src_k, src_v, dst_k, dst_v, layers = self.get_mha_kv_ptrs_with_pp(src_data_ptrs,
+                                                                          dst_data_ptrs)
+        simple = layers <= len(dst_k)
+    if not simple:
+        return original(self, mooncake_session_id, src_data_ptrs, dst_data_ptrs, item_lens,
+                        prefill_data_indices, dst_data_indices, executor, state_type,
+                        force_flat, src_layer_ids, dst_layer_ids, dst_device_data_indices,
+                        dst_device_data_ptrs)
+    if src.size == 0:
+        return 0
+    # stock order: K of every layer, then V; within each, the runs in page order
+    s_ptr = np.array(list(src_k[:layers]) + list(src_v[:layers]), dtype=np.int64)
+    d_ptr = np.array(list(dst_k[:layers]) + list(dst_v[:layers]), dtype=np.int64)
+    item = np.array(list(item_lens[:2 * layers]), dtype=np.int64)
+    s0, d0, n = contiguous_runs(src, dst)
+    return self.engine.batch_transfer_sync(
+        mooncake_session_id, (s_ptr[:, None] + s0[None, :] * item[:, None]).reshape(-1),
+        (d_ptr[:, None] + d0[None, :] * item[:, None]).reshape(-1),
+        (n[None, :] * item[:, None]).reshape(-1))
