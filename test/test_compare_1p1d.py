@@ -247,3 +247,51 @@ def test_main_runs_configs_sweep_and_online_end_to_end(monkeypatch, tmp_path):
                             (cmp.PRE_PORT, 6.25), (cmp.DEC_PORT, 6.25)]
     assert len(calls["flush"]) == 8  # both servers before each sweep and online run
     assert not (tmp_path / "store" / "on").exists()  # the store is removed after each config
+
+
+def test_torch_profile_is_requested_from_both_servers(tmp_path):
+    import gzip
+    import http.server
+    import json
+    import threading
+    import types
+
+    from dualpath.bench import compare_1p1d
+
+    got = []
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            got.append((self.server.server_address[1], self.path,
+                        json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *a):
+            pass
+
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), H) for _ in range(2)]
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    try:
+        urls = [f"http://127.0.0.1:{s.server_address[1]}" for s in servers]
+        c = types.SimpleNamespace(pre=types.SimpleNamespace(url=urls[0]),
+                                  dec=types.SimpleNamespace(url=urls[1]))
+        args = types.SimpleNamespace(torch_profile=5, profile_after=0.01)
+        assert compare_1p1d.profile_later(c, tmp_path, types.SimpleNamespace(
+            torch_profile=0, profile_after=0.01)) is None
+        compare_1p1d.profile_later(c, tmp_path, args).join(5)
+    finally:
+        for s in servers:
+            s.shutdown()
+    ports = [s.server_address[1] for s in servers]
+    want = [(ports[0], "/start_profile", 5, ["GPU"], str(tmp_path / "prefill")),
+            (ports[1], "/start_profile", 50, ["GPU"], str(tmp_path / "decode"))]
+    assert sorted((p, path, b["num_steps"], b["activities"], b["output_dir"])
+                  for p, path, b in got) == sorted(want)
+    with gzip.open(tmp_path / "prefill" / "x-TP-0.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": [{"ph": "X", "cat": "kernel", "name": "k", "ts": 0,
+                                    "dur": 10, "args": {}}]}, f)
+    s = compare_1p1d.profile_summaries(tmp_path)
+    assert s["prefill"]["kernel_busy_fraction"] == 1.0 and s["decode"] is None

@@ -59,3 +59,15 @@ def test_pd_transfer_summary_is_per_prompt_length():
     assert pd_transfer.summarize(res) == {
         4096: {"ttft": 0.3, "fwd": 0.1, "wait": 0.05, "xfer": None},
         16384: {"ttft": 1.0, "fwd": 0.5, "wait": 0.2, "xfer": 0.05}}  # warm ones apart
+
+
+def test_pd_transfer_reads_the_engines_own_times_from_the_log():
+    lines = ["[2026-11-27] INFO dualpath.pd_engine: noise",
+             "... pd engine: 2048 descriptors, 1073.7 MB to 127.0.0.1:4000: prepare 1.25 ms, "
+             "copy 3.50 ms (306.8 GB/s)",
+             "... pd engine: 64 descriptors, 1073.7 MB to 127.0.0.1:4000: prepare 0.25 ms, "
+             "copy 3.00 ms (357.9 GB/s)"]
+    assert pd_transfer.engine_times(lines) == {
+        "engine_descriptors": 2112, "engine_mb": 2147.4, "engine_prepare_ms": 1.5,
+        "engine_copy_ms": 6.5}
+    assert pd_transfer.engine_times(lines[:1]) == {}

@@ -24,10 +24,11 @@ import json
 import logging
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
-from dualpath.bench import client
+from dualpath.bench import client, gpu_profile
 from dualpath.bench.pd_cluster import (
     DEC_PORT,
     PRE_PORT,
@@ -157,6 +158,42 @@ def set_cap(dual: bool, cap: float) -> None:
         raise RuntimeError(f"could not set the storage-NIC cap to {cap} GB/s")
 
 
+def profile_later(c: PDCluster, out: Path, args) -> threading.Timer | None:
+    """With --torch-profile N: `--profile-after` seconds into the replay, record the prefill's
+    next N forward batches and the decode's next 10 N (its steps are ~10x shorter) with SGLang's
+    profiler (GPU activity only), traces under out/<role>."""
+    if not args.torch_profile:
+        return None
+
+    def go():
+        for role, url, steps in (("prefill", c.pre.url, args.torch_profile),
+                                 ("decode", c.dec.url, 10 * args.torch_profile)):
+            try:
+                gpu_profile.start(url, out / role, steps)
+                log.info("torch profile of the %s: next %d forward batches", role, steps)
+            except OSError as e:
+                log.warning("torch profile of the %s did not start: %s", role, e)
+
+    timer = threading.Timer(args.profile_after, go)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def profile_summaries(out: Path) -> dict:
+    res = {}
+    for role in ("prefill", "decode"):
+        try:
+            res[role] = gpu_profile.summarize_dir(out / role)
+        except (OSError, ValueError) as e:  # a trace cut short by a stopped server
+            res[role] = {"error": f"{type(e).__name__}: {e}"}
+        if res[role] and "window_s" in res[role]:
+            log.info("%s GPU profile: window %.2f s, kernels running %.0f%%, top %s", role,
+                     res[role]["window_s"], 100 * res[role]["kernel_busy_fraction"],
+                     [(k["name"][:40], k["s"]) for k in res[role]["kernels"][:4]])
+    return res
+
+
 def run_config(name: str, args, out: Path, trajs, res: dict, save) -> dict:
     """Fill `res` (already in the result) step by step, calling `save()` after each run."""
     dual, side, oracle, queue = CONFIGS[name]
@@ -179,7 +216,14 @@ def run_config(name: str, args, out: Path, trajs, res: dict, save) -> dict:
         with PDCluster(spec, out / name, args.health_timeout) as c:
             res["startup_s"] = c.startup_s
             log.info("%s: offline replay of %d agents", name, len(trajs))
-            res["offline"] = run_once(c, trajs, False, args.seed, args.snic_gbps)
+            timer = profile_later(c, out / name / "torch_profile", args)
+            try:
+                res["offline"] = run_once(c, trajs, False, args.seed, args.snic_gbps)
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            if timer is not None:
+                res["offline"]["gpu_profile"] = profile_summaries(out / name / "torch_profile")
             log.info("%s offline: JCT %s s, errors %d, storage %s", name,
                      res["offline"]["jct_s"], res["offline"]["errors"],
                      res["offline"].get("storage_util"))
@@ -308,6 +352,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stack-sample", action="store_true",
                     help="profile both schedulers' threads: OUT/<config>/stacks_<role>.txt "
                          "(python -m dualpath.bench.stacks FILE)")
+    ap.add_argument("--torch-profile", type=int, default=0, metavar="STEPS",
+                    help="profile the GPUs during the main offline replay with SGLang's "
+                         "profiler: the prefill's next STEPS forward batches (the decode's "
+                         "10x STEPS), summarized into the result (dualpath.bench.gpu_profile); "
+                         "0 = off. Tracing slows the servers: not for timing runs")
+    ap.add_argument("--profile-after", type=float, default=8.0,
+                    help="seconds into the replay when --torch-profile starts")
     ap.add_argument("--pd-backend", choices=["nixl", "dualpath"], default=ClusterSpec.pd_backend,
                     help="PD KV transfer of every configuration: SGLang's NIXL (UCX) or our "
                          "engine under SGLang's Mooncake backend (CUDA IPC over NVLink)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shutil
 import statistics
 import time
@@ -30,6 +31,22 @@ from dualpath.bench.stage_stats import LogCursor, parse_lines
 log = logging.getLogger("dualpath.pd_transfer")
 
 
+ENGINE_RE = re.compile(r"pd engine: (\d+) descriptors, ([\d.]+) MB to \S+: prepare ([\d.]+) ms, "
+                       r"copy ([\d.]+) ms")
+
+
+def engine_times(lines) -> dict:
+    """Our PD engine's own account of a request's transfers (its log lines for >= 256 MiB,
+    transfer/mooncake_compat.py): descriptors, MB, preparation and copy time; {} for NIXL."""
+    rows = [m.groups() for m in map(ENGINE_RE.search, lines) if m]
+    if not rows:
+        return {}
+    return {"engine_descriptors": sum(int(r[0]) for r in rows),
+            "engine_mb": round(sum(float(r[1]) for r in rows), 1),
+            "engine_prepare_ms": round(sum(float(r[2]) for r in rows), 2),
+            "engine_copy_ms": round(sum(float(r[3]) for r in rows), 2)}
+
+
 def run_backend(name: str, args, out: Path) -> dict:
     root = Path(args.store_dir) / name
     shutil.rmtree(root, ignore_errors=True)
@@ -42,13 +59,16 @@ def run_backend(name: str, args, out: Path) -> dict:
             res["startup_s"] = c.startup_s
             client.generate(c.url, prompt(1, 1024), 4)  # warm-up: first-use compiles
             for n in args.lengths:
-                for phase, k in ([("cold", k) for k in range(args.repeats)]
+                cold = args.repeats if args.cold_repeats is None else args.cold_repeats
+                for phase, k in ([("cold", k) for k in range(max(cold, 1))]
                                  + [("warm", k) for k in range(args.repeats if args.warm else 0)]):
                     seed = 1000 * n + (k if phase == "cold" else 0)  # warm: cold #0 again
                     cur = [LogCursor(p.log_path) for p in (c.pre, c.dec)]
                     g = client.generate(c.url, prompt(seed, n), args.output_len)
                     time.sleep(0.5)  # the stats lines follow the response
-                    stages = parse_lines(x for cu in cur for x in cu.new_lines())
+                    lines = [x for cu in cur for x in cu.new_lines()]
+                    stages = parse_lines(lines)
+                    engine = engine_times(lines)
                     pre = next((r for r in stages if r["type"] == "prefill"), {})
                     dec = next((r for r in stages if r["type"] == "decode"), {})
                     res["requests"].append({
@@ -57,7 +77,7 @@ def run_backend(name: str, args, out: Path) -> dict:
                         "prefill_cached": pre.get("cached_input_len"),
                         "prefill_forward_s": pre.get("forward_s"),
                         "kv_mb": pre.get("transfer_total_mb"),
-                        "decode_transfer_s": dec.get("transfer_s")})
+                        "decode_transfer_s": dec.get("transfer_s"), **engine})
                     log.info("%s %d tokens %s #%d: TTFT %.3f s, prefill cached %s, fwd+send %s "
                              "s, decode waited %s s for %s MB", name, n, phase, k, g.ttft_s,
                              pre.get("cached_input_len"), pre.get("forward_s"),
@@ -94,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")],
                     default=[4096, 16384, 32768])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cold-repeats", type=int, default=None,
+                    help="cold requests per length (default --repeats; at least 1: the warm "
+                         "requests repeat cold #0)")
     ap.add_argument("--output-len", type=int, default=8)
     ap.add_argument("--no-warm", dest="warm", action="store_false",
                     help="skip the warm requests (prefill cache hit: forward + send = transfer)")
