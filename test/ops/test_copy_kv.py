@@ -56,7 +56,8 @@ def bytes_equal(a, b):
 
 SIZES = [(1, 1, 1, False), (17, 16, 3, True), (5, 3, 2, False)]
 if DEVICE == "cuda":  # the interpreter is too slow for these; the GPU host runs them
-    SIZES += [(97, 64, 61, True), (1024, 16, 3, False), (1024, 1, 1, True)]
+    SIZES += [(97, 64, 61, True), (1024, 16, 3, False), (1024, 1, 1, True),
+              (70001, 1, 1, False)]  # more page pairs than a grid dimension holds
 
 
 @pytest.mark.parametrize("impl", IMPLS)

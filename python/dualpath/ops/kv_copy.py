@@ -26,22 +26,19 @@ from dualpath.ops.reference import copy_kv_ref
 
 
 @triton.jit
-def _copy_kv_kernel(src_base, dst_base, src_pages, dst_pages,
+def _copy_kv_kernel(src_base, dst_base, src_pages, dst_pages, n_pairs, n_tblocks,
                     src_page_stride, src_token_stride, dst_page_stride, dst_token_stride,
                     page_size, row_elems,
                     WIDTH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Program (i, lc, tb): tokens [tb * BLOCK_T, +BLOCK_T) of page pair i in (layer, part)
-    row lc of the base tables, as one [BLOCK_T, BLOCK_R] tile per BLOCK_R elements of the row:
-    every load of a tile is issued before its stores, so a program has a whole tile in flight
-    (what reading pinned host memory over PCIe needs)."""
-    i = tl.program_id(0)  # page pair
-    lc = tl.program_id(1)  # (layer pair, part) row of the base tables
-    tb = tl.program_id(2)  # block of tokens within the page
-    sp = tl.load(src_pages + i).to(tl.int64)
-    dp = tl.load(dst_pages + i).to(tl.int64)
-    # byte address of token 0 of this page in this (layer, part), on each side
-    s_page = tl.load(src_base + lc) + sp * src_page_stride
-    d_page = tl.load(dst_base + lc) + dp * dst_page_stride
+    """Program (r, j): block of tokens tb = r % n_tblocks ([tb * BLOCK_T, +BLOCK_T)) of (layer,
+    part) row lc = r // n_tblocks of the base tables, for page pairs j, j + grid[1], ...; one
+    [BLOCK_T, BLOCK_R] tile per BLOCK_R elements of the row, every load of a tile issued before
+    its stores (a whole tile in flight: what reading pinned host memory over PCIe needs).
+    Programs launched together cover every layer of the same pages, which page_first host
+    memory keeps side by side."""
+    r = tl.program_id(0)
+    lc = r // n_tblocks  # (layer pair, part) row of the base tables
+    tb = r % n_tblocks  # block of tokens within the page
     if WIDTH == 8:
         elem = tl.int64
     elif WIDTH == 4:
@@ -53,13 +50,21 @@ def _copy_kv_kernel(src_base, dst_base, src_pages, dst_pages,
     t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = t < page_size
     t64 = t.to(tl.int64)
-    s_rows = (s_page + t64 * src_token_stride).to(tl.pointer_type(elem))
-    d_rows = (d_page + t64 * dst_token_stride).to(tl.pointer_type(elem))
-    for off in range(0, row_elems, BLOCK_R):
-        r = off + tl.arange(0, BLOCK_R)
-        mask = t_mask[:, None] & (r < row_elems)[None, :]
-        vals = tl.load(s_rows[:, None] + r[None, :], mask=mask)
-        tl.store(d_rows[:, None] + r[None, :], vals, mask=mask)
+    s_row0 = tl.load(src_base + lc)
+    d_row0 = tl.load(dst_base + lc)
+    for i in range(tl.program_id(1), n_pairs, tl.num_programs(1)):
+        sp = tl.load(src_pages + i).to(tl.int64)
+        dp = tl.load(dst_pages + i).to(tl.int64)
+        # byte addresses of the tile's tokens of this page in this (layer, part), each side
+        s_rows = (s_row0 + sp * src_page_stride + t64 * src_token_stride).to(
+            tl.pointer_type(elem))
+        d_rows = (d_row0 + dp * dst_page_stride + t64 * dst_token_stride).to(
+            tl.pointer_type(elem))
+        for off in range(0, row_elems, BLOCK_R):
+            c = off + tl.arange(0, BLOCK_R)
+            mask = t_mask[:, None] & (c < row_elems)[None, :]
+            vals = tl.load(s_rows[:, None] + c[None, :], mask=mask)
+            tl.store(d_rows[:, None] + c[None, :], vals, mask=mask)
 
 
 _TILE_ELEMS = 2048  # elements per Triton tile (16 KiB at 8 bytes): 4 warps, 128 B a thread
@@ -103,10 +108,11 @@ def _launch(src_base: torch.Tensor, dst_base: torch.Tensor, src_pages: torch.Ten
     width = min(width, 8)  # Triton's widest integer element
     row_elems = row_bytes // width
     block_t, block_r = _tiles(page_size, row_elems)
-    _copy_kv_kernel[(n_pairs, n_rows, triton.cdiv(page_size, block_t))](
-        src_base, dst_base, src_pages, dst_pages, src_page_stride, src_token_stride,
-        dst_page_stride, dst_token_stride, page_size, row_elems, WIDTH=width, BLOCK_T=block_t,
-        BLOCK_R=block_r)
+    n_tblocks = triton.cdiv(page_size, block_t)
+    _copy_kv_kernel[(n_rows * n_tblocks, min(n_pairs, 65535))](
+        src_base, dst_base, src_pages, dst_pages, n_pairs, n_tblocks, src_page_stride,
+        src_token_stride, dst_page_stride, dst_token_stride, page_size, row_elems, WIDTH=width,
+        BLOCK_T=block_t, BLOCK_R=block_r)
 
 
 @torch.library.custom_op("dualpath::copy_kv", mutates_args=("dst_tensors",))
