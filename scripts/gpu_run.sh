@@ -51,7 +51,17 @@ T1=$(date +%s)
 # shellcheck disable=SC1091
 source "$TARGET/env.sh"
 rc=0
-python3 -m "$MODULE" --out "$OUT" --setup-s $((T1 - T0)) ${ARGS[@]+"${ARGS[@]}"} || rc=$?
+# in the background + wait, so that a TERM/INT sent to this script (e.g. by `timeout`) reaches
+# the module, which then stops its servers (they run in their own sessions) before it exits
+python3 -m "$MODULE" --out "$OUT" --setup-s $((T1 - T0)) ${ARGS[@]+"${ARGS[@]}"} &
+CHILD=$!
+trap 'kill -TERM $CHILD 2>/dev/null' TERM
+trap 'kill -INT $CHILD 2>/dev/null' INT
+while :; do
+  wait $CHILD && { rc=0; break; } || rc=$?
+  kill -0 $CHILD 2>/dev/null || break  # exited (not just a trapped signal ending the wait)
+done
+trap - TERM INT
 if [ -n "$SAVE_CACHE" ]; then
   tar -C "$CACHE" -cf - . | xz -T0 -6 > "$SAVE_CACHE"
   echo "gpu_run: compile caches saved to $SAVE_CACHE ($(du -h "$SAVE_CACHE" | cut -f1))"

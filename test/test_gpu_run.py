@@ -65,3 +65,36 @@ def test_every_gpu_script_explains_itself_and_names_a_real_module(repo_root):
         assert r.returncode == 0 and len(r.stdout.splitlines()) >= 3, script.name
         mod = importlib.import_module(m.group(1))
         assert callable(getattr(mod, "main", None)), m.group(1)
+
+
+def test_a_terminated_wrapper_lets_the_module_stop_its_servers(tmp_path, repo_root):
+    """`timeout` sends TERM to the wrapper: the module must get it and clean up (it owns
+    servers in their own sessions), and the wrapper reports the module's status."""
+    import signal
+    import time
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "probe_mod.py").write_text(
+        "import os, sys, time\n"
+        "from dualpath.bench.servers import stop_servers_on_sigterm\n"
+        "out = sys.argv[sys.argv.index('--out') + 1]\n"
+        "stop_servers_on_sigterm()\n"
+        "open(os.path.join(out, 'started'), 'w').close()\n"
+        "try:\n"
+        "    time.sleep(60)\n"
+        "finally:\n"
+        "    open(os.path.join(out, 'cleaned_up'), 'w').close()\n")
+    (site / "env.sh").write_text(f'export PYTHONPATH="{site}:{repo_root / "python"}"\n')
+    out = tmp_path / "out"
+    p = subprocess.Popen(["bash", str(repo_root / "scripts/gpu_run.sh"), "probe_mod",
+                          "--skip-setup", "--target", str(site), "--out", str(out),
+                          "--cache-dir", str(tmp_path / "jit")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while not (out / "started").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert (out / "started").exists()
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(30) == 128 + signal.SIGTERM
+    assert (out / "cleaned_up").exists(), "the module's finally blocks ran"

@@ -29,6 +29,22 @@ class ServerError(RuntimeError):
     pass
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def stop_servers_on_sigterm() -> None:
+    """Make SIGTERM (e.g. from `timeout`) unwind the stack like Ctrl-C, so the `with` blocks and
+    `finally`s that own servers stop them: servers run in their own sessions and outlive a
+    killed parent otherwise (then hold the GPU and the ports of the next run). Only from the
+    main thread, and only where nobody set a handler of their own."""
+    import threading
+
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
 def http_status(url: str, timeout: float = 3.0) -> int:
     """HTTP status of a GET, or 0 when nothing answers."""
     try:
@@ -62,6 +78,7 @@ class ServerProcess:
             raise ServerError(f"{self.name}: something already answers on {self.url}")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **NO_MULTICAST_ENV, **self.env}
+        stop_servers_on_sigterm()
         log.info("start %s: %s %s", self.name, self.python, " ".join(self.args))
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen([self.python, *self.args], stdout=out,
