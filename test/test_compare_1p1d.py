@@ -295,3 +295,14 @@ def test_torch_profile_is_requested_from_both_servers(tmp_path):
                                     "dur": 10, "args": {}}]}, f)
     s = compare_1p1d.profile_summaries(tmp_path)
     assert s["prefill"]["kernel_busy_fraction"] == 1.0 and s["decode"] is None
+
+
+def test_recomputed_share_counts_later_turns_only():
+    from dualpath.bench.compare_1p1d import recomputed_share
+
+    run = {"stage_records": [{"type": "prefill", "input_len": 1000, "cached_input_len": 0},
+                             {"type": "prefill", "input_len": 2000, "cached_input_len": 1500},
+                             {"type": "decode", "input_len": 2000, "cached_input_len": 0}],
+           "turn_records": [{"turn": 0, "prompt_len": 1000}, {"turn": 1, "prompt_len": 2000}]}
+    assert recomputed_share(run) == 0.25
+    assert recomputed_share({"stage_records": [], "turn_records": []}) is None

@@ -280,3 +280,73 @@ def test_host_cache_budget_evicts_host_only_pages_beyond_it(monkeypatch):
     tp = fresh(cache)
     tp.tp_world_size = 2
     assert pq.trim(tp) == 0 and asked == [2000]  # TP ranks could evict differently
+
+
+def _tree_after_prefetch(rid, tokens):
+    """A stand-in cache whose stock `check_prefetch_progress` completes rid's prefetch the way
+    stock does: the fetched pages become host-only nodes under the request's last host node,
+    and stock's own protection of that node is released."""
+    from sglang.srt.mem_cache.radix_cache import RadixKey, TreeNode
+
+    cache = make_cache(stored_tokens=tokens)
+    root = TreeNode()
+    root.key = RadixKey([])
+    root.value = root.host_value = types.SimpleNamespace()  # resident: not host-only
+    key = RadixKey(list(tokens))
+    root.protect_host()  # what stock's prefetch_from_storage did
+    cache.ongoing_prefetch[rid] = (root, key, types.SimpleNamespace(host_indices=[0]))
+
+    def complete(c, req_id):
+        if req_id not in c.ongoing_prefetch:
+            return True
+        parent = root
+        for a, b in ((0, 2 * PAGE), (2 * PAGE, len(tokens))):  # two nodes, as after a split
+            n = TreeNode()
+            n.parent, n.key, n.value = parent, key[a:b], None
+            n.host_value = list(range(a, b))
+            parent.children[key[a:b].child_key(PAGE)] = n
+            parent = n
+        root.release_host()
+        del c.ongoing_prefetch[req_id]
+        c.prefetch_loaded_tokens_by_reqid[req_id] = len(tokens)
+        return True
+
+    cache.check = lambda r: pq.check(complete, cache, r)
+    return cache, root
+
+
+def test_a_completed_prefetch_is_held_until_its_request_loads_it():
+    tokens = list(range(4 * PAGE))
+    cache, root = _tree_after_prefetch("r", tokens)
+    before = dict(pq.STATS)
+    assert cache.check("r") is True
+    leaf = root.children[next(iter(root.children))].children
+    leaf = leaf[next(iter(leaf))]
+    assert leaf.host_ref_counter == 1 and root.host_ref_counter == 0
+    assert pq.STATS["pf_held"] == before["pf_held"] + 1
+    cache.evictable_host_leaves = {leaf}
+    assert pq.evictable_host_tokens(cache) == 0, "held pages are not room for others"
+    assert cache.check("r") is True and leaf.host_ref_counter == 1  # held once
+    # the scheduler loads it: init_load_back with the request releases the hold
+    params = types.SimpleNamespace(best_match_node=leaf, req=types.SimpleNamespace(rid="r"))
+    pq.count_load_back(lambda c, p: ([1], leaf), cache, params)
+    assert leaf.host_ref_counter == 0
+    assert pq.evictable_host_tokens(cache) == 2 * PAGE
+
+
+def test_a_held_prefix_is_released_on_abort_and_after_the_ttl(monkeypatch):
+    tokens = list(range(3 * PAGE))
+    cache, root = _tree_after_prefetch("x", tokens)
+    cache.check("x")
+    node = next(iter(next(iter(root.children.values())).children.values()))
+    assert node.host_ref_counter == 1
+    pq.release(cache, "x")
+    assert node.host_ref_counter == 0
+    cache, root = _tree_after_prefetch("y", tokens)
+    cache.check("y")
+    node = next(iter(next(iter(root.children.values())).children.values()))
+    expired = pq.STATS["pf_hold_expired"]
+    t = pq.time.monotonic()
+    monkeypatch.setattr(pq.time, "monotonic", lambda: t + pq.HOLD_TTL_S + 1)
+    cache.check("other")
+    assert node.host_ref_counter == 0 and pq.STATS["pf_hold_expired"] == expired + 1

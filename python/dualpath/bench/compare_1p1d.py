@@ -264,6 +264,19 @@ def _stage(run: dict, role: str, field: str, stat: str = "p50"):
     return (((run.get("stages") or {}).get(role) or {}).get(field) or {}).get(stat)
 
 
+def recomputed_share(run: dict) -> float | None:
+    """Share of the later turns' prompt tokens the prefill computed (first turns have nothing
+    stored): what a stored prefix that was not reused costs."""
+    pre = [s for s in run.get("stage_records") or () if s.get("type") == "prefill"]
+    turns = run.get("turn_records") or ()
+    later = sum(t["prompt_len"] for t in turns if t.get("turn", 0) > 0)
+    if not pre or not later:
+        return None
+    computed = sum(s["input_len"] - (s.get("cached_input_len") or 0) for s in pre)
+    first = sum(t["prompt_len"] for t in turns if t.get("turn", 0) == 0)
+    return round(max(0, computed - first) / later, 3)
+
+
 def table(results: list[dict]) -> str:
     rows = [("JCT s", "jct_s"), ("turns/s", "turns_per_s"), ("TTFT p50 s", "ttft_s_p50"),
             ("TTFT p90 s", "ttft_s_p90"), ("TPOT p50 s", "tpot_s_p50"),
@@ -286,9 +299,12 @@ def table(results: list[dict]) -> str:
                                              for r in results))
     for label, key in (("PE pf started", "pe_pf_started"), ("PE pf queued", "pe_pf_queued"),
                        ("PE pf no host", "pe_pf_waited_host"), ("PE pf revoked", "pe_pf_empty"),
-                       ("PE no GPU room", "pe_pf_loadback_failed")):
+                       ("PE no GPU room", "pe_pf_loadback_failed"), ("PE pf held", "pe_pf_held"),
+                       ("PE hold expired", "pe_pf_hold_expired")):
         lines.append(f"{label:16}" + "".join(cell((r["offline"].get("bytes") or {}).get(key))
                                              for r in results))
+    lines.append(f"{'PE recomputed':16}" + "".join(cell(recomputed_share(r["offline"]))
+                                                  for r in results))
     if any(r.get("online") for r in results):
         lines.append(f"{'max APS in SLO':16}" + "".join(cell(r.get("max_aps_within_slo"))
                                                        for r in results))

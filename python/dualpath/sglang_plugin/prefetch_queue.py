@@ -28,6 +28,12 @@ the `wait_complete` policy).
   disagree on the lookup (it is not all-reduced), so there the hooks behave as stock.
 - An entry left behind by a request that is never checked again (rejected before scheduling)
   is dropped after `QUEUE_TTL_S`, and `reset()` empties the queue.
+- A completed prefetch's pages are held (`protect_host` on the deepest node it filled) until
+  its request loads them to the GPU (`init_load_back`), is aborted, or `HOLD_TTL_S` passes.
+  Stock releases them when the prefetch completes, while the request may still wait for a
+  batch; host-pool eviction (room for the next prefetch, write-through, `trim`) then frees them
+  first, as they are host-only leaves, and the prefix is recomputed (measured on 2x H100,
+  2026-11-27: the prefill loaded 804k prefix tokens from storage but reused 503k).
 - Also here, because they are the same host-pool policy: `trim` (--dualpath-host-cache-tokens:
   host-only pages beyond a budget are evicted, so the pool stages rather than caches) and
   `count_load_back` (a meter of host hits the GPU had no room to load). `STATS` counts it all
@@ -52,6 +58,8 @@ _WAIT_S = Histogram("dualpath_prefetch_queue_wait_seconds", "Time a prefetch wai
 ATTR = "_dualpath_prefetch_queue"
 DRAINING = "_dualpath_prefetch_draining"
 QUEUE_TTL_S = 300.0
+HOLD_TTL_S = 30.0  # a prefetched prefix whose request never loads it is released after this
+HELD = "_dualpath_prefetch_held"
 TRIM_EVERY_S = 0.05
 STARTED = "_dualpath_prefetch_started"
 SETTINGS = "_dualpath_settings"
@@ -62,7 +70,10 @@ STATS = {"pf_queued": 0, "pf_waited_host": 0, "pf_started": 0, "pf_empty": 0,
          # host-pool hits that could not be loaded to the GPU (no device memory): recomputed
          "pf_loadback_failed": 0, "pf_loadback_failed_tokens": 0,
          # host-only pages evicted by --dualpath-host-cache-tokens
-         "pf_trimmed_tokens": 0}
+         "pf_trimmed_tokens": 0,
+         # completed prefetches held for their request; of those, released unused after
+         # HOLD_TTL_S
+         "pf_held": 0, "pf_hold_expired": 0}
 
 
 def count_load_back(original, cache, params):
@@ -72,6 +83,9 @@ def count_load_back(original, cache, params):
     node = params.best_match_node
     evicted = getattr(node, "evicted", False)
     result = original(cache, params)
+    req = getattr(params, "req", None)
+    if req is not None:
+        unhold(cache, req.rid)  # loaded to the GPU (or not loadable): the GPU pool holds it now
     if evicted and len(result[0]) == 0:
         n = 0
         while node is not None and getattr(node, "evicted", False):
@@ -133,6 +147,53 @@ def trim(cache) -> int:
     freed = max(0, pool.available_size() - before)
     STATS["pf_trimmed_tokens"] += freed
     return freed
+
+
+def _deepest(cache, node, key):
+    """The deepest node under `node` whose path spells a prefix of `key` (whole nodes only):
+    where a completed prefetch's pages end in the tree."""
+    while len(key):
+        child = node.children.get(key.child_key(cache.page_size))
+        if child is None:
+            break
+        n = child.key.match(key, page_size=cache.page_size)
+        if n < len(child.key):
+            break
+        node, key = child, key[n:]
+    return node
+
+
+def _hold(cache, req_id, last_host_node, key) -> None:
+    node = _deepest(cache, last_host_node, key)
+    if node is last_host_node:  # nothing new in the tree
+        return
+    held = getattr(cache, HELD, None)
+    if held is None:
+        held = {}
+        setattr(cache, HELD, held)
+    if req_id in held:
+        return
+    node.protect_host()
+    held[req_id] = (node, time.monotonic())
+    STATS["pf_held"] += 1
+
+
+def unhold(cache, req_id) -> None:
+    held = getattr(cache, HELD, None)
+    item = held.pop(req_id, None) if held else None
+    if item is not None:
+        item[0].release_host()
+
+
+def _expire_holds(cache) -> None:
+    held = getattr(cache, HELD, None)
+    if not held:
+        return
+    now = time.monotonic()
+    for rid in [r for r, (_, t) in held.items() if now - t > HOLD_TTL_S]:
+        unhold(cache, rid)
+        STATS["pf_hold_expired"] += 1
+        log.info("prefetched prefix of %s released unused after %.0f s", rid, HOLD_TTL_S)
 
 
 def _limited(cache, tokens: int) -> bool:
@@ -264,20 +325,24 @@ def drain(cache) -> None:
 def check(original, cache, req_id) -> bool:
     """AROUND HiRadixCache.check_prefetch_progress: start what the budget allows, in order; a
     request whose prefetch is still queued is not ready."""
+    _expire_holds(cache)
     trim(cache)
     drain(cache)
     q = getattr(cache, ATTR, None)
     if q and req_id in q:
         return False
+    pending = cache.ongoing_prefetch.get(req_id)
     done = original(cache, req_id)
     if done:
         started = getattr(cache, STARTED, None)
+        loaded = cache.prefetch_loaded_tokens_by_reqid.get(req_id, 0)
         if started and req_id in started:
             started.pop(req_id)
-            loaded = cache.prefetch_loaded_tokens_by_reqid.get(req_id, 0)
             STATS["pf_loaded_tokens"] += loaded
             if loaded == 0:  # revoked: too few pages stored, or no host memory
                 STATS["pf_empty"] += 1
+        if pending is not None and loaded > 0 and _enabled(cache):
+            _hold(cache, req_id, pending[0], pending[1])  # until the request loads it
         drain(cache)  # this request's prefetch may have freed budget
     return done
 
@@ -287,6 +352,7 @@ def release(cache, rid) -> None:
     started = getattr(cache, STARTED, None)
     if started:
         started.pop(rid, None)
+    unhold(cache, rid)
     q = getattr(cache, ATTR, None)
     item = q.pop(rid, None) if q else None
     if item is not None:
@@ -303,4 +369,7 @@ def reset(result, cache, *args, **kwargs):
     started = getattr(cache, STARTED, None)
     if started:
         started.clear()
+    held = getattr(cache, HELD, None)
+    if held:
+        held.clear()  # its nodes belong to the old tree
     return result

@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Which 1P1D run on the GPU host would be storage-bound? The calibrated simulator, asked before
+spending device time.
+
+The 16-agent runs of 2026-11-27 were latency-bound: each agent's turns run one after another,
+16 agents did not fill either storage NIC, and DualPath's second NIC had little to add. This
+sweeps the knobs of `scripts/bench_1p1d.sh` that set how much work is in flight (agents, trace
+scale, the prefill's GPU pool and host staging, the cap) and prints, per point, the simulated
+offline JCT with DualPath off (basic: prefill-side reads) and on (the scheduler's reads), their
+ratio, and how busy each storage NIC was. Ideal hits (every turn's stored prefix is loaded, not
+recomputed). The decode pool is sized to hold every agent's context, as the runs would have to.
+
+  python benchmark/sim/plan_1p1d.py [--perf benchmark/results/2026-11-27_sim-perf_2xH100.json]
+      [--agents 16,32,48,64] [--scales 0.125,0.25] [--caps 3,6.25] [--pools 32768,65536]
+      [--max-turns 8] [--out FILE.jsonl]
+
+Caveat (README of benchmark/results, session 14): at 6.25 GB/s the simulator put the measured
+`on` runs 17-27% too fast and `off` 5-8% too slow, so read the ratios as upper bounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+try:
+    import dualpath  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(ROOT / "python"))
+
+from dualpath.bench.compare_1p1d import make_trace  # noqa: E402
+from dualpath.sim.des import simulate  # noqa: E402
+from dualpath.sim.model import PerfModel, SimCluster  # noqa: E402
+
+DEFAULT_PERF = ROOT / "benchmark/results/2026-11-27_sim-perf_2xH100.json"
+
+
+def floats(s: str) -> list[float]:
+    return [float(x) for x in s.split(",") if x]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--perf", type=Path, default=DEFAULT_PERF)
+    ap.add_argument("--preset", default="64k")
+    ap.add_argument("--agents", default="16,32,48,64")
+    ap.add_argument("--scales", default="0.125,0.25")
+    ap.add_argument("--caps", default="3,6.25")
+    ap.add_argument("--pools", default="32768,65536", help="prefill GPU pool (tokens)")
+    ap.add_argument("--hicache-ratio", type=float, default=4.0,
+                    help="prefill host pool / GPU pool (staging = host - GPU pool)")
+    ap.add_argument("--max-turns", type=int, default=8)
+    ap.add_argument("--initial", type=int, default=None,
+                    help="mean initial context (default: the scaled preset's, halved per 0.125)")
+    ap.add_argument("--prefill-loads", type=int, default=4)
+    ap.add_argument("--h2d-gbps", type=float, default=26.0)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    perf = PerfModel.load(args.perf) if args.perf and args.perf.exists() else PerfModel()
+    nic = perf.pd_gbps or 50.0
+    print(f"perf: {args.perf} (PD link {nic} GB/s)")
+    print(f"{'agents':>6} {'scale':>5} {'pool':>6} {'cap':>5} {'ctx':>6} {'JCT off':>8} "
+          f"{'JCT on':>8} {'on/off':>6} {'PE busy off':>11} {'PE/DE busy on':>13} {'sim s':>5}")
+    for agents in (int(x) for x in args.agents.split(",")):
+        for scale in floats(args.scales):
+            initial = args.initial or int(8192 * scale / 0.25)
+            ns = argparse.Namespace(preset=args.preset, scale=scale, initial=initial,
+                                    agents=agents, max_turns=args.max_turns)
+            trajs = make_trace(ns, seed=0)
+            ctx = max(max(t.prompt_lengths()) for t in trajs)  # the longest prompt
+            for pool in (int(x) for x in args.pools.split(",")):
+                staging = int(pool * args.hicache_ratio) - pool
+                for cap in floats(args.caps):
+                    row = {"agents": agents, "scale": scale, "initial": initial,
+                           "prefill_pool": pool, "staging": staging, "cap_gbps": cap,
+                           "max_turns": args.max_turns}
+                    t0 = time.perf_counter()
+                    for name, policy, side in (("off", "basic", "pe"),
+                                               ("on", "dualpath", "shorter")):
+                        c = SimCluster(1, 1, gpus_per_node=1, compute_nic_gbps=nic,
+                                       storage_ratio=cap / nic, decode_kv_tokens=10_000_000,
+                                       prefill_kv_tokens=pool, prefill_staging_tokens=staging,
+                                       prefill_loads=args.prefill_loads,
+                                       h2d_gbps=args.h2d_gbps, policy=policy, read_side=side)
+                        r = simulate(c, perf, trajs)
+                        row[name] = {"jct_s": round(r.jct_s, 2),
+                                     "pe_busy": round(r.storage_busy_pe, 3),
+                                     "de_busy": round(r.storage_busy_de, 3),
+                                     "prefill_busy": round(r.prefill_busy, 3)}
+                    row["speedup"] = round(row["off"]["jct_s"] / row["on"]["jct_s"], 3)
+                    print(f"{agents:>6} {scale:>5} {pool:>6} {cap:>5} {ctx:>6} "
+                          f"{row['off']['jct_s']:>8.1f} {row['on']['jct_s']:>8.1f} "
+                          f"{row['speedup']:>6.2f} {row['off']['pe_busy']:>11.2f} "
+                          f"{row['on']['pe_busy']:>6.2f}/{row['on']['de_busy']:<6.2f} "
+                          f"{time.perf_counter() - t0:>5.1f}", flush=True)
+                    if args.out:
+                        with open(args.out, "a") as f:
+                            f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
