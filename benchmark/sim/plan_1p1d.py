@@ -58,10 +58,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="mean initial context (default: the scaled preset's, halved per 0.125)")
     ap.add_argument("--prefill-loads", type=int, default=4)
     ap.add_argument("--h2d-gbps", type=float, default=26.0)
+    ap.add_argument("--pd-gbps", type=float, default=None,
+                    help="PD link / DE->PE forward rate (default: the calibrated pd_gbps; NIXL "
+                         "moved a warm 2 GB prompt's KV in ~50 ms on 2x H100, i.e. ~40 GB/s)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     perf = PerfModel.load(args.perf) if args.perf and args.perf.exists() else PerfModel()
-    nic = perf.pd_gbps or 50.0
+    nic = args.pd_gbps or perf.pd_gbps or 50.0
     print(f"perf: {args.perf} (PD link {nic} GB/s)")
     print(f"{'agents':>6} {'scale':>5} {'pool':>6} {'cap':>5} {'ctx':>6} {'JCT off':>8} "
           f"{'JCT on':>8} {'on/off':>6} {'PE busy off':>11} {'PE/DE busy on':>13} {'sim s':>5}")
