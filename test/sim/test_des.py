@@ -164,3 +164,27 @@ def test_loads_in_flight_per_prefill_are_limited():
     assert one.turns == free.turns and one.jct_s > 1.3 * free.jct_s, (one.jct_s, free.jct_s)
     with pytest.raises(ValueError, match="prefill_loads"):
         SimCluster(1, 1, prefill_loads=-1)
+
+
+def test_prefill_hits_set_what_the_prefill_computes_not_what_is_read():
+    t = trajs(4)
+    slow = PerfModel(p0=0.001, p1=1e-4, p2=0.0, d0=0.001, d1=0.0, d2=0.0)  # compute matters
+    c = SimCluster(1, 1, gpus_per_node=1, policy="basic")
+    everything = {(a, k): 0 for a, tr in enumerate(t) for k in range(len(tr.turns))}
+    base = simulate(c, slow, t)
+    recompute = simulate(c, slow, t, prefill_hits=everything)
+    assert recompute.read_bytes_pe == base.read_bytes_pe, "the reads are the turns' hits"
+    assert recompute.jct_s > base.jct_s and recompute.prefill_busy > base.prefill_busy
+
+
+def test_measured_prefill_hits_match_stage_records_to_turns_by_prompt_length():
+    from dualpath.sim.__main__ import measured_prefill_hits
+
+    run = {"turn_records": [{"agent": 0, "turn": 1, "prompt_len": 900, "start_s": 2.0},
+                            {"agent": 1, "turn": 0, "prompt_len": 500, "start_s": 0.0},
+                            {"agent": 0, "turn": 0, "prompt_len": 500, "start_s": 0.1}],
+           "stage_records": [{"type": "decode", "input_len": 500, "cached_input_len": 7},
+                             {"type": "prefill", "input_len": 500, "cached_input_len": 0},
+                             {"type": "prefill", "input_len": 500, "cached_input_len": 64},
+                             {"type": "prefill", "input_len": 900, "cached_input_len": 448}]}
+    assert measured_prefill_hits(run) == {(1, 0): 0, (0, 0): 64, (0, 1): 448}

@@ -117,9 +117,27 @@ def cmd_calibrate(args) -> int:
 
 
 def measured_hits(run: dict) -> dict[tuple[int, int], int]:
-    """(agent, turn) -> the prefix tokens the measured turn reused (SGLang's cached tokens)."""
+    """(agent, turn) -> the prefix tokens the measured turn reused (SGLang's cached tokens as
+    the client saw them: the decode's with DualPath on, which restores the prefix it read)."""
     return {(r["agent"], r["turn"]): r.get("cached_tokens") or 0
             for r in run.get("turn_records") or [] if not r.get("error")}
+
+
+def measured_prefill_hits(run: dict) -> dict[tuple[int, int], int]:
+    """(agent, turn) -> the prefix tokens the measured prefill reused: its request stats
+    (`stage_records`, from the server log, no request ids) matched to the turns by prompt
+    length, in order of the turns' start."""
+    by_len: dict[int, list[int]] = {}
+    for s in run.get("stage_records") or ():
+        if s.get("type") == "prefill" and s.get("input_len") is not None:
+            by_len.setdefault(int(s["input_len"]), []).append(int(s.get("cached_input_len")
+                                                                  or 0))
+    out = {}
+    for r in sorted(run.get("turn_records") or (), key=lambda r: r.get("start_s", 0.0)):
+        got = by_len.get(int(r["prompt_len"]))
+        if got and not r.get("error"):
+            out[(r["agent"], r["turn"])] = got.pop(0)
+    return out
 
 
 def cmd_validate(args) -> int:
@@ -161,7 +179,8 @@ def cmd_validate(args) -> int:
                            policy="dualpath" if cfg.get("dual_path") else "basic",
                            read_side=cfg.get("read_side") or "shorter",
                            schedule_interval_s=args.schedule_interval_s)
-            sim = simulate(c, perf, trajs, hits=hits).jct_s
+            pre_hits = measured_prefill_hits(run) if hits else None
+            sim = simulate(c, perf, trajs, hits=hits, prefill_hits=pre_hits).jct_s
             rows.append({"config": cfg["config"], "snic_gbps": cap, "measured_jct_s": measured,
                          "simulated_jct_s": round(sim, 2), "hits": args.hits,
                          "prefill_kv": args.prefill_kv,

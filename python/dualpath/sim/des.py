@@ -59,9 +59,12 @@ def _pct(xs: list[float], q: float) -> float:
 class Simulator:
     def __init__(self, cluster: SimCluster, perf: PerfModel, trajectories, *,
                  online: bool = False, slo_ttft_s: float = 4.0, slo_tpot_s: float = 0.050,
-                 hits: dict[tuple[int, int], int] | None = None):
+                 hits: dict[tuple[int, int], int] | None = None,
+                 prefill_hits: dict[tuple[int, int], int] | None = None):
         """`hits`: (agent, turn) -> prefix tokens the turn found stored, in place of the whole
-        earlier context (e.g. what a measured run actually reused)."""
+        earlier context (e.g. what a measured run actually reused). `prefill_hits`: of those,
+        what the prefill reused (it computes the rest), where that differs: with DualPath on a
+        measured decode restored the whole prefix while its prefill recomputed part of it."""
         self.c, self.perf, self.online = cluster, perf, online
         self.slo = (slo_ttft_s, slo_tpot_s)
         g = cluster.gpus_per_node
@@ -91,6 +94,14 @@ class Simulator:
                 if h is not None:
                     h = min(int(h), self.prompt[tid])
                     self.hit[tid] = h - h % PAGE
+        self.pe_hit = list(self.hit)  # the prefix the prefill reuses (computes the rest)
+        if prefill_hits:
+            turn_of = [tid - self.agent_first[a] for tid, a in enumerate(self.turn_agent)]
+            for tid, a in enumerate(self.turn_agent):
+                h = prefill_hits.get((a, turn_of[tid]))
+                if h is not None:
+                    h = min(int(h), self.hit[tid])
+                    self.pe_hit[tid] = h - h % PAGE
         self.agent_end = self.agent_first[1:] + [len(self.prompt)]
         if cluster.policy == "basic":
             self.sched = PairScheduler(pre, dec, "round_robin")
@@ -228,8 +239,8 @@ class Simulator:
             pe_kv[pe] += self.prompt[tid]
             unstage(pe, tid, now)
             # the prefix goes host -> GPU layer by layer while the missed tokens compute
-            dt = max(perf.prefill_s(self.prompt[tid] - self.hit[tid], self.prompt[tid]),
-                     self.hit[tid] * kvb / h2d_bps)
+            dt = max(perf.prefill_s(self.prompt[tid] - self.pe_hit[tid], self.prompt[tid]),
+                     self.pe_hit[tid] * kvb / h2d_bps)
             pe_busy_s += dt
             push(now + dt, PREFILL_DONE, tid)
 
