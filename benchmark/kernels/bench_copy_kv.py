@@ -5,8 +5,9 @@ SGLang's own kernels (sgl_kernel.kvcacheio) for the moves SGLang has.
 Moves (model shapes: 8b = 32 layers x 8 KV heads x 128, 70b = 80 x 8 x 128; bf16):
   d2d_gather     device pool -> Full Blocks, all layers     (peak: device copy, read+write)
   d2d_scatter    Full Blocks -> device pool, all layers     (peak: device copy, read+write)
-  h2d_layer      pinned host page_first -> device pool, 1 layer  (peak: pinned H2D; peer:
-                 transfer_kv_per_layer_pf_lf, SGLang's HiCache load)
+  h2d_layer      pinned host page_first -> device pool, 1 layer  (peak: pinned H2D; peers:
+                 sgl_kernel's transfer_kv_per_layer_pf_lf and the JIT HiCache kernel
+                 transfer_hicache_one_layer, which a 0.5.17 server runs for this load)
   d2h_all        device pool -> pinned host page_first, all layers (peak: pinned D2H; peer:
                  transfer_kv_all_layer_lf_pf, SGLang's HiCache backup)
 Timing per METHOD.md: CUDA events, warm-up, median of repeats, buffers rotated so each timed
@@ -192,6 +193,38 @@ class Case:
             return run
         return None
 
+    def peer_jit(self):
+        """SGLang's JIT HiCache kernel for the one-layer load, what a 0.5.17 server runs
+        (`MHATokenToKVPoolHost.load_to_device_per_layer` when `can_use_jit`), or None."""
+        if self.move != "h2d_layer":
+            return None
+        try:
+            from sglang.kernels.ops.kvcache.hicache import (
+                can_use_hicache_jit_kernel,
+                transfer_hicache_one_layer,
+            )
+            if not can_use_hicache_jit_kernel(element_size=self.heads * self.dim * 2):
+                return None
+        except Exception as e:  # noqa: BLE001  (no SGLang, or its JIT toolchain failed)
+            print(f"  (SGLang's JIT HiCache kernel unavailable: {type(e).__name__}: {e})")
+            return None
+        ps = self.ps
+
+        def tokens(pages):
+            return (pages[:, None] * ps + torch.arange(ps, device="cuda")).reshape(-1)
+
+        def run():
+            src, dst, sp, dp = self.pairs[self.i % self.sets]
+            self.i += 1
+            lay = self.layers // 2
+            host = src.tensors[0]  # [parts, slots, layers, heads, dim]: SGLang's per-layer view
+            transfer_hicache_one_layer(
+                k_cache_dst=dst.tensor_of(lay, 0), v_cache_dst=dst.tensor_of(lay, 1),
+                indices_dst=tokens(dp), k_cache_src=host[0][:, lay],
+                v_cache_src=host[1][:, lay], indices_src=tokens(sp),
+                element_dim=self.heads * self.dim)
+        return run
+
     def check(self, fn) -> bool:
         """Run fn on set 0 and compare the destination with the reference's, byte for byte."""
         src, dst, sp, dp = self.pairs[0]
@@ -236,7 +269,8 @@ def main() -> int:
                 "d2h_all": "d2h_gbps"}
     print(f"{'move':>12} {'impl':>6} {'model':>5} {'ps':>3} {'pages':>5} {'ours GB/s':>11} "
           f"{'of peak':>7} "
-          f"{'sglang GB/s':>11} {'ours eager':>11} {'sgl eager':>11}")
+          f"{'sglang GB/s':>11} {'ours eager':>11} {'sgl eager':>11} {'sgl JIT':>11} "
+          f"{'JIT eager':>11}")
     for model in args.models.split(","):
         for ps in (int(x) for x in args.page_sizes.split(",")):
             for pages in (int(x) for x in args.pages.split(",")):
@@ -259,6 +293,20 @@ def main() -> int:
                             peer = traffic / t / 1e9 if t else None
                         else:
                             peer = peer_eager = "wrong"
+                    jit_fn = case.peer_jit()
+                    jit = jit_eager = None
+                    if jit_fn is not None:
+                        try:
+                            if case.check(jit_fn):
+                                jit_eager = traffic / timed(jit_fn) / 1e9
+                                t = graph_timed(jit_fn, calls)
+                                jit = traffic / t / 1e9 if t else None
+                            else:
+                                jit = jit_eager = "wrong"
+                        except Exception as e:  # noqa: BLE001  (the peer's failure is a result)
+                            print(f"  (SGLang's JIT kernel failed: {type(e).__name__}: {e})")
+                            jit = jit_eager = "failed"
+                    pk_row = {**pk, "sglang_jit_gbps": jit, "sglang_jit_eager_gbps": jit_eager}
                     for impl in impls:
                         fn = functools.partial(case.ours, impl)
                         ok = case.check(fn)
@@ -268,7 +316,7 @@ def main() -> int:
                             t = graph_timed(fn, calls)
                             ours = traffic / t / 1e9 if t else None
                         row(args, move, impl, model, ps, pages, case, ok, ours, ours_eager,
-                            peer, peer_eager, pk, pk[ref_peak[move]], meta)
+                            peer, peer_eager, pk_row, pk[ref_peak[move]], meta)
                     del case
                     torch.cuda.empty_cache()
     return 0
@@ -291,7 +339,8 @@ def row(args, move, impl, model, ps, pages, case, ok, ours, ours_eager, peer, pe
         return f"{v:>11}" if isinstance(v, str) else f"{v or float('nan'):>11.1f}"
     print(f"{move:>12} {impl:>6} {model:>5} {ps:>3} {pages:>5} {fmt(ours)} "
           f"{frac or float('nan'):>7.2f} {fmt(peer)} {fmt(ours_eager)} "
-          f"{fmt(peer_eager)}", flush=True)
+          f"{fmt(peer_eager)} {fmt(pk.get('sglang_jit_gbps'))} "
+          f"{fmt(pk.get('sglang_jit_eager_gbps'))}", flush=True)
     if args.out:
         with open(args.out, "a") as f:
             f.write(json.dumps(rec) + "\n")
