@@ -45,6 +45,11 @@ def test_roles_get_their_pools_gpus_and_backend(tmp_path):
     (p_argv, _), (d_argv, _) = argv(spec, "prefill", tmp_path), argv(spec, "decode", tmp_path)
     assert val(p_argv, "--dualpath-host-cache-tokens") == "4096"
     assert "--dualpath-host-cache-tokens" not in d_argv  # the prefill's pool only
+    assert "--dualpath-h2d-kernel" not in p_argv
+    ours, _ = argv(ClusterSpec(model=Path("m"), root=tmp_path, h2d_kernel="ours"), "prefill",
+                   tmp_path)
+    assert val(ours, "--dualpath-h2d-kernel") == "ours"
+    assert sglang_args(*build_parser().parse_known_args(ours))[1].h2d_kernel == "ours"
 
 
 def test_pd_transfer_summary_is_per_prompt_length():

@@ -147,6 +147,10 @@ class PluginConfig:
     evicted; -1 = no limit, stock). Emulates DRAM that holds a negligible share of the working
     set on a scaled-down benchmark host: the pool then stages loads instead of caching. TP = 1
     only (ranks would evict differently)."""
+    h2d_kernel: str = "sglang"
+    """The HiCache host -> GPU load (one layer at a time, page_first host pool): 'sglang' (its
+    kernel) or 'ours' (dualpath.ops.copy_kv, CUDA implementation where built, else Triton;
+    sglang_plugin/h2d_load.py). Other host layouts always use SGLang's."""
     pd_engine: bool = False
     """Run SGLang's Mooncake PD backend on our transfer engine (transfer/mooncake_compat.py:
     CUDA IPC + the cuda backend for device KV on this host, tcp for host buffers) instead of
@@ -177,6 +181,9 @@ class PluginConfig:
                 raise ValueError(f"PluginConfig.{name} must be > 0")
         if self.host_cache_tokens < -1:
             raise ValueError("PluginConfig.host_cache_tokens must be >= -1 (-1 = no limit)")
+        if self.h2d_kernel not in ("sglang", "ours"):
+            raise ValueError(f"PluginConfig.h2d_kernel: 'sglang' or 'ours', got "
+                             f"{self.h2d_kernel!r}")
         if not self.stack_sample_hz > 0:
             raise ValueError("PluginConfig.stack_sample_hz must be > 0")
         if self.io_threads < 1 or self.prefetch_io_threads < 1:

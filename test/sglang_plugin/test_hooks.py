@@ -24,6 +24,8 @@ PARAMS = {
     "release_aborted_request": ["self", "rid"],
     "reset": ["self"],
     "init_load_back": ["self", "params"],
+    "load_to_device_per_layer": ["self", "device_pool", "host_indices", "device_indices",
+                                 "layer_id", "io_backend"],
     "_send_kvcache_generic": ["self", "mooncake_session_id", "src_data_ptrs", "dst_data_ptrs",
                               "item_lens", "prefill_data_indices", "dst_data_indices",
                               "executor", "state_type", "force_flat", "src_layer_ids",
@@ -31,7 +33,7 @@ PARAMS = {
                               "dst_device_data_ptrs"],
 }
 ALL_HOOKS = (hooks.LAUNCHER_HOOKS + hooks.PREFETCH_QUEUE_HOOKS + hooks.PD_ENGINE_HOOKS
-             + hooks.HOOKS)
+             + hooks.H2D_HOOKS + hooks.HOOKS)
 
 
 def test_every_hook_names_a_version_and_a_reason():
@@ -95,7 +97,8 @@ def test_load_registers_by_flag(monkeypatch):
 
     monkeypatch.delenv("DUALPATH_PLUGIN_CONFIG", raising=False)
     called = []
-    monkeypatch.setattr(hooks, "register_all", lambda dual_path, prefetch_queue_on, pd_engine:
+    monkeypatch.setattr(hooks, "register_all",
+                        lambda dual_path, prefetch_queue_on, pd_engine, h2d_ours:
                         called.append((dual_path, prefetch_queue_on)))
     sglang_plugin.load()
     assert called == [], "not started by our launcher: SGLang stays untouched"

@@ -202,7 +202,7 @@ def run_config(name: str, args, out: Path, trajs, res: dict, save) -> dict:
     spec = ClusterSpec(model=args.model, root=root, dual_path=dual, read_side=side,
                        snic_gbps=args.snic_gbps, max_total_tokens=args.max_total_tokens,
                        mem_fraction=args.mem_fraction, pd_backend=args.pd_backend,
-                       stack_sample=args.stack_sample,
+                       stack_sample=args.stack_sample, h2d_kernel=args.h2d_kernel,
                        host_cache_tokens=args.host_cache_tokens,
                        decode_max_total_tokens=args.decode_max_total_tokens,
                        decode_hicache_ratio=args.decode_hicache_ratio,
@@ -368,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stack-sample", action="store_true",
                     help="profile both schedulers' threads: OUT/<config>/stacks_<role>.txt "
                          "(python -m dualpath.bench.stacks FILE)")
+    ap.add_argument("--h2d-kernel", choices=["sglang", "ours"], default=ClusterSpec.h2d_kernel,
+                    help="HiCache's host -> GPU prefix load of both servers: SGLang's kernel or "
+                         "dualpath.ops.copy_kv (--dualpath-h2d-kernel)")
     ap.add_argument("--torch-profile", type=int, default=0, metavar="STEPS",
                     help="profile the GPUs during the main offline replay with SGLang's "
                          "profiler: the prefill's next STEPS forward batches (the decode's "

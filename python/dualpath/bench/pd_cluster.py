@@ -38,6 +38,7 @@ class ClusterSpec:
     pd_backend: str = "nixl"  # or "dualpath": our engine under SGLang's mooncake backend
     oracle: bool = False  # storage reads skipped (timing ceiling; outputs not meaningful)
     prefetch_queue: bool = True  # False: SGLang's prefetch admission (drop + recompute)
+    h2d_kernel: str = "sglang"  # "ours": HiCache's host -> GPU load on dualpath.ops.copy_kv
     stack_sample: bool = False  # profile both schedulers: out/stacks_<role>.txt
     host_cache_tokens: int = -1  # prefill: host-only pages kept (-1: no limit)
     extra: list[str] = field(default_factory=list)  # more SGLang flags for both servers
@@ -79,6 +80,8 @@ def server(spec: ClusterSpec, role: str, out: Path) -> ServerProcess:
         flags += ["--dualpath-buffer-gb", str(spec.buffer_gb)]
     if spec.stack_sample:
         flags += ["--dualpath-stack-sample", str(out / f"stacks_{role}.txt")]
+    if spec.h2d_kernel != "sglang":
+        flags += ["--dualpath-h2d-kernel", spec.h2d_kernel]
     if spec.share_gpus:
         flags += ["--base-gpu-id", gpu]
     return ServerProcess(role, flags, port, out / f"server_{role}.log",

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dualpath.sglang_plugin import pd_send, prefetch_queue
+from dualpath.sglang_plugin import h2d_load, pd_send, prefetch_queue
 
 log = logging.getLogger("dualpath.hooks")
 CHECKED_VERSION = "0.5.17"
@@ -154,6 +154,13 @@ PD_ENGINE_HOOKS: tuple[Hook, ...] = (
          "tuple per layer and page run)"),
 )
 
+# registered only with --dualpath-h2d-kernel ours
+H2D_HOOKS: tuple[Hook, ...] = (
+    Hook("sglang.srt.mem_cache.pool_host.mha.MHATokenToKVPoolHost.load_to_device_per_layer",
+         "AROUND", h2d_load.load_to_device_per_layer,
+         "HiCache's one-layer host -> GPU load through dualpath.ops.copy_kv (page_first pools)"),
+)
+
 # registered only with --enable-dual-path
 HOOKS: tuple[Hook, ...] = (
     Hook("sglang.srt.managers.cache_controller.HiCacheController._page_get_zero_copy",
@@ -169,11 +176,12 @@ HOOKS: tuple[Hook, ...] = (
 
 
 def register_all(dual_path: bool = True, prefetch_queue_on: bool = True,
-                 pd_engine: bool = False) -> None:
+                 pd_engine: bool = False, h2d_ours: bool = False) -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     hooks = (LAUNCHER_HOOKS + (PREFETCH_QUEUE_HOOKS if prefetch_queue_on else ())
-             + (PD_ENGINE_HOOKS if pd_engine else ()) + (HOOKS if dual_path else ()))
+             + (PD_ENGINE_HOOKS if pd_engine else ()) + (H2D_HOOKS if h2d_ours else ())
+             + (HOOKS if dual_path else ()))
     for h in hooks:
         # a REPLACE hook's fn returns the replacement class (imported only when registered)
         fn = h.fn() if h.kind == "REPLACE" else h.fn
