@@ -245,7 +245,9 @@ def test_main_runs_configs_sweep_and_online_end_to_end(monkeypatch, tmp_path):
     assert calls["cap"] == [(cmp.PRE_PORT, 3.0), (cmp.PRE_PORT, 6.25),
                             (cmp.PRE_PORT, 3.0), (cmp.DEC_PORT, 3.0),
                             (cmp.PRE_PORT, 6.25), (cmp.DEC_PORT, 6.25)]
-    assert len(calls["flush"]) == 8  # both servers before each sweep and online run
+    # both servers after each warm-up and before each sweep and online run
+    assert len(calls["flush"]) == 12
+    assert stock["warmup_s"] > 0 and on["warmup_s"] > 0
     assert not (tmp_path / "store" / "on").exists()  # the store is removed after each config
 
 

@@ -158,6 +158,23 @@ def set_cap(dual: bool, cap: float) -> None:
         raise RuntimeError(f"could not set the storage-NIC cap to {cap} GB/s")
 
 
+def warm_up(c: PDCluster, root: Path, args) -> float:
+    """A short replay of the same trace shape (other token ids) before the measured one, then
+    empty caches and store: first-use compiles (Triton kernels per new shape, JIT modules) and
+    allocator growth stay out of the measured JCT (METHOD.md: warm up before timing)."""
+    ns = argparse.Namespace(**{**vars(args), "agents": args.warmup_agents,
+                               "max_turns": args.warmup_turns})
+    trajs = make_trace(ns, seed=args.seed + 7919)
+    t0 = time.perf_counter()
+    summary, _ = asyncio.run(replay(c.url, trajs, online=False, seed=args.seed + 7919,
+                                    progress_s=None))
+    took = time.perf_counter() - t0
+    log.info("warm-up replay: %d turns in %.1f s (%d errors), then caches and store emptied",
+             summary["turns"], took, summary["errors"])
+    fresh(c, root)
+    return round(took, 2)
+
+
 def profile_later(c: PDCluster, out: Path, args) -> threading.Timer | None:
     """With --torch-profile N: `--profile-after` seconds into the replay, record the prefill's
     next N forward batches and the decode's next 10 N (its steps are ~10x shorter) with SGLang's
@@ -215,6 +232,8 @@ def run_config(name: str, args, out: Path, trajs, res: dict, save) -> dict:
     try:
         with PDCluster(spec, out / name, args.health_timeout) as c:
             res["startup_s"] = c.startup_s
+            if args.warmup_agents > 0:
+                res["warmup_s"] = warm_up(c, root, args)
             log.info("%s: offline replay of %d agents", name, len(trajs))
             timer = profile_later(c, out / name / "torch_profile", args)
             try:
@@ -368,6 +387,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stack-sample", action="store_true",
                     help="profile both schedulers' threads: OUT/<config>/stacks_<role>.txt "
                          "(python -m dualpath.bench.stacks FILE)")
+    ap.add_argument("--warmup-agents", type=int, default=4,
+                    help="agents of a short unmeasured replay (other token ids) before each "
+                         "config's measured one, caches and store emptied after it; 0 = none")
+    ap.add_argument("--warmup-turns", type=int, default=2)
     ap.add_argument("--h2d-kernel", choices=["sglang", "ours"], default=ClusterSpec.h2d_kernel,
                     help="HiCache's host -> GPU prefix load of both servers: SGLang's kernel or "
                          "dualpath.ops.copy_kv (--dualpath-h2d-kernel)")
