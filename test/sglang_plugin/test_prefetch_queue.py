@@ -350,3 +350,30 @@ def test_a_held_prefix_is_released_on_abort_and_after_the_ttl(monkeypatch):
     monkeypatch.setattr(pq.time, "monotonic", lambda: t + pq.HOLD_TTL_S + 1)
     cache.check("other")
     assert node.host_ref_counter == 0 and pq.STATS["pf_hold_expired"] == expired + 1
+
+
+def test_stock_host_eviction_skips_a_held_prefetch_and_frees_it_once_released():
+    """SGLang's own HiRadixCache.evict_host on a tree where a completed prefetch left host-only
+    pages: without the hold it frees them first (the request then recomputes its prefix);
+    held, they stay until the request has loaded them."""
+    from sglang.srt.mem_cache.evict_policy import LRUStrategy
+
+    tokens = list(range(4 * PAGE))
+    cache, root = _tree_after_prefetch("h", tokens)
+    freed = []
+    cache.cache_controller.evict_host = lambda host_value: freed.append(len(host_value)) or len(
+        host_value)
+    cache.root_node = root
+    cache.eviction_strategy = LRUStrategy()
+    cache._record_remove_event = lambda node, medium=None: None
+    cache._update_host_leaf_status = types.MethodType(HRC._update_host_leaf_status, cache)
+    cache.evict_host = types.MethodType(HRC.evict_host, cache)
+    cache.check("h")
+    mid = next(iter(root.children.values()))
+    leaf = next(iter(mid.children.values()))
+    cache.evictable_host_leaves = {leaf}
+    cache.evict_host(10 * PAGE)
+    assert freed == [] and leaf.host_ref_counter == 1, "held: stock eviction passes it by"
+    pq.unhold(cache, "h")  # its request loaded it (or gave up)
+    cache.evict_host(10 * PAGE)
+    assert freed == [2 * PAGE, 2 * PAGE], "released: both nodes of the prefix go"
