@@ -11,6 +11,7 @@ from aiohttp.test_utils import TestServer
 from test_replay import fake_server
 
 from dualpath.bench import compare_1p1d as cmp
+from dualpath.bench import compare_report as report
 from dualpath.bench.replay import TurnRecord
 from dualpath.bench.samplers import Sampler, gpu_sampler, mean_util, rates
 
@@ -43,10 +44,10 @@ def test_outputs_match_by_agent_and_turn():
                           {"agent": 0, "turn": 1, "output_digest": "y"}]}
     b = {"turn_records": [{"agent": 0, "turn": 1, "output_digest": "y"},
                           {"agent": 0, "turn": 0, "output_digest": "x"}]}
-    assert cmp.outputs_match(a, b) is True
+    assert report.outputs_match(a, b) is True
     b["turn_records"][0]["output_digest"] = "z"
-    assert cmp.outputs_match(a, b) is False
-    assert cmp.outputs_match(a, {"turn_records": []}) is None
+    assert report.outputs_match(a, b) is False
+    assert report.outputs_match(a, {"turn_records": []}) is None
 
 
 def test_samplers_and_rates():
@@ -150,9 +151,9 @@ def synthetic_result():
 
 
 def test_table_shows_the_speedup():
-    text = cmp.table(synthetic_result()["configs"])
+    text = report.table(synthetic_result()["configs"])
     assert "JCT speed-up" in text and "1.82" in text and "off" in text.splitlines()[0]
-    sweep = cmp.sweep_table(synthetic_result()["configs"], 6.25).splitlines()
+    sweep = report.sweep_table(synthetic_result()["configs"], 6.25).splitlines()
     assert [float(x.split()[0]) for x in sweep[1:]] == [3.0, 6.25, 25.0]
     assert sweep[2].split()[1:4] == ["100.00", "55.00", "1.82"]
 
@@ -300,7 +301,7 @@ def test_torch_profile_is_requested_from_both_servers(tmp_path):
 
 
 def test_recomputed_share_counts_later_turns_only():
-    from dualpath.bench.compare_1p1d import recomputed_share
+    from dualpath.bench.compare_report import recomputed_share
 
     run = {"stage_records": [{"type": "prefill", "input_len": 1000, "cached_input_len": 0},
                              {"type": "prefill", "input_len": 2000, "cached_input_len": 1500},

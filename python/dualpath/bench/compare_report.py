@@ -1,0 +1,94 @@
+"""The side-by-side tables of a 1P1D comparison (compare_1p1d's result), and the per-run
+figures they show that the run itself does not compute."""
+
+from __future__ import annotations
+
+
+def outputs_match(a: dict, b: dict) -> bool | None:
+    """Same greedy outputs turn by turn (digests of the output ids)?"""
+    da = {(r["agent"], r["turn"]): r.get("output_digest") for r in a["turn_records"]}
+    db = {(r["agent"], r["turn"]): r.get("output_digest") for r in b["turn_records"]}
+    common = set(da) & set(db)
+    return None if not common else all(da[k] == db[k] for k in common)
+
+
+def _stage(run: dict, role: str, field: str, stat: str = "p50"):
+    return (((run.get("stages") or {}).get(role) or {}).get(field) or {}).get(stat)
+
+
+def recomputed_share(run: dict) -> float | None:
+    """Share of the later turns' prompt tokens the prefill computed (first turns have nothing
+    stored): what a stored prefix that was not reused costs."""
+    pre = [s for s in run.get("stage_records") or () if s.get("type") == "prefill"]
+    turns = run.get("turn_records") or ()
+    later = sum(t["prompt_len"] for t in turns if t.get("turn", 0) > 0)
+    if not pre or not later:
+        return None
+    computed = sum(s["input_len"] - (s.get("cached_input_len") or 0) for s in pre)
+    first = sum(t["prompt_len"] for t in turns if t.get("turn", 0) == 0)
+    return round(max(0, computed - first) / later, 3)
+
+
+def table(results: list[dict]) -> str:
+    rows = [("JCT s", "jct_s"), ("turns/s", "turns_per_s"), ("TTFT p50 s", "ttft_s_p50"),
+            ("TTFT p90 s", "ttft_s_p90"), ("TPOT p50 s", "tpot_s_p50"),
+            ("PE read GB/s", "pe_read_gbps_mean"), ("DE read GB/s", "de_read_gbps_mean"),
+            ("errors", "errors")]
+    stages = [("PE hit tok mean", "prefill", "cached_input_len", "mean"),  # not recomputed
+              ("PE queue p50 s", "prefill", "queue_s"),  # includes the storage prefetch wait
+              ("PE fwd+xfer p50", "prefill", "forward_s"),
+              ("KV xfer GB/s p50", "prefill", "transfer_speed_gbps"),
+              ("DE xfer p50 s", "decode", "transfer_s"), ("DE fwd p50 s", "decode", "forward_s")]
+    head = f"{'':16}" + "".join(f"{r['config']:>12}" for r in results)
+    lines = [head]
+
+    def cell(v) -> str:
+        return f"{v:>12.3f}" if isinstance(v, float) else f"{v!s:>12}"
+    for label, key in rows:
+        lines.append(f"{label:16}" + "".join(cell(r["offline"].get(key)) for r in results))
+    for label, role, field, *stat in stages:
+        lines.append(f"{label:16}" + "".join(cell(_stage(r["offline"], role, field, *stat))
+                                             for r in results))
+    for label, key in (("PE pf started", "pe_pf_started"), ("PE pf queued", "pe_pf_queued"),
+                       ("PE pf no host", "pe_pf_waited_host"), ("PE pf revoked", "pe_pf_empty"),
+                       ("PE no GPU room", "pe_pf_loadback_failed"), ("PE pf held", "pe_pf_held"),
+                       ("PE hold expired", "pe_pf_hold_expired")):
+        lines.append(f"{label:16}" + "".join(cell((r["offline"].get("bytes") or {}).get(key))
+                                             for r in results))
+    lines.append(f"{'PE recomputed':16}" + "".join(cell(recomputed_share(r["offline"]))
+                                                  for r in results))
+    if any(r.get("online") for r in results):
+        lines.append(f"{'max APS in SLO':16}" + "".join(cell(r.get("max_aps_within_slo"))
+                                                       for r in results))
+    base = next((r for r in results if r["config"] == "off"), None)
+    if base and base["offline"].get("jct_s"):
+        lines.append(f"{'JCT speed-up':16}" + "".join(
+            f"{base['offline']['jct_s'] / r['offline']['jct_s']:>12.2f}"
+            if r["offline"].get("jct_s") else f"{'-':>12}" for r in results))
+    return "\n".join(lines)
+
+
+def sweep_table(results: list[dict], main_cap: float) -> str:
+    """Offline JCT per storage-NIC cap and config, and each config's speed-up over `off`."""
+    by: dict[float, dict[str, dict]] = {}
+    for r in results:
+        for run in [{"snic_gbps": main_cap, **r["offline"]}, *r["sweep"]]:
+            by.setdefault(run["snic_gbps"], {})[r["config"]] = run
+    names = [r["config"] for r in results]
+    lines = [f"{'cap GB/s':>9}" + "".join(f"{'JCT ' + n:>13}" for n in names)
+             + "".join(f"{'x ' + n:>9}" for n in names if n != "off")
+             + "".join(f"{'util ' + n:>11}" for n in names)]
+    for cap in sorted(by):
+        row = by[cap]
+        base = (row.get("off") or {}).get("jct_s")
+        js = [row.get(n, {}).get("jct_s") for n in names]
+        line = f"{cap:>9.2f}" + "".join(f"{j:>13.2f}" if isinstance(j, (int, float))
+                                        else f"{'-':>13}" for j in js)
+        for n in names:
+            if n != "off":
+                j = row.get(n, {}).get("jct_s")
+                line += f"{base / j:>9.2f}" if base and j else f"{'-':>9}"
+        line += "".join(f"{row.get(n, {}).get('storage_util', {}).get('cluster_util', '-')!s:>11}"
+                        for n in names)
+        lines.append(line)
+    return "\n".join(lines)
