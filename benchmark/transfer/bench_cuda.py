@@ -4,9 +4,10 @@
 - large: one 1 GiB descriptor (split into slices over the workers), GPU0 -> GPU1 (NVLink) and
   pinned host -> GPU0, as a fraction of the peak a plain torch copy (cudaMemcpyAsync) reaches
   on the same buffers;
-- small: N scattered descriptors of 16-128 KiB (256 MiB in all) device -> device and pinned
-  host -> device: the batched kernel ("cuda") vs one cudaMemcpyAsync per chunk from the same
-  engine's C++ workers ("cuda:memcpy") and vs a Python loop of torch copies;
+- small: N scattered descriptors of 16-128 KiB (256 MiB in all) within GPU 0, pinned host ->
+  GPU 0 and (2 GPUs) GPU 0 -> GPU 1: the batched kernel ("cuda") vs one cudaMemcpyAsync per
+  chunk from the same engine's C++ workers ("cuda:memcpy": --workers streams, and one stream,
+  the plain loop) and vs a Python loop of torch copies;
 - submit: time of `submit` alone per descriptor, batches of 1,000.
 Wall time of submit + wait (wait returns after the streams synchronized), median of repeats.
 
@@ -89,8 +90,9 @@ def main() -> int:
     d1 = torch.empty(GIB, dtype=torch.uint8, device="cuda:1") if meta["gpus"] > 1 else None
     eng = TransferEngine("cuda", num_workers=args.workers, slice_bytes=64 << 20)
     base = TransferEngine("cuda:memcpy", num_workers=args.workers, slice_bytes=64 << 20)
+    base1 = TransferEngine("cuda:memcpy", num_workers=1, slice_bytes=64 << 20)  # a plain loop
     regs = {}
-    for e in (eng, base):
+    for e in (eng, base, base1):
         regs[e] = {n: e.register_array(t) for n, t in
                    (("pinned", pinned), ("d0", d0), ("d0b", d0b), ("d1", d1)) if t is not None}
 
@@ -113,11 +115,15 @@ def main() -> int:
         so = rng.permutation(GIB // size)[:n].astype(np.int64) * size
         do = rng.permutation(GIB // size)[:n].astype(np.int64) * size
         ln = np.full(n, size, np.int64)
-        for name, s, d, src_t, dst_t in (("d2d", "d0", "d0b", d0, d0b),
-                                         ("h2d", "pinned", "d0b", pinned, d0b)):
+        cases = [("d2d", "d0", "d0b", d0, d0b), ("h2d", "pinned", "d0b", pinned, d0b)]
+        if d1 is not None:  # GPU0 -> GPU1 over NVLink
+            cases.append(("p2p", "d0", "d1", d0, d1))
+        for name, s, d, src_t, dst_t in cases:
             ours = median_s(engine_move(eng, regs[eng][s], regs[eng][d], so, do, ln),
                             args.repeats)
             loop_c = median_s(engine_move(base, regs[base][s], regs[base][d], so, do, ln),
+                              args.repeats)
+            loop_1 = median_s(engine_move(base1, regs[base1][s], regs[base1][d], so, do, ln),
                               args.repeats)
             so_l, do_l = so.tolist(), do.tolist()
 
@@ -129,8 +135,10 @@ def main() -> int:
             emit({"case": f"small_{name}", "chunk_bytes": size, "chunks": n,
                   "ours_gbps": total / ours / 1e9,
                   "memcpy_loop_cpp_gbps": total / loop_c / 1e9,
+                  "memcpy_loop_cpp_1stream_gbps": total / loop_1 / 1e9,
                   "memcpy_loop_torch_gbps": total / loop_py / 1e9,
-                  "x_vs_cpp_loop": loop_c / ours, "x_vs_torch_loop": loop_py / ours})
+                  "x_vs_cpp_loop": loop_c / ours, "x_vs_cpp_1stream": loop_1 / ours,
+                  "x_vs_torch_loop": loop_py / ours})
 
     # ---- submit overhead ----
     n = 1000
