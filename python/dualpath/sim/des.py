@@ -47,6 +47,7 @@ class SimResult:
     prefill_busy: float
     """Mean share of the run the prefill GPUs were computing."""
     events: int
+    ttft_mean: float = math.nan
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -341,7 +342,8 @@ class Simulator:
             storage_busy_pe=sum(pe_link_busy) / (c.prefill_nodes * jct),
             storage_busy_de=sum(de_link_busy) / (c.decode_nodes * jct),
             read_bytes_pe=read_bytes[0], read_bytes_de=read_bytes[1],
-            prefill_busy=pe_busy_s / (self.n_pe * jct), events=events)
+            prefill_busy=pe_busy_s / (self.n_pe * jct), events=events,
+            ttft_mean=sum(ttft) / max(1, n_turns))
 
 
 def simulate(cluster: SimCluster, perf: PerfModel, trajectories, **kw) -> SimResult:
