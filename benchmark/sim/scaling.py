@@ -38,12 +38,20 @@ def main() -> int:
     ap.add_argument("--perf", type=Path)
     ap.add_argument("--schedule-interval-s", type=float, default=0.05)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--plot", type=Path, help="PNG of the JCT per cluster and policy")
+    ap.add_argument("--plot-from", type=Path,
+                    help="plot the rows of an earlier --out file instead of simulating")
     args = ap.parse_args()
+    if args.plot_from:
+        rows = [json.loads(x) for x in args.plot_from.read_text().splitlines() if x.strip()]
+        plot(rows, args.plot or args.plot_from.with_suffix(".png"))
+        return 0
     perf = PerfModel.load(args.perf) if args.perf else PerfModel()
     shapes = [(2, 4, args.agents)] + ([(48, 96, 24 * args.agents)] if args.big else [])
     meta = {"date": time.strftime("%Y-%m-%d"), "git_sha": git_sha(), "cores": os.cpu_count(),
             "preset": args.preset, "perf": asdict(perf),
             "schedule_interval_s": args.schedule_interval_s}
+    rows = []
     for p, d, n in shapes:
         t0 = time.time()
         trajs = generate(PRESETS[args.preset], n, seed=0)
@@ -58,10 +66,43 @@ def main() -> int:
             print(f"{p}P{d}D {n} agents {policy}: JCT {r.jct_s:.0f} s, {r.turns} turns, "
                   f"storage busy PE {r.storage_busy_pe:.2f} DE {r.storage_busy_de:.2f}, "
                   f"simulated in {row['sim_wall_s']} s", flush=True)
+            rows.append(row)
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
+    if args.plot:
+        plot(rows, args.plot)
     return 0
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Offline JCT per cluster (agents in the label), one bar per policy: the paper's shape is
+    equal bars across clusters, DualPath's lower than basic's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    clusters = sorted({(r["prefill_nodes"], r["decode_nodes"], r["agents"]) for r in rows})
+    policies = sorted({r["policy"] for r in rows})
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    width = 0.8 / max(1, len(policies))
+    for k, pol in enumerate(policies):
+        jct = [next((r["jct_s"] for r in rows if (r["prefill_nodes"], r["decode_nodes"],
+                                                    r["agents"]) == c and r["policy"] == pol), 0)
+               for c in clusters]
+        ax.bar([i + k * width for i in range(len(clusters))], jct, width, label=pol)
+    ax.set_xticks([i + width * (len(policies) - 1) / 2 for i in range(len(clusters))],
+                  [f"{p}P{d}D\n{n:,} agents" for p, d, n in clusters])
+    ax.set_ylabel("simulated offline JCT (s)")
+    r0 = rows[0]
+    speeds = (r0.get("perf") or {}).get("source", "?")
+    ax.set_title(f"{r0.get('preset')} trace, engine speeds: {speeds}, {r0.get('date')} "
+                 f"{r0.get('git_sha')}", fontsize=7)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":
