@@ -183,3 +183,19 @@ def test_op_called_through_the_dispatcher_copies():
     copy_kv(src, ref, sp, dp, impl="reference")
     assert bytes_equal(dst.tensors, ref.tensors)
     assert not bytes_equal(dst.tensors, before)
+
+
+def test_auto_impl_picks_triton_without_gpu_pages():
+    """impl='auto' (the default) runs the CUDA kernels only for GPU page indices with
+    dualpath._C's CUDA build; CPU indices (the interpreter here) take Triton."""
+    gen = torch.Generator().manual_seed(5)
+    a = build("full_blocks", 2, 2, 3, 4, 2, 8, torch.float16, gen, False)
+    b = build("device_pool", 2, 2, 3, 4, 2, 8, torch.float16, gen, False)
+    ref = build("device_pool", 2, 2, 3, 4, 2, 8, torch.float16, gen, False)
+    for t, r in zip(b.tensors, ref.tensors, strict=True):
+        r.copy_(t)
+    sp = torch.tensor([2, 0], dtype=torch.int64, device=DEVICE)
+    dp = torch.tensor([1, 2], dtype=torch.int64, device=DEVICE)
+    copy_kv(a, b, sp, dp)
+    copy_kv(a, ref, sp, dp, impl="reference")
+    assert bytes_equal(b.tensors, ref.tensors)

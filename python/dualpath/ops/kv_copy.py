@@ -14,6 +14,7 @@ Registered as the torch op ``dualpath::copy_kv`` declaring that it writes the de
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -135,8 +136,10 @@ def _(src_tensors, dst_tensors, src_base, dst_base, src_pages, dst_pages, src_pa
     return None
 
 
+@functools.lru_cache(maxsize=1)
 def cuda_available() -> bool:
-    """True when dualpath._C was built with the CUDA kernels and a GPU is visible."""
+    """True when dualpath._C was built with the CUDA kernels and a GPU is visible (asked once
+    per process)."""
     try:
         from dualpath import _C
     except ImportError:
@@ -146,7 +149,7 @@ def cuda_available() -> bool:
 
 def copy_kv(src: KVLayout, dst: KVLayout, src_pages: torch.Tensor, dst_pages: torch.Tensor, *,
             src_layers: Sequence[int] | None = None, dst_layers: Sequence[int] | None = None,
-            impl: str = "triton") -> None:
+            impl: str = "auto") -> None:
     """Copy pages of paged KV from one layout to another.
 
     Parameters
@@ -157,7 +160,9 @@ def copy_kv(src: KVLayout, dst: KVLayout, src_pages: torch.Tensor, dst_pages: to
     src_layers, dst_layers : layer indices of equal length (default: all layers of each, which
         must then be equally many). E.g. src_layers=[5], dst_layers=[0] moves layer 5 into a
         Layer Block.
-    impl : "triton", "cuda" (dualpath._C built with CUDA) or "reference".
+    impl : "auto" (default: "cuda" where dualpath._C has the CUDA kernels and the page indices
+        are on a GPU, else "triton"; the CUDA launch costs a few us from Python, Triton's tens),
+        "triton", "cuda" (dualpath._C built with CUDA) or "reference".
 
     Note: page indices on the CPU are bounds-checked; on a GPU they are not (no sync).
     """
@@ -186,8 +191,11 @@ def copy_kv(src: KVLayout, dst: KVLayout, src_pages: torch.Tensor, dst_pages: to
                 if not (t.is_cuda or t.is_pinned()):
                     raise ValueError(f"{lay.kind}: a GPU copy can reach host memory only when it "
                                      "is pinned (tensor.pin_memory())")
+    if impl == "auto":
+        impl = ("cuda" if src_pages.device.type == "cuda" and dst_pages.device.type == "cuda"
+                and cuda_available() else "triton")
     if impl not in ("triton", "cuda"):
-        raise ValueError(f"unknown impl {impl!r}: use 'triton', 'cuda' or 'reference'")
+        raise ValueError(f"unknown impl {impl!r}: use 'auto', 'triton', 'cuda' or 'reference'")
     if impl == "cuda":
         if not cuda_available():
             raise RuntimeError("impl='cuda' needs dualpath._C built with CUDA "

@@ -56,12 +56,6 @@ def _pages(host, host_indices, device_indices):
     return src, dst
 
 
-def _impl() -> str:
-    from dualpath.ops.kv_copy import cuda_available
-
-    return "cuda" if cuda_available() else "triton"
-
-
 def load_to_device_per_layer(original, host, device_pool, host_indices, device_indices,
                              layer_id, io_backend="kernel"):
     """AROUND MHATokenToKVPoolHost.load_to_device_per_layer (see the module docstring)."""
@@ -72,6 +66,6 @@ def load_to_device_per_layer(original, host, device_pool, host_indices, device_i
 
     src, dst = _layouts(host, device_pool)
     sp, dp = _pages(host, host_indices, device_indices)
-    copy_kv(src, dst, sp, dp, src_layers=[layer_id], dst_layers=[layer_id], impl=_impl())
+    copy_kv(src, dst, sp, dp, src_layers=[layer_id], dst_layers=[layer_id])  # impl auto
     STATS["h2d_ours_calls"] += 1
     return None
