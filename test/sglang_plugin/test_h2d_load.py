@@ -69,3 +69,20 @@ def test_other_cases_run_sglangs_load(change):
     h2d_load.load_to_device_per_layer(lambda *a: calls.append(a), host, dev, tokens([1]),
                                       tokens([2]), 0, io)
     assert len(calls) == 1 and dev.k_buffer[0].abs().sum() == 0
+
+
+def test_an_unpinned_host_pool_stays_on_sglangs_load():
+    """GPU indices with a host pool the GPU cannot read in place: SGLang's path, every time."""
+    host, dev = pools()
+
+    class GpuIndices:  # what the controller passes for the kernel backend: device tensors
+        is_cuda = True
+
+        def __len__(self):
+            return 4
+
+    calls = []
+    for layer in (0, 1):
+        h2d_load.load_to_device_per_layer(lambda *a: calls.append(a), host, dev, GpuIndices(),
+                                          GpuIndices(), layer, "kernel")
+    assert len(calls) == 2 and getattr(host, h2d_load.PINNED) is False

@@ -20,6 +20,7 @@ import logging
 log = logging.getLogger("dualpath.h2d_load")
 LAYOUTS = "_dualpath_h2d_layouts"
 PAGES = "_dualpath_h2d_pages"
+PINNED = "_dualpath_h2d_pinned"
 STATS = {"h2d_ours_calls": 0, "h2d_stock_calls": 0}
 
 
@@ -56,10 +57,25 @@ def _pages(host, host_indices, device_indices):
     return src, dst
 
 
+def _reachable(host, host_indices) -> bool:
+    """A GPU kernel reads the host pool in place only if it is pinned (or registered with
+    CUDA); asked once per pool."""
+    if not host_indices.is_cuda:
+        return True  # a CPU copy (tests, the interpreter)
+    got = getattr(host, PINNED, None)
+    if got is None:
+        got = bool(host.kv_buffer.is_pinned())
+        setattr(host, PINNED, got)
+        if not got:
+            log.warning("host KV pool is not pinned: HiCache loads stay on SGLang's kernel")
+    return got
+
+
 def load_to_device_per_layer(original, host, device_pool, host_indices, device_indices,
                              layer_id, io_backend="kernel"):
     """AROUND MHATokenToKVPoolHost.load_to_device_per_layer (see the module docstring)."""
-    if not _usable(host, device_pool, io_backend) or len(host_indices) == 0:
+    if (not _usable(host, device_pool, io_backend) or len(host_indices) == 0
+            or not _reachable(host, host_indices)):
         STATS["h2d_stock_calls"] += 1
         return original(host, device_pool, host_indices, device_indices, layer_id, io_backend)
     from dualpath.ops.kv_copy import copy_kv
