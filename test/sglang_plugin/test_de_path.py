@@ -237,6 +237,9 @@ def test_plans_and_stats_over_http(world):
     from dualpath.router.contract import EngineStats
     assert EngineStats.decode(stats).role == "decode"
     assert stats["agent"] == de.url and "forwarded_bytes" in stats["paths"]
+    assert "pf_held" in stats["prefetch"] and "h2d_ours_calls" in stats["h2d"]
+    from dualpath.bench.pd_cluster import path_bytes
+    assert {"pf_held", "h2d_ours_calls", "forwarded_bytes"} <= set(path_bytes(stats))
     status, raw, _ = de_path._post(de.url, "/dualpath/snic", {"cap_gbps": 3.5}, 5)
     assert status == 200 and de.nic.cap_gbps == 3.5
     with urllib.request.urlopen(de.url + "/dualpath/stats") as r:

@@ -202,4 +202,5 @@ def path_bytes(stats: dict) -> dict:
             "restore_from_buffer": paths.get("restore_from_buffer", 0),
             "h2d_bytes": paths.get("h2d_bytes", 0),
             # the host-pool prefetches (sglang_plugin/prefetch_queue.py): queued, started, revoked
-            **{k: v for k, v in (stats.get("prefetch") or {}).items() if k.startswith("pf_")}}
+            **{k: v for k, v in (stats.get("prefetch") or {}).items() if k.startswith("pf_")},
+            **(stats.get("h2d") or {})}
