@@ -10,6 +10,8 @@ Moves (model shapes: 8b = 32 layers x 8 KV heads x 128, 70b = 80 x 8 x 128; bf16
                  transfer_hicache_one_layer, which a 0.5.17 server runs for this load)
   d2h_all        device pool -> pinned host page_first, all layers (peak: pinned D2H; peer:
                  transfer_kv_all_layer_lf_pf, SGLang's HiCache backup)
+Host moves also report `memcpy_same_bytes_gbps`: one contiguous cudaMemcpy of the same bytes,
+the copy engine's rate at that size (start-up and drain included), next to the 1 GiB peak.
 Timing per METHOD.md: CUDA events, warm-up, median of repeats, buffers rotated so each timed
 call touches memory not in L2 (50 MB on H100). The headline GB/s is device time: back-to-back
 calls captured in a CUDA graph and replayed (no host launch gaps); the *_eager columns time one
@@ -242,6 +244,29 @@ class Case:
                    for a, b in zip(got, dst.tensors, strict=True))
 
 
+def same_bytes_copy(case: Case, move: str, calls: int) -> float | None:
+    """GB/s of one contiguous cudaMemcpy of the bytes a host move carries (graph replay, buffers
+    rotated as for the move): the copy engine's rate at this size, start-up and drain included,
+    next to the 1 GiB peak. None for device moves."""
+    if move not in ("h2d_layer", "d2h_all"):
+        return None
+    n = case.moved
+    sets = max(1, case.sets)
+    host = [torch.empty(n, dtype=torch.uint8, pin_memory=True) for _ in range(sets)]
+    dev = [torch.empty(n, dtype=torch.uint8, device="cuda") for _ in range(sets)]
+    i = [0]
+
+    def fn():
+        k = i[0] % sets
+        i[0] += 1
+        if move == "h2d_layer":
+            dev[k].copy_(host[k], non_blocking=True)
+        else:
+            host[k].copy_(dev[k], non_blocking=True)
+    t = graph_timed(fn, calls)
+    return n / t / 1e9 if t else None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="8b,70b")
@@ -270,7 +295,7 @@ def main() -> int:
     print(f"{'move':>12} {'impl':>6} {'model':>5} {'ps':>3} {'pages':>5} {'ours GB/s':>11} "
           f"{'of peak':>7} "
           f"{'sglang GB/s':>11} {'ours eager':>11} {'sgl eager':>11} {'sgl JIT':>11} "
-          f"{'JIT eager':>11}")
+          f"{'JIT eager':>11} {'memcpy same':>11}")
     for model in args.models.split(","):
         for ps in (int(x) for x in args.page_sizes.split(",")):
             for pages in (int(x) for x in args.pages.split(",")):
@@ -306,7 +331,8 @@ def main() -> int:
                         except Exception as e:  # noqa: BLE001  (the peer's failure is a result)
                             print(f"  (SGLang's JIT kernel failed: {type(e).__name__}: {e})")
                             jit = jit_eager = "failed"
-                    pk_row = {**pk, "sglang_jit_gbps": jit, "sglang_jit_eager_gbps": jit_eager}
+                    pk_row = {**pk, "sglang_jit_gbps": jit, "sglang_jit_eager_gbps": jit_eager,
+                              "memcpy_same_bytes_gbps": same_bytes_copy(case, move, calls)}
                     for impl in impls:
                         fn = functools.partial(case.ours, impl)
                         ok = case.check(fn)
@@ -340,7 +366,8 @@ def row(args, move, impl, model, ps, pages, case, ok, ours, ours_eager, peer, pe
     print(f"{move:>12} {impl:>6} {model:>5} {ps:>3} {pages:>5} {fmt(ours)} "
           f"{frac or float('nan'):>7.2f} {fmt(peer)} {fmt(ours_eager)} "
           f"{fmt(peer_eager)} {fmt(pk.get('sglang_jit_gbps'))} "
-          f"{fmt(pk.get('sglang_jit_eager_gbps'))}", flush=True)
+          f"{fmt(pk.get('sglang_jit_eager_gbps'))} {fmt(pk.get('memcpy_same_bytes_gbps'))}",
+          flush=True)
     if args.out:
         with open(args.out, "a") as f:
             f.write(json.dumps(rec) + "\n")
