@@ -13,7 +13,8 @@ std::string copy_kv_launch(const CopyKvArgs& a) {
   if (a.num_pairs == 0 || a.num_rows == 0) return "";
   if (a.row_bytes % a.width != 0) return "copy_kv: row_bytes is not a multiple of width";
   const int64_t vecs = static_cast<int64_t>(a.page_size) * (a.row_bytes / a.width);
-  if (vecs >= (int64_t{1} << 31)) return "copy_kv: a page of more than 2^31 vectors";
+  // int32 indices inside the kernel reach a chunk past the page's end
+  if (vecs + kCopyKvChunkVecs >= (int64_t{1} << 31)) return "copy_kv: a page of 2^31 vectors";
   const int64_t chunks = (vecs + kCopyKvChunkVecs - 1) / kCopyKvChunkVecs;
   if (chunks * a.num_rows > 0x7fffffff) return "copy_kv: too many (row, chunk) blocks";
   const int32_t row_vecs = static_cast<int32_t>(a.row_bytes / a.width);

@@ -86,3 +86,23 @@ def test_an_unpinned_host_pool_stays_on_sglangs_load():
         h2d_load.load_to_device_per_layer(lambda *a: calls.append(a), host, dev, GpuIndices(),
                                           GpuIndices(), layer, "kernel")
     assert len(calls) == 2 and getattr(host, h2d_load.PINNED) is False
+
+
+def test_device_layouts_ours_does_not_describe_stay_on_sglangs_load():
+    """SGLang's page-major device pool ([pages, page, heads, dim] views) and pools whose rows
+    differ from the host's go to SGLang's load instead of a wrong copy or an exception."""
+    host, dev = pools()
+    dev.k_buffer = [t.view(-1, PS, HEADS, DIM) for t in dev.k_buffer]
+    dev.v_buffer = [t.view(-1, PS, HEADS, DIM) for t in dev.v_buffer]
+    calls = []
+    h2d_load.load_to_device_per_layer(lambda *a: calls.append(a), host, dev, tokens([1]),
+                                      tokens([2]), 0, "kernel")
+    host, dev = pools()
+    dev.k_buffer = [torch.zeros(5 * PS, HEADS, DIM // 2, dtype=torch.bfloat16)
+                    for _ in range(LAYERS)]
+    dev.v_buffer = [torch.zeros(5 * PS, HEADS, DIM // 2, dtype=torch.bfloat16)
+                    for _ in range(LAYERS)]
+    for _ in range(2):
+        h2d_load.load_to_device_per_layer(lambda *a: calls.append(a), host, dev, tokens([1]),
+                                          tokens([2]), 0, "kernel")
+    assert len(calls) == 3 and getattr(host, h2d_load.LAYOUTS)[1] is None

@@ -24,6 +24,8 @@ PARAMS = {
     "release_aborted_request": ["self", "rid"],
     "reset": ["self"],
     "init_load_back": ["self", "params"],
+    "cache_unfinished_req": ["self", "req"],
+    "cache_finished_req": ["self", "req"],
     "load_to_device_per_layer": ["self", "device_pool", "host_indices", "device_indices",
                                  "layer_id", "io_backend"],
     "_send_kvcache_generic": ["self", "mooncake_session_id", "src_data_ptrs", "dst_data_ptrs",

@@ -315,6 +315,15 @@ def _tree_after_prefetch(rid, tokens):
     return cache, root
 
 
+def _held(rid, tokens):
+    """A cache right after rid's prefetch completed and was held; (cache, the held node)."""
+    cache, root = _tree_after_prefetch(rid, tokens)
+    cache.check(rid)
+    node = next(iter(next(iter(root.children.values())).children.values()))
+    assert node.host_ref_counter == 1
+    return cache, node
+
+
 def test_a_completed_prefetch_is_held_until_its_request_loads_it():
     tokens = list(range(4 * PAGE))
     cache, root = _tree_after_prefetch("r", tokens)
@@ -336,15 +345,10 @@ def test_a_completed_prefetch_is_held_until_its_request_loads_it():
 
 def test_a_held_prefix_is_released_on_abort_and_after_the_ttl(monkeypatch):
     tokens = list(range(3 * PAGE))
-    cache, root = _tree_after_prefetch("x", tokens)
-    cache.check("x")
-    node = next(iter(next(iter(root.children.values())).children.values()))
-    assert node.host_ref_counter == 1
+    cache, node = _held("x", tokens)
     pq.release(cache, "x")
     assert node.host_ref_counter == 0
-    cache, root = _tree_after_prefetch("y", tokens)
-    cache.check("y")
-    node = next(iter(next(iter(root.children.values())).children.values()))
+    cache, node = _held("y", tokens)
     expired = pq.STATS["pf_hold_expired"]
     t = pq.time.monotonic()
     monkeypatch.setattr(pq.time, "monotonic", lambda: t + pq.HOLD_TTL_S + 1)
@@ -377,3 +381,22 @@ def test_stock_host_eviction_skips_a_held_prefetch_and_frees_it_once_released():
     pq.unhold(cache, "h")  # its request loaded it (or gave up)
     cache.evict_host(10 * PAGE)
     assert freed == [2 * PAGE, 2 * PAGE], "released: both nodes of the prefix go"
+
+
+def test_a_hold_ends_when_its_request_ran_and_lasts_while_it_is_checked(monkeypatch):
+    tokens = list(range(3 * PAGE))
+    cache, node = _held("c", tokens)
+    # the prefix reached the GPU through another request: no init_load_back for this one,
+    # but caching its KV after the forward releases the hold
+    assert pq.cached("ret", cache, types.SimpleNamespace(rid="c")) == "ret"
+    assert node.host_ref_counter == 0
+    t = [pq.time.monotonic()]
+    monkeypatch.setattr(pq.time, "monotonic", lambda: t[0])
+    cache, node = _held("w", tokens)
+    for _ in range(3):  # waiting for a batch, checked by the scheduler now and then
+        t[0] += 0.6 * pq.HOLD_TTL_S
+        cache.check("w")
+        assert node.host_ref_counter == 1
+    t[0] += pq.HOLD_TTL_S + 1  # no longer checked: released
+    cache.check("other")
+    assert node.host_ref_counter == 0

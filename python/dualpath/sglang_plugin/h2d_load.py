@@ -25,22 +25,32 @@ STATS = {"h2d_ours_calls": 0, "h2d_stock_calls": 0}
 
 
 def _usable(host, device_pool, io_backend) -> bool:
+    k, v = getattr(device_pool, "k_buffer", None), getattr(device_pool, "v_buffer", None)
     return (io_backend == "kernel" and getattr(host, "layout", None) == "page_first"
             and getattr(host, "page_size", 1) > 1
-            and isinstance(getattr(device_pool, "k_buffer", None), list)
-            and isinstance(getattr(device_pool, "v_buffer", None), list)
+            and isinstance(k, list) and isinstance(v, list) and len(k) == len(v) > 0
+            # [slots, heads, dim] per layer (not SGLang's page-major or HND variants)
+            and all(t.dim() == 3 and t.stride(-1) == 1 for t in (k[0], v[0]))
             and getattr(host, "kv_buffer", None) is not None and host.kv_buffer.dim() == 5)
 
 
 def _layouts(host, device_pool):
+    """(host layout, device layout) of these pools, built once; None when our layouts cannot
+    describe them (SGLang's path then, with a warning once)."""
     got = getattr(host, LAYOUTS, None)
     if got is None or got[0] is not device_pool:
         from dualpath.ops import layout as L
 
-        got = (device_pool, L.host_page_first(host.kv_buffer, host.page_size),
-               L.device_pool(device_pool.k_buffer, device_pool.v_buffer, host.page_size))
+        try:
+            src = L.host_page_first(host.kv_buffer, host.page_size)
+            dst = L.device_pool(device_pool.k_buffer, device_pool.v_buffer, host.page_size)
+            L.compatible(src, dst)
+            got = (device_pool, src, dst)
+        except ValueError as e:
+            log.warning("HiCache loads stay on SGLang's kernel: %s", e)
+            got = (device_pool, None, None)
         setattr(host, LAYOUTS, got)
-    return got[1], got[2]
+    return (got[1], got[2]) if got[1] is not None else None
 
 
 def _pages(host, host_indices, device_indices):
@@ -74,13 +84,16 @@ def _reachable(host, host_indices) -> bool:
 def load_to_device_per_layer(original, host, device_pool, host_indices, device_indices,
                              layer_id, io_backend="kernel"):
     """AROUND MHATokenToKVPoolHost.load_to_device_per_layer (see the module docstring)."""
-    if (not _usable(host, device_pool, io_backend) or len(host_indices) == 0
-            or not _reachable(host, host_indices)):
+    layouts = None
+    if (_usable(host, device_pool, io_backend) and len(host_indices) > 0
+            and _reachable(host, host_indices)):
+        layouts = _layouts(host, device_pool)
+    if layouts is None:
         STATS["h2d_stock_calls"] += 1
         return original(host, device_pool, host_indices, device_indices, layer_id, io_backend)
     from dualpath.ops.kv_copy import copy_kv
 
-    src, dst = _layouts(host, device_pool)
+    src, dst = layouts
     sp, dp = _pages(host, host_indices, device_indices)
     copy_kv(src, dst, sp, dp, src_layers=[layer_id], dst_layers=[layer_id])  # impl auto
     STATS["h2d_ours_calls"] += 1

@@ -135,6 +135,10 @@ PREFETCH_QUEUE_HOOKS: tuple[Hook, ...] = (
          "an aborted request leaves the prefetch queue"),
     Hook(_HRC + "reset", "AFTER", prefetch_queue.reset,
          "a flushed cache forgets queued prefetches (their nodes are gone)"),
+    Hook("sglang.srt.mem_cache.radix_cache.RadixCache.cache_unfinished_req", "AFTER",
+         prefetch_queue.cached, "a request that ran releases the hold on its prefetched prefix"),
+    Hook("sglang.srt.mem_cache.radix_cache.RadixCache.cache_finished_req", "AFTER",
+         prefetch_queue.cached, "a request that ran releases the hold on its prefetched prefix"),
 )
 
 def pd_engine_class():

@@ -29,7 +29,9 @@ the `wait_complete` policy).
 - An entry left behind by a request that is never checked again (rejected before scheduling)
   is dropped after `QUEUE_TTL_S`, and `reset()` empties the queue.
 - A completed prefetch's pages are held (`protect_host` on the deepest node it filled) until
-  its request loads them to the GPU (`init_load_back`), is aborted, or `HOLD_TTL_S` passes.
+  its request loads them to the GPU (`init_load_back`), runs without needing to (its KV is
+  cached: `cache_unfinished_req` / `cache_finished_req`), is aborted, or goes `HOLD_TTL_S`
+  without the scheduler checking it.
   Stock releases them when the prefetch completes, while the request may still wait for a
   batch; host-pool eviction (room for the next prefetch, write-through, `trim`) then frees them
   first, as they are host-only leaves, and the prefix is recomputed (measured on 2x H100,
@@ -58,7 +60,7 @@ _WAIT_S = Histogram("dualpath_prefetch_queue_wait_seconds", "Time a prefetch wai
 ATTR = "_dualpath_prefetch_queue"
 DRAINING = "_dualpath_prefetch_draining"
 QUEUE_TTL_S = 300.0
-HOLD_TTL_S = 30.0  # a prefetched prefix whose request never loads it is released after this
+HOLD_TTL_S = 120.0  # a held prefix whose request is not checked this long is released
 HELD = "_dualpath_prefetch_held"
 TRIM_EVERY_S = 0.05
 STARTED = "_dualpath_prefetch_started"
@@ -183,6 +185,15 @@ def unhold(cache, req_id) -> None:
     item = held.pop(req_id, None) if held else None
     if item is not None:
         item[0].release_host()
+
+
+def cached(result, cache, req, *args, **kwargs):
+    """AFTER RadixCache.cache_unfinished_req / cache_finished_req: the request ran (its prefix
+    came from the GPU, or was loaded, or was recomputed), so a hold for it has done its job;
+    this covers a prefix some other request had already brought to the GPU (no
+    init_load_back for this one)."""
+    unhold(cache, getattr(req, "rid", None))
+    return result
 
 
 def _expire_holds(cache) -> None:
@@ -331,6 +342,9 @@ def check(original, cache, req_id) -> bool:
     q = getattr(cache, ATTR, None)
     if q and req_id in q:
         return False
+    held = getattr(cache, HELD, None)
+    if held and req_id in held:  # still waiting for its batch: keep holding
+        held[req_id] = (held[req_id][0], time.monotonic())
     pending = cache.ongoing_prefetch.get(req_id)
     done = original(cache, req_id)
     if done:

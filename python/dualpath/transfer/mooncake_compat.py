@@ -252,24 +252,28 @@ class DualPathPDEngine:
         peer = self._local if own else self._peer(session)
         with self._lock:
             pi = peer.find(dst, n)
+            peer_items = list(peer.items)  # as `pi` saw them (registration may go on)
         if (pi < 0).any() and not own:
             peer = self._peer(session, refresh=True)  # registered since we last looked
-            pi = peer.find(dst, n)
+            with self._lock:
+                pi = peer.find(dst, n)
+                peer_items = list(peer.items)
         if (pi < 0).any():
             raise ValueError(f"peer address {int(dst[np.argmax(pi < 0)]):#x} is not in a "
                              f"buffer {session} registered")
         # per distinct (local range, peer range) pair: which engine and which two regions;
         # then the descriptors as arrays (a request is ~10k per-page slices)
         # (np.unique over one int64 key: 30x faster than over rows, ~1 ms per 32k descriptors)
-        keys, inverse = np.unique(li * (len(peer.items) + 1) + pi, return_inverse=True)
+        width = len(peer_items) + 1
+        keys, inverse = np.unique(li * width + pi, return_inverse=True)
         inverse = inverse.reshape(-1)
-        pairs = np.stack([keys // (len(peer.items) + 1), keys % (len(peer.items) + 1)], axis=1)
+        pairs = np.stack([keys // width, keys % width], axis=1)
         use_cuda = np.zeros(len(pairs), bool)
         sreg, dreg = np.zeros(len(pairs), np.int64), np.zeros(len(pairs), np.int64)
         sbase, dbase = np.zeros(len(pairs), np.int64), np.zeros(len(pairs), np.int64)
         for k, (a, b) in enumerate(pairs):
             ls, _, lp = local[a]
-            ps, _, pp = peer.items[b]
+            ps, _, pp = peer_items[b]
             sbase[k], dbase[k] = ls, ps
             if pp["kind"] == "device" or (own and lp["kind"] == "device"):
                 if self._cuda is None:
