@@ -400,3 +400,52 @@ def test_a_hold_ends_when_its_request_ran_and_lasts_while_it_is_checked(monkeypa
     t[0] += pq.HOLD_TTL_S + 1  # no longer checked: released
     cache.check("other")
     assert node.host_ref_counter == 0
+
+
+def test_hold_finds_the_leaf_sglangs_own_insert_makes_after_a_split():
+    """With SGLang's own `_insert_helper_host` (which splits a node where keys diverge), the
+    hold lands on the new leaf that ends the fetched prefix, and SGLang's `evict_host` passes
+    it by while freeing an unrelated host-only leaf."""
+    import torch
+    from sglang.srt.mem_cache.evict_policy import LRUStrategy
+    from sglang.srt.mem_cache.radix_cache import RadixKey, TreeNode
+
+    cache = make_cache(stored_tokens=range(4 * PAGE))
+    for name in ("_insert_helper_host", "_split_node", "_update_host_leaf_status",
+                 "_update_leaf_status", "evict_host"):
+        setattr(cache, name, types.MethodType(getattr(HRC, name), cache))
+    cache._record_store_event = cache._record_remove_event = lambda *a, **k: None
+    cache._replace_pending_write_through_node = lambda *a, **k: None
+    cache.evictable_host_leaves, cache.evictable_leaves = set(), set()
+    cache.eviction_strategy = LRUStrategy()
+    freed = []
+    cache.cache_controller.evict_host = lambda hv: freed.append(len(hv)) or len(hv)
+    root = TreeNode()
+    root.key, root.value = RadixKey([]), torch.zeros(0)
+    cache.root_node = root
+    # an earlier request left pages 0-2 of another prompt host-only; ours shares page 0
+    other = list(range(PAGE)) + [10_000 + i for i in range(2 * PAGE)]
+    cache._insert_helper_host(root, RadixKey(other), torch.arange(3 * PAGE), ["a", "b", "c"])
+    ours = list(range(4 * PAGE))
+    key = RadixKey(ours)
+    root.protect_host()
+    cache.ongoing_prefetch["q"] = (root, key, types.SimpleNamespace(host_indices=[0]))
+
+    def complete(c, rid):
+        if rid not in c.ongoing_prefetch:
+            return True
+        c._insert_helper_host(root, key, torch.arange(100, 100 + 4 * PAGE),
+                              ["a", "d", "e", "f"])
+        root.release_host()
+        del c.ongoing_prefetch[rid]
+        c.prefetch_loaded_tokens_by_reqid[rid] = 3 * PAGE
+        return True
+
+    assert pq.check(complete, cache, "q") is True
+    shared = root.children[key.child_key(PAGE)]
+    assert len(shared.key) == PAGE, "SGLang split the earlier node at the shared page"
+    leaf = shared.children[key[PAGE:].child_key(PAGE)]
+    assert list(leaf.key.token_ids) == ours[PAGE:] and leaf.host_ref_counter == 1
+    cache.evict_host(100 * PAGE)
+    assert freed == [2 * PAGE], "only the other prompt's own pages went"
+    assert leaf.host_value is not None and shared.parent is root
