@@ -4,8 +4,9 @@ SGLang 0.5.17 loads a prefix from its host pool one layer at a time, all layers 
 load stream when the load starts (`HiCacheController.start_loading`), each through
 `MHATokenToKVPoolHost.load_to_device_per_layer`: with a page_first host pool, a strided gather
 of each token's row. This runs the same move as `dualpath.ops.copy_kv` (host page_first ->
-device pool, one layer), which measured 1.6-1.8x SGLang's `transfer_kv_per_layer_pf_lf` on an
-H100 (benchmark/results, session 14). Only for what both cover: an MHA pool, page_first host
+device pool, one layer), which measured 1.6-1.8x sgl_kernel's `transfer_kv_per_layer_pf_lf` on
+an H100 (benchmark/results, session 14); a 0.5.17 server runs SGLang's JIT HiCache kernel here,
+which bench_copy_kv now also times. Only for what both cover: an MHA pool, page_first host
 layout, the "kernel" I/O backend, pages of more than one token (SGLang allocates whole pages,
 so every page's tokens are consecutive on both sides), a pinned host pool and no draft pool
 difference (the draft pool goes through the same hook with its own buffers). Anything else
