@@ -7,7 +7,8 @@
 # `python -m dualpath.bench.plots OUT/result.json`.
 #
 #   bash scripts/bench_1p1d.sh [--configs off,on,oracle] [--agents 16] [--max-turns 20]
-#        [--online-aps 0.5,1,2] [--snic-gbps 6.25] [--out DIR]
+#        [--online-aps 0.5,1,2] [--snic-gbps 6.25] [--warmup-agents 4] [--torch-profile N]
+#        [--h2d-kernel sglang|ours] [--out DIR]
 #        [setup/cache options: scripts/gpu_run.sh] [python -m dualpath.bench.compare_1p1d -h]
 set -euo pipefail
 case " $* " in *" -h "*|*" --help "*) sed -n '2,/^set -e/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;; esac
