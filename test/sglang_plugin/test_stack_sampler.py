@@ -96,3 +96,19 @@ def test_the_hook_starts_sampling_the_scheduler_thread(monkeypatch, tmp_path):
         monkeypatch.setattr(ss, "_SAMPLER", None)
     monkeypatch.setenv("DUALPATH_PLUGIN_CONFIG", "{}")
     assert hooks.start_stack_sampler("r", object()) == "r" and ss._SAMPLER is None
+
+
+def test_the_replay_window_of_a_cumulative_file(tmp_path):
+    """compare_1p1d reads a server's cumulative stack file before and after the measured replay
+    and keeps the difference: start-up and warm-up samples are left out."""
+    from dualpath.bench import compare_1p1d, stacks
+
+    f = tmp_path / "stacks_prefill.txt"
+    f.write_text("a;startup 50\na;b;work 10\n")
+    before = compare_1p1d.stack_files(tmp_path, wait_s=0)
+    assert before["decode"] == {} and before["prefill"]["a;b;work"] == 10
+    f.write_text("a;startup 50\na;b;work 35\na;c;sync 7\n")
+    compare_1p1d.stacks_of_replay(tmp_path, before, wait_s=0)
+    got = stacks.read_folded(tmp_path / "stacks_prefill_replay.txt")
+    assert got == {"a;b;work": 25, "a;c;sync": 7}
+    assert stacks.read_folded(tmp_path / "stacks_decode_replay.txt") == {}

@@ -26,9 +26,10 @@ import shutil
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
-from dualpath.bench import client, gpu_profile
+from dualpath.bench import client, gpu_profile, stacks
 from dualpath.bench.compare_report import outputs_match, sweep_table, table
 from dualpath.bench.pd_cluster import (
     DEC_PORT,
@@ -176,6 +177,29 @@ def warm_up(c: PDCluster, root: Path, args) -> float:
     return round(took, 2)
 
 
+STACK_FLUSH_S = 5.5  # the servers' samplers rewrite their files every 5 s
+
+
+def stack_files(out: Path, wait_s: float = STACK_FLUSH_S) -> dict:
+    """The servers' cumulative stack samples now (after a flush), per role."""
+    time.sleep(wait_s)
+    got = {}
+    for role in ("prefill", "decode"):
+        f = out / f"stacks_{role}.txt"
+        got[role] = stacks.read_folded(f) if f.exists() else Counter()
+    return got
+
+
+def stacks_of_replay(out: Path, before: dict, wait_s: float = STACK_FLUSH_S) -> None:
+    """OUT/stacks_<role>_replay.txt: only the samples of the measured replay (the files are
+    cumulative over the server's life: start-up, compiles, warm-up)."""
+    after = stack_files(out, wait_s)
+    for role, now in after.items():
+        stacks.write_folded(stacks.window(now, before[role]), out / f"stacks_{role}_replay.txt")
+    log.info("stack samples of the replay: %s", {r: sum(stacks.window(a, before[r]).values())
+                                                 for r, a in after.items()})
+
+
 def profile_later(c: PDCluster, out: Path, args) -> threading.Timer | None:
     """With --torch-profile N: `--profile-after` seconds into the replay, record the prefill's
     next N forward batches and the decode's next 10 N (its steps are ~10x shorter) with SGLang's
@@ -237,11 +261,14 @@ def run_config(name: str, args, out: Path, trajs, res: dict, save) -> dict:
                 res["warmup_s"] = warm_up(c, root, args)
             log.info("%s: offline replay of %d agents", name, len(trajs))
             timer = profile_later(c, out / name / "torch_profile", args)
+            stacks_before = stack_files(out / name) if args.stack_sample else None
             try:
                 res["offline"] = run_once(c, trajs, False, args.seed, args.snic_gbps)
             finally:
                 if timer is not None:
                     timer.cancel()
+            if stacks_before is not None:
+                stacks_of_replay(out / name, stacks_before)
             if timer is not None:
                 res["offline"]["gpu_profile"] = profile_summaries(out / name / "torch_profile")
             log.info("%s offline: JCT %s s, errors %d, storage %s", name,
@@ -297,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
                          "caching a share of the scaled-down working set")
     ap.add_argument("--stack-sample", action="store_true",
                     help="profile both schedulers' threads: OUT/<config>/stacks_<role>.txt "
-                         "(python -m dualpath.bench.stacks FILE)")
+                         "(whole server life) and stacks_<role>_replay.txt (the measured "
+                         "replay only); python -m dualpath.bench.stacks FILE")
     ap.add_argument("--warmup-agents", type=int, default=4,
                     help="agents of a short unmeasured replay (other token ids) before each "
                          "config's measured one, caches and store emptied after it; 0 = none")

@@ -28,6 +28,16 @@ def read_folded(path: Path) -> Counter[str]:
     return out
 
 
+def window(after: Counter[str], before: Counter[str]) -> Counter[str]:
+    """The samples taken between two reads of the same (cumulative) file."""
+    return Counter({k: n - before.get(k, 0) for k, n in after.items()
+                    if n - before.get(k, 0) > 0})
+
+
+def write_folded(stacks: Counter[str], path: Path) -> None:
+    path.write_text("".join(f"{k} {n}\n" for k, n in stacks.most_common()))
+
+
 def _func(frame: str) -> str:
     return frame.rsplit(":", 1)[0] if frame.count(":") >= 2 else frame
 
