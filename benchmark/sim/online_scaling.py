@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -35,11 +34,10 @@ except ImportError:
     sys.path.insert(0, str(ROOT / "python"))
 
 from dualpath.bench.trace import PRESETS, generate  # noqa: E402
+from dualpath.sim.capacity import max_aps, within_slo  # noqa: E402
 from dualpath.sim.des import simulate  # noqa: E402
 from dualpath.sim.model import PerfModel, SimCluster  # noqa: E402
 from dualpath.version import git_sha  # noqa: E402
-
-SLO_TTFT_S, SLO_TPOT_S = 4.0, 0.050
 
 
 def run(p: int, d: int, policy: str, aps: float, args, perf) -> dict:
@@ -50,7 +48,7 @@ def run(p: int, d: int, policy: str, aps: float, args, perf) -> dict:
     t0 = time.perf_counter()
     r = simulate(SimCluster(p, d, policy=policy, schedule_interval_s=args.schedule_interval_s),
                  perf, trajs, online=True)
-    ok = r.ttft_mean <= SLO_TTFT_S and r.tpot_mean <= SLO_TPOT_S
+    ok = within_slo(r.ttft_mean, r.tpot_mean)
     row = {"prefill_nodes": p, "decode_nodes": d, "policy": policy, "aps": round(aps, 4),
            "agents": agents, "max_turns": args.max_turns, "duration_s": args.duration_s,
            "turns": r.turns, "ttft_mean": round(r.ttft_mean, 3), "ttft_p90": round(r.ttft_p90, 3),
@@ -66,28 +64,9 @@ def run(p: int, d: int, policy: str, aps: float, args, perf) -> dict:
 
 
 def capacity(p: int, d: int, policy: str, guess: float, args, perf, emit) -> float:
-    """Highest APS within the SLO, to --tolerance, by bracketing from `guess` then bisection."""
-    lo, hi = 0.0, None
-    aps = guess
-    for _ in range(8):  # bracket
-        if emit(run(p, d, policy, aps, args, perf))["within_slo"]:
-            lo, aps = aps, aps * 2
-        else:
-            hi = aps
-            if lo > 0:
-                break
-            aps /= 2
-        if hi is not None and lo > 0:
-            break
-    if hi is None or lo == 0.0:
-        return lo
-    while (hi - lo) / hi > args.tolerance:
-        mid = math.sqrt(lo * hi)
-        if emit(run(p, d, policy, mid, args, perf))["within_slo"]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    """Highest APS within the SLO, to --tolerance (dualpath.sim.capacity.max_aps)."""
+    return max_aps(lambda aps: emit(run(p, d, policy, aps, args, perf))["within_slo"], guess,
+                   args.tolerance)
 
 
 def plot(caps: dict, path: Path, caption: str) -> None:

@@ -33,6 +33,7 @@ except ImportError:
     sys.path.insert(0, str(ROOT / "python"))
 
 from dualpath.bench.compare_1p1d import make_trace  # noqa: E402
+from dualpath.sim.capacity import max_aps, within_slo  # noqa: E402
 from dualpath.sim.des import simulate  # noqa: E402
 from dualpath.sim.model import PerfModel, SimCluster  # noqa: E402
 
@@ -41,6 +42,45 @@ DEFAULT_PERF = ROOT / "benchmark/results/2026-11-27_sim-perf_2xH100.json"
 
 def floats(s: str) -> list[float]:
     return [float(x) for x in s.split(",") if x]
+
+
+def cluster(args, nic: float, pool: int, cap: float, policy: str, side: str) -> SimCluster:
+    return SimCluster(1, 1, gpus_per_node=1, compute_nic_gbps=nic, storage_ratio=cap / nic,
+                      decode_kv_tokens=10_000_000, prefill_kv_tokens=pool,
+                      prefill_staging_tokens=int(pool * args.hicache_ratio) - pool,
+                      prefill_loads=args.prefill_loads, h2d_gbps=args.h2d_gbps, policy=policy,
+                      read_side=side)
+
+
+def online(args) -> int:
+    perf = PerfModel.load(args.perf) if args.perf and args.perf.exists() else PerfModel()
+    nic = args.pd_gbps or perf.pd_gbps or 50.0
+    print(f"perf: {args.perf} (PD link {nic} GB/s); arrivals for {args.duration_s:.0f} s, "
+          f"{args.max_turns} turns per agent")
+    for scale in floats(args.scales):
+        initial = args.initial or int(8192 * scale / 0.25)
+        for pool in (int(x) for x in args.pools.split(",")):
+            for cap in floats(args.caps):
+                row = {"online": True, "scale": scale, "initial": initial, "prefill_pool": pool,
+                       "cap_gbps": cap, "max_turns": args.max_turns,
+                       "duration_s": args.duration_s}
+                for name, policy, side in (("off", "basic", "pe"), ("on", "dualpath", "shorter")):
+                    c = cluster(args, nic, pool, cap, policy, side)
+
+                    def within(aps, c=c, scale=scale, initial=initial):
+                        ns = argparse.Namespace(preset=args.preset, scale=scale, initial=initial,
+                                                agents=max(1, round(aps * args.duration_s)),
+                                                max_turns=args.max_turns)
+                        r = simulate(c, perf, make_trace(ns, aps, seed=0), online=True)
+                        return within_slo(r.ttft_mean, r.tpot_mean)
+                    row[name] = round(max_aps(within, 0.5), 3)
+                row["ratio"] = round(row["on"] / row["off"], 2) if row["off"] else None
+                print(f"scale {scale} pool {pool} cap {cap}: max APS within SLO off "
+                      f"{row['off']}, on {row['on']} ({row['ratio']}x)", flush=True)
+                if args.out:
+                    with open(args.out, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,8 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pd-gbps", type=float, default=None,
                     help="PD link / DE->PE forward rate (default: the calibrated pd_gbps; NIXL "
                          "moved a warm 2 GB prompt's KV in ~50 ms on 2x H100, i.e. ~40 GB/s)")
+    ap.add_argument("--online", action="store_true",
+                    help="instead of offline JCT: the max agent arrival rate within the SLO "
+                         "(mean TTFT <= 4 s, TPOT <= 50 ms) off and on, arrivals for "
+                         "--duration-s (the APS points an online GPU sweep should bracket)")
+    ap.add_argument("--duration-s", type=float, default=300.0)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
+    if args.online:
+        return online(args)
     perf = PerfModel.load(args.perf) if args.perf and args.perf.exists() else PerfModel()
     nic = args.pd_gbps or perf.pd_gbps or 50.0
     print(f"perf: {args.perf} (PD link {nic} GB/s)")
@@ -84,11 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                     t0 = time.perf_counter()
                     for name, policy, side in (("off", "basic", "pe"),
                                                ("on", "dualpath", "shorter")):
-                        c = SimCluster(1, 1, gpus_per_node=1, compute_nic_gbps=nic,
-                                       storage_ratio=cap / nic, decode_kv_tokens=10_000_000,
-                                       prefill_kv_tokens=pool, prefill_staging_tokens=staging,
-                                       prefill_loads=args.prefill_loads,
-                                       h2d_gbps=args.h2d_gbps, policy=policy, read_side=side)
+                        c = cluster(args, nic, pool, cap, policy, side)
                         r = simulate(c, perf, trajs)
                         row[name] = {"jct_s": round(r.jct_s, 2),
                                      "pe_busy": round(r.storage_busy_pe, 3),
