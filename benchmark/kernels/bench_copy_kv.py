@@ -244,6 +244,25 @@ class Case:
                    for a, b in zip(got, dst.tensors, strict=True))
 
 
+def time_peer(case: Case, fn, traffic: int, calls: int, name: str = ""):
+    """(graph GB/s, eager GB/s) of a peer kernel after checking its result: (None, None) when
+    there is no peer, "wrong" when its bytes differ, "failed" (with `name`: its exceptions are
+    a result, not a crash)."""
+    if fn is None:
+        return None, None
+    try:
+        if not case.check(fn):
+            return "wrong", "wrong"
+        eager = traffic / timed(fn) / 1e9
+        t = graph_timed(fn, calls)
+        return (traffic / t / 1e9 if t else None), eager
+    except Exception as e:  # noqa: BLE001
+        if not name:
+            raise
+        print(f"  ({name} failed: {type(e).__name__}: {e})")
+        return "failed", "failed"
+
+
 def same_bytes_copy(case: Case, move: str, calls: int) -> float | None:
     """GB/s of one contiguous cudaMemcpy of the bytes a host move carries (graph replay, buffers
     rotated as for the move): the copy engine's rate at this size, start-up and drain included,
@@ -309,28 +328,9 @@ def main() -> int:
                     case = Case(move, model, ps, pages)
                     traffic = case.moved * (2 if move.startswith("d2d") else 1)
                     calls = max(4, case.sets)  # every set once per round: L2 never warm
-                    peer_fn = case.peer()
-                    peer = peer_eager = None
-                    if peer_fn is not None:
-                        if case.check(peer_fn):
-                            peer_eager = traffic / timed(peer_fn) / 1e9
-                            t = graph_timed(peer_fn, calls)
-                            peer = traffic / t / 1e9 if t else None
-                        else:
-                            peer = peer_eager = "wrong"
-                    jit_fn = case.peer_jit()
-                    jit = jit_eager = None
-                    if jit_fn is not None:
-                        try:
-                            if case.check(jit_fn):
-                                jit_eager = traffic / timed(jit_fn) / 1e9
-                                t = graph_timed(jit_fn, calls)
-                                jit = traffic / t / 1e9 if t else None
-                            else:
-                                jit = jit_eager = "wrong"
-                        except Exception as e:  # noqa: BLE001  (the peer's failure is a result)
-                            print(f"  (SGLang's JIT kernel failed: {type(e).__name__}: {e})")
-                            jit = jit_eager = "failed"
+                    peer, peer_eager = time_peer(case, case.peer(), traffic, calls)
+                    jit, jit_eager = time_peer(case, case.peer_jit(), traffic, calls,
+                                               "SGLang's JIT kernel")
                     pk_row = {**pk, "sglang_jit_gbps": jit, "sglang_jit_eager_gbps": jit_eager,
                               "memcpy_same_bytes_gbps": same_bytes_copy(case, move, calls)}
                     for impl in impls:

@@ -33,7 +33,7 @@ try:
 except ImportError:
     sys.path.insert(0, str(ROOT / "python"))
 
-from dualpath.bench.trace import PRESETS, generate  # noqa: E402
+from dualpath.bench.compare_1p1d import make_trace  # noqa: E402
 from dualpath.sim.capacity import max_aps, within_slo  # noqa: E402
 from dualpath.sim.des import simulate  # noqa: E402
 from dualpath.sim.model import PerfModel, SimCluster  # noqa: E402
@@ -42,9 +42,9 @@ from dualpath.version import git_sha  # noqa: E402
 
 def run(p: int, d: int, policy: str, aps: float, args, perf) -> dict:
     agents = max(1, round(aps * args.duration_s))
-    trajs = generate(PRESETS[args.preset], agents, seed=args.seed, arrival_rate=aps)
-    for t in trajs:
-        t.turns = t.turns[:args.max_turns]
+    trajs = make_trace(argparse.Namespace(preset=args.preset, scale=1.0, initial=None,
+                                          agents=agents, max_turns=args.max_turns),
+                       aps, seed=args.seed)
     t0 = time.perf_counter()
     r = simulate(SimCluster(p, d, policy=policy, schedule_interval_s=args.schedule_interval_s),
                  perf, trajs, online=True)

@@ -88,21 +88,10 @@ class Simulator:
                 self.gen.append(gen)
                 ctx += gen
             self.arrival_at.append(traj.arrival_s if online else 0.0)
-        if hits:
-            turn_of = [tid - self.agent_first[a] for tid, a in enumerate(self.turn_agent)]
-            for tid, a in enumerate(self.turn_agent):
-                h = hits.get((a, turn_of[tid]))
-                if h is not None:
-                    h = min(int(h), self.prompt[tid])
-                    self.hit[tid] = h - h % PAGE
+        turn_of = [tid - self.agent_first[a] for tid, a in enumerate(self.turn_agent)]
+        self._override(self.hit, hits, turn_of, self.prompt)
         self.pe_hit = list(self.hit)  # the prefix the prefill reuses (computes the rest)
-        if prefill_hits:
-            turn_of = [tid - self.agent_first[a] for tid, a in enumerate(self.turn_agent)]
-            for tid, a in enumerate(self.turn_agent):
-                h = prefill_hits.get((a, turn_of[tid]))
-                if h is not None:
-                    h = min(int(h), self.hit[tid])
-                    self.pe_hit[tid] = h - h % PAGE
+        self._override(self.pe_hit, prefill_hits, turn_of, self.hit)
         self.agent_end = self.agent_first[1:] + [len(self.prompt)]
         if cluster.policy == "basic":
             self.sched = PairScheduler(pre, dec, "round_robin")
@@ -121,6 +110,14 @@ class Simulator:
         self.pe_node = [i // g for i in range(self.n_pe)]
         self.de_node = [i // g for i in range(self.n_de)]
         self.pe_cache: list[OrderedDict] = [OrderedDict() for _ in range(self.n_pe)]
+
+    def _override(self, target: list[int], given, turn_of: list[int], cap: list[int]) -> None:
+        """target[tid] = given[(agent, turn)] capped by cap[tid], page-aligned, where given."""
+        for tid, a in enumerate(self.turn_agent):
+            h = given.get((a, turn_of[tid])) if given else None
+            if h is not None:
+                h = min(int(h), cap[tid])
+                target[tid] = h - h % PAGE
 
     def _pe_cached(self, pe: int, tid: int) -> int:
         """Tokens of turn `tid`'s stored prefix the prefill engine still holds (LRU by agent;
