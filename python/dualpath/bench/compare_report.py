@@ -3,6 +3,20 @@ figures they show that the run itself does not compute."""
 
 from __future__ import annotations
 
+import json
+import lzma
+from pathlib import Path
+
+
+def load_result(path: str | Path) -> dict:
+    """A result JSON as committed: plain, or xz-compressed (``.json.xz``, for the large runs
+    whose per-request records would otherwise fill the GPU host's 64 MiB tree allowance)."""
+    path = Path(path)
+    if path.suffix == ".xz":
+        with lzma.open(path, "rt") as f:
+            return json.load(f)
+    return json.loads(path.read_text())
+
 
 def outputs_match(a: dict, b: dict) -> bool | None:
     """Same greedy outputs turn by turn (digests of the output ids)?"""

@@ -12,9 +12,9 @@ Runs where the result is (the CPU machine is fine): needs matplotlib.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from dualpath.bench.compare_report import load_result
 from dualpath.bench.samplers import rates
 
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("result", type=Path)
     ap.add_argument("--out", type=Path, help="default: next to the result")
     args = ap.parse_args(argv)
-    result = json.loads(args.result.read_text())
+    result = load_result(args.result)
     for p in plot(result, args.out or args.result.parent):
         print(p)
     return 0

@@ -96,10 +96,11 @@ def cmd_calibrate(args) -> int:
     the fit and its inputs are printed."""
     import numpy as np
 
+    from dualpath.bench.compare_report import load_result
     from dualpath.sim.calibrate import samples
     from dualpath.sim.model import PerfModel, fit_decode, fit_prefill
 
-    pre, dec, rates = samples((json.loads(Path(p).read_text()) for p in args.results),
+    pre, dec, rates = samples((load_result(p) for p in args.results),
                               args.kv_bytes_per_token)
     if len(pre) < 3 or len(dec) < 3:
         print("error: need >= 3 prefill and decode samples from 'off' runs", file=sys.stderr)
@@ -144,10 +145,11 @@ def cmd_validate(args) -> int:
     """Simulate the trace, cluster and caps of a measured 1P1D comparison and print measured vs
     simulated offline JCT per configuration (issue target: within 10%)."""
     from dualpath.bench.compare_1p1d import make_trace
+    from dualpath.bench.compare_report import load_result
     from dualpath.sim.des import simulate
     from dualpath.sim.model import SimCluster
 
-    res = json.loads(Path(args.result).read_text())
+    res = load_result(args.result)
     tr = res["trace"]
     ns = argparse.Namespace(preset=tr["preset"], scale=tr["scale"], initial=tr.get("initial"),
                             agents=tr["agents"], max_turns=tr["max_turns"])
