@@ -2,8 +2,11 @@
 module on the CPU: argument passing, exit status, and the compile-cache round trip."""
 
 import json
+import os
+import signal
 import subprocess
 import tarfile
+import time
 
 
 def test_runs_module_with_out_and_caches(tmp_path, repo_root):
@@ -67,12 +70,8 @@ def test_every_gpu_script_explains_itself_and_names_a_real_module(repo_root):
         assert callable(getattr(mod, "main", None)), m.group(1)
 
 
-def test_a_terminated_wrapper_lets_the_module_stop_its_servers(tmp_path, repo_root):
-    """`timeout` sends TERM to the wrapper: the module must get it and clean up (it owns
-    servers in their own sessions), and the wrapper reports the module's status."""
-    import signal
-    import time
-
+def _probe(tmp_path, repo_root):
+    """gpu_run.sh running a module that records its pid, sleeps, and cleans up on the way out."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "probe_mod.py").write_text(
@@ -80,7 +79,7 @@ def test_a_terminated_wrapper_lets_the_module_stop_its_servers(tmp_path, repo_ro
         "from dualpath.bench.servers import stop_servers_on_sigterm\n"
         "out = sys.argv[sys.argv.index('--out') + 1]\n"
         "stop_servers_on_sigterm()\n"
-        "open(os.path.join(out, 'started'), 'w').close()\n"
+        "open(os.path.join(out, 'started'), 'w').write(str(os.getpid()))\n"
         "try:\n"
         "    time.sleep(60)\n"
         "finally:\n"
@@ -95,6 +94,24 @@ def test_a_terminated_wrapper_lets_the_module_stop_its_servers(tmp_path, repo_ro
     while not (out / "started").exists() and time.time() < deadline:
         time.sleep(0.1)
     assert (out / "started").exists()
+    time.sleep(0.2)  # the pid is written
+    return p, out, int((out / "started").read_text())
+
+
+def test_a_terminated_wrapper_lets_the_module_stop_its_servers(tmp_path, repo_root):
+    """`timeout` sends TERM to the wrapper: the module must get it and clean up (it owns
+    servers in their own sessions), and the wrapper reports the module's status."""
+    p, out, _ = _probe(tmp_path, repo_root)
     p.send_signal(signal.SIGTERM)
     assert p.wait(30) == 128 + signal.SIGTERM
+    assert (out / "cleaned_up").exists(), "the module's finally blocks ran"
+
+
+def test_an_interrupted_module_stops_although_bash_started_it_with_sigint_ignored(
+        tmp_path, repo_root):
+    """`pkill -INT -f 'python3 -m MODULE'` (a watchdog's stop): bash runs the module as a
+    background job, which starts with SIGINT ignored; the module must still unwind."""
+    p, out, pid = _probe(tmp_path, repo_root)
+    os.kill(pid, signal.SIGINT)
+    assert p.wait(30) != 0
     assert (out / "cleaned_up").exists(), "the module's finally blocks ran"

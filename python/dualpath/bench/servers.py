@@ -37,12 +37,17 @@ def stop_servers_on_sigterm() -> None:
     """Make SIGTERM (e.g. from `timeout`) unwind the stack like Ctrl-C, so the `with` blocks and
     `finally`s that own servers stop them: servers run in their own sessions and outlive a
     killed parent otherwise (then hold the GPU and the ports of the next run). Only from the
-    main thread, and only where nobody set a handler of their own."""
+    main thread, and only where nobody set a handler of their own. SIGINT too where it arrived
+    ignored: a non-interactive shell starts `cmd &` with SIGINT ignored (scripts/gpu_run.sh
+    does), and then neither Ctrl-C nor `kill -INT` would stop the run."""
     import threading
 
-    if (threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def http_status(url: str, timeout: float = 3.0) -> int:
