@@ -3,6 +3,7 @@ in-process /generate with fake agent stats, SLO attainment, output matching, the
 
 import argparse
 import asyncio
+import json
 import threading
 import time
 
@@ -309,3 +310,36 @@ def test_recomputed_share_counts_later_turns_only():
            "turn_records": [{"turn": 0, "prompt_len": 1000}, {"turn": 1, "prompt_len": 2000}]}
     assert recomputed_share(run) == 0.25
     assert recomputed_share({"stage_records": [], "turn_records": []}) is None
+
+
+def test_merge_puts_runs_of_separate_calls_side_by_side(tmp_path, capsys):
+    import copy
+    import lzma
+
+    full = synthetic_result()
+    off, on = copy.deepcopy(full), copy.deepcopy(full)
+    off["configs"] = [c for c in off["configs"] if c["config"] == "off"]
+    on["configs"] = [c for c in on["configs"] if c["config"] == "on"]
+    for r in (off, on):
+        r["ok"] = True
+        for c in r["configs"]:
+            c["offline"]["turn_records"] = [{"agent": 0, "turn": 0, "output_digest": "d"}]
+    merged = report.merge([off, on])
+    assert [c["config"] for c in merged["configs"]] == ["off", "on"]
+    assert merged["configs"][1]["outputs_match_off"] is True and merged["ok"]
+    on["configs"][0]["offline"]["turn_records"][0]["output_digest"] = "e"
+    assert report.merge([off, on])["configs"][1]["outputs_match_off"] is False
+    with pytest.raises(ValueError, match="twice"):
+        report.merge([off, off])
+    other = copy.deepcopy(on)
+    other["snic_gbps"] = 3.0
+    with pytest.raises(ValueError, match="snic_gbps"):
+        report.merge([off, other])
+    # the command: plain and xz files, merged result written
+    (tmp_path / "off.json").write_text(json.dumps(off))
+    with lzma.open(tmp_path / "on.json.xz", "wt") as f:
+        json.dump(on, f)
+    assert report.main([str(tmp_path / "off.json"), str(tmp_path / "on.json.xz"),
+                        "--out", str(tmp_path / "m.json")]) == 0
+    assert "JCT speed-up" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "m.json").read_text())["configs"]) == 2

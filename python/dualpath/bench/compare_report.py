@@ -106,3 +106,60 @@ def sweep_table(results: list[dict], main_cap: float) -> str:
                         for n in names)
         lines.append(line)
     return "\n".join(lines)
+
+
+_SAME = ("git_sha", "model", "snic_gbps", "trace", "device_pool_tokens", "host_pool_tokens",
+         "decode_pool_tokens", "mem_fraction", "pd_backend", "host_cache_tokens")
+
+
+def merge(results: list[dict]) -> dict:
+    """One comparison from runs of the same trace and setup made in separate calls (e.g. the
+    baseline in one device call, DualPath in the next, on the same machine): their configs
+    side by side, outputs compared with the baseline's. Raises if the runs differ in anything
+    that would make the comparison unfair."""
+    if not results:
+        raise ValueError("nothing to merge")
+    first = results[0]
+    for other in results[1:]:
+        diff = [k for k in _SAME if other.get(k) != first.get(k)]
+        if diff:
+            raise ValueError(f"runs differ in {diff}: not one comparison")
+    merged = {**first, "configs": [c for r in results for c in r["configs"]],
+              "merged_from": [{k: r.get(k) for k in ("date", "gpus", "setup_s")}
+                              for r in results]}
+    names = [c["config"] for c in merged["configs"]]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a config appears twice: {names}")
+    base = next((c for c in merged["configs"] if c["config"] == "off"), None)
+    for c in merged["configs"]:
+        if base is not None and c is not base and not c.get("oracle"):
+            c["outputs_match_off"] = outputs_match(base["offline"], c["offline"])
+    merged["ok"] = all(r.get("ok") for r in results)
+    return merged
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Print the side-by-side table of compare_1p1d "
+                                             "results; several files (same trace and setup, "
+                                             "e.g. off and on from two device calls) are "
+                                             "merged into one comparison.")
+    ap.add_argument("results", nargs="+", type=Path, help="result.json (or .json.xz) files")
+    ap.add_argument("--out", type=Path, help="write the merged result here")
+    args = ap.parse_args(argv)
+    try:
+        merged = merge([load_result(p) for p in args.results])
+    except (ValueError, KeyError) as e:
+        ap.error(str(e))
+    print(table(merged["configs"]))
+    for c in merged["configs"]:
+        if "outputs_match_off" in c:
+            print(f"{c['config']}: outputs match off: {c['outputs_match_off']}")
+    if args.out:
+        args.out.write_text(json.dumps(merged) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
