@@ -449,3 +449,27 @@ def test_hold_finds_the_leaf_sglangs_own_insert_makes_after_a_split():
     cache.evict_host(100 * PAGE)
     assert freed == [2 * PAGE], "only the other prompt's own pages went"
     assert leaf.host_value is not None and shared.parent is root
+
+
+def test_refused_prefetches_say_why_and_the_budget_is_sampled():
+    """A call that starts nothing is counted with its reason: SGLang's budget taken while
+    storage holds nothing to queue for, or fewer new tokens than the threshold."""
+    cache = make_cache(stored_tokens=None, capacity=1000)
+    before = dict(pq.STATS)
+    cache.cache_controller.prefetch_tokens_occupied = 1000  # budget taken
+    cache.prefetch_from_storage("b", Node(), list(range(1024)), None, None)
+    cache.cache_controller.prefetch_tokens_occupied = 0
+    cache.prefetch_from_storage("s", Node(), list(range(PAGE - 1)), None, None)
+    assert not cache.ongoing_prefetch and not getattr(cache, pq.ATTR, None)
+    assert pq.STATS["pf_calls"] == before["pf_calls"] + 2
+    assert pq.STATS["pf_refused_budget"] == before["pf_refused_budget"] + 1
+    assert pq.STATS["pf_refused_short"] == before["pf_refused_short"] + 1
+    assert pq.STATS["pf_started"] == before["pf_started"]
+    cache.prefetch_from_storage("c", Node(), list(range(1024)), None, None)
+    assert "c" in cache.ongoing_prefetch
+    cache.cache_controller.mem_pool_host = HostPool(free=4096)
+    cache.evictable_host_leaves = set()
+    cache.check("c")
+    snap = pq.snapshot()
+    assert snap["pf_budget_used_tokens_now"] == 1024 and snap["pf_budget_tokens_now"] == 1000
+    assert snap["pf_in_flight_now"] == 1 and snap["pf_host_free_tokens_now"] == 4096

@@ -135,7 +135,11 @@ def run_once(c: PDCluster, trajs, online: bool, seed: int, cap_gbps: float) -> d
     if a_rows:
         first, last = a_rows[0][1], a_rows[-1][1]
         span = max(1e-9, a_rows[-1][0] - a_rows[0][0])
-        out["bytes"] = {k: last.get(k, 0) - first.get(k, 0) for k in last}
+        out["bytes"] = {k: last.get(k, 0) - first.get(k, 0) for k in last
+                        if not k.endswith("_now")}
+        # gauges (sampled levels, e.g. SGLang's prefetch budget in use): their peak
+        out["gauges_peak"] = {k: max(row.get(k, 0) for _, row in a_rows) for k in last
+                              if k.endswith("_now")}
         for node in ("pe", "de"):
             r = rates(a_rows, f"{node}_read_bytes")
             out[f"{node}_read_gbps_mean"] = round(out["bytes"].get(f"{node}_read_bytes", 0)

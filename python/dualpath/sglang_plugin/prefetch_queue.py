@@ -75,7 +75,15 @@ STATS = {"pf_queued": 0, "pf_waited_host": 0, "pf_started": 0, "pf_empty": 0,
          "pf_trimmed_tokens": 0,
          # completed prefetches held for their request; of those, released unused after
          # HOLD_TTL_S
-         "pf_held": 0, "pf_hold_expired": 0}
+         "pf_held": 0, "pf_hold_expired": 0,
+         # why a prefetch_from_storage call started nothing: budget taken (SGLang's
+         # prefetch_rate_limited) with nothing stored to queue for, or fewer new tokens than
+         # the prefetch threshold
+         "pf_calls": 0, "pf_refused_budget": 0, "pf_refused_short": 0}
+# gauges, sampled at each prefetch check: tokens the started prefetches count against SGLang's
+# budget (and the budget), prefetches in flight, free host-pool tokens
+GAUGES = {"pf_budget_used_tokens_now": 0, "pf_budget_tokens_now": 0, "pf_in_flight_now": 0,
+          "pf_host_free_tokens_now": 0}
 
 
 def count_load_back(original, cache, params):
@@ -99,7 +107,16 @@ def count_load_back(original, cache, params):
 
 
 def snapshot() -> dict:
-    return dict(STATS)
+    return {**STATS, **GAUGES}
+
+
+def _sample(cache) -> None:
+    cc = cache.cache_controller
+    GAUGES["pf_budget_used_tokens_now"] = int(getattr(cc, "prefetch_tokens_occupied", 0))
+    GAUGES["pf_budget_tokens_now"] = int(getattr(cc, "prefetch_capacity_limit", 0))
+    GAUGES["pf_in_flight_now"] = len(getattr(cache, "ongoing_prefetch", ()))
+    pool = getattr(cc, "mem_pool_host", None)
+    GAUGES["pf_host_free_tokens_now"] = int(pool.available_size()) if pool is not None else 0
 
 
 def evictable_host_tokens(cache) -> int:
@@ -212,14 +229,20 @@ def _limited(cache, tokens: int) -> bool:
 
 
 def _started(cache, req_id, tokens: int) -> None:
-    if req_id in cache.ongoing_prefetch:
-        started = getattr(cache, STARTED, None)
-        if started is None:
-            started = {}
-            setattr(cache, STARTED, started)
-        started[req_id] = tokens
-        STATS["pf_started"] += 1
-        STATS["pf_asked_tokens"] += tokens
+    STATS["pf_calls"] += 1
+    if req_id not in cache.ongoing_prefetch:
+        if tokens < getattr(cache, "prefetch_threshold", 0):
+            STATS["pf_refused_short"] += 1
+        elif cache.cache_controller.prefetch_rate_limited():
+            STATS["pf_refused_budget"] += 1
+        return
+    started = getattr(cache, STARTED, None)
+    if started is None:
+        started = {}
+        setattr(cache, STARTED, started)
+    started[req_id] = tokens
+    STATS["pf_started"] += 1
+    STATS["pf_asked_tokens"] += tokens
 
 
 def _queue(cache) -> OrderedDict:
@@ -339,6 +362,7 @@ def check(original, cache, req_id) -> bool:
     _expire_holds(cache)
     trim(cache)
     drain(cache)
+    _sample(cache)
     q = getattr(cache, ATTR, None)
     if q and req_id in q:
         return False
