@@ -473,3 +473,47 @@ def test_refused_prefetches_say_why_and_the_budget_is_sampled():
     snap = pq.snapshot()
     assert snap["pf_budget_used_tokens_now"] == 1024 and snap["pf_budget_tokens_now"] == 1000
     assert snap["pf_in_flight_now"] == 1 and snap["pf_host_free_tokens_now"] == 4096
+
+
+def test_a_prefix_matched_on_arrival_is_held_until_its_request_runs():
+    """The arrival match found the whole prompt but the last page in the host pool (fewer new
+    tokens than the threshold: stock starts no prefetch and protects nothing). SGLang's own
+    `evict_host` (what trim and host-room eviction call) must pass the matched pages by while
+    the request queues, and free them once its KV is cached."""
+    import torch
+    from sglang.srt.mem_cache.evict_policy import LRUStrategy
+    from sglang.srt.mem_cache.radix_cache import RadixKey, TreeNode
+
+    cache = make_cache(stored_tokens=None)
+    for name in ("_insert_helper_host", "_split_node", "_update_host_leaf_status",
+                 "_update_leaf_status", "evict_host"):
+        setattr(cache, name, types.MethodType(getattr(HRC, name), cache))
+    cache._record_store_event = cache._record_remove_event = lambda *a, **k: None
+    cache._replace_pending_write_through_node = lambda *a, **k: None
+    cache.evictable_host_leaves, cache.evictable_leaves = set(), set()
+    cache.eviction_strategy = LRUStrategy()
+    freed = []
+    cache.cache_controller.evict_host = lambda hv: freed.append(len(hv)) or len(hv)
+    root = TreeNode()
+    root.key, root.value = RadixKey([]), torch.zeros(0)
+    cache.root_node = root
+    prev = list(range(3 * PAGE))  # the previous turn's prompt, now host-only
+    cache._insert_helper_host(root, RadixKey(prev), torch.arange(3 * PAGE), ["a", "b", "c"])
+    node = root.children[RadixKey(prev).child_key(PAGE)]
+    before = dict(pq.STATS)
+    # the next turn: the previous prompt + a few new tokens; the match reached `node`
+    cache.prefetch_from_storage("t", node, list(range(10_000, 10_000 + PAGE // 2)), None, None)
+    assert not cache.ongoing_prefetch and pq.STATS["pf_refused_short"] == before[
+        "pf_refused_short"] + 1
+    assert node.host_ref_counter == 1
+    assert pq.STATS["pf_held_matched"] == before["pf_held_matched"] + 1
+    cache.evict_host(100 * PAGE)  # trim / room for others while the request queues
+    assert freed == [] and node.host_value is not None
+    assert cache.check("t") is True and node.host_ref_counter == 1  # still waiting: kept
+    pq.cached(None, cache, types.SimpleNamespace(rid="t"))  # it ran: the GPU has the prefix
+    assert node.host_ref_counter == 0
+    cache.evict_host(100 * PAGE)
+    assert freed == [3 * PAGE]
+    # the root (nothing matched) is never held
+    cache.prefetch_from_storage("u", root, list(range(PAGE // 2)), None, None)
+    assert root.host_ref_counter == 0 and not getattr(cache, pq.HELD).get("u")

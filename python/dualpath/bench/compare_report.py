@@ -66,6 +66,8 @@ def table(results: list[dict]) -> str:
     for label, key in (("PE pf calls", "pe_pf_calls"), ("PE pf started", "pe_pf_started"),
                        ("PE pf queued", "pe_pf_queued"),
                        ("PE pf no budget", "pe_pf_refused_budget"),
+                       ("PE pf too short", "pe_pf_refused_short"),
+                       ("PE held on match", "pe_pf_held_matched"),
                        ("PE pf no host", "pe_pf_waited_host"), ("PE pf revoked", "pe_pf_empty"),
                        ("PE no GPU room", "pe_pf_loadback_failed"), ("PE pf held", "pe_pf_held"),
                        ("PE hold expired", "pe_pf_hold_expired")):

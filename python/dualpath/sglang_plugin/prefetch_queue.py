@@ -36,6 +36,14 @@ the `wait_complete` policy).
   batch; host-pool eviction (room for the next prefetch, write-through, `trim`) then frees them
   first, as they are host-only leaves, and the prefix is recomputed (measured on 2x H100,
   2026-11-27: the prefill loaded 804k prefix tokens from storage but reused 503k).
+- A prefix the request found in the host pool (or on the GPU, backed up there by write-through)
+  when it arrived is held the same way (`protect_host` on the `last_host_node` its arrival
+  match reached), with the same release conditions. Stock protects nothing between the arrival
+  match and the batch that runs the request: GPU eviction turns the matched nodes into
+  host-only leaves and `trim` (or any host eviction) frees them while the request queues, so
+  no prefetch was started (few new tokens) and the whole prompt is recomputed (measured on
+  2x H100, 2026-11-27, 16 agents x 20 turns, 4-8K-token prompts: 265 of 291 arrivals matched
+  all but < 1 page, yet 97% of later prompt tokens were recomputed).
 - Also here, because they are the same host-pool policy: `trim` (--dualpath-host-cache-tokens:
   host-only pages beyond a budget are evicted, so the pool stages rather than caches) and
   `count_load_back` (a meter of host hits the GPU had no room to load). `STATS` counts it all
@@ -76,6 +84,8 @@ STATS = {"pf_queued": 0, "pf_waited_host": 0, "pf_started": 0, "pf_empty": 0,
          # completed prefetches held for their request; of those, released unused after
          # HOLD_TTL_S
          "pf_held": 0, "pf_hold_expired": 0,
+         # of the holds, those of a prefix matched in the host pool on arrival
+         "pf_held_matched": 0,
          # why a prefetch_from_storage call started nothing: budget taken (SGLang's
          # prefetch_rate_limited) with nothing stored to queue for, or fewer new tokens than
          # the prefetch threshold
@@ -186,15 +196,29 @@ def _hold(cache, req_id, last_host_node, key) -> None:
     node = _deepest(cache, last_host_node, key)
     if node is last_host_node:  # nothing new in the tree
         return
+    _hold_node(cache, req_id, node)
+
+
+def _hold_matched(cache, req_id, node) -> None:
+    """Hold what the request's arrival match found in the host pool (`last_host_node`; the
+    root holds nothing) while no prefetch of its own protects it."""
+    if getattr(node, "parent", None) is None or req_id in cache.ongoing_prefetch:
+        return
+    if _hold_node(cache, req_id, node):
+        STATS["pf_held_matched"] += 1
+
+
+def _hold_node(cache, req_id, node) -> bool:
     held = getattr(cache, HELD, None)
     if held is None:
         held = {}
         setattr(cache, HELD, held)
     if req_id in held:
-        return
+        return False
     node.protect_host()
     held[req_id] = (node, time.monotonic())
     STATS["pf_held"] += 1
+    return True
 
 
 def unhold(cache, req_id) -> None:
@@ -313,6 +337,8 @@ def prefetch(original, cache, req_id, last_host_node, new_input_tokens, last_has
         result = original(cache, req_id, last_host_node, new_input_tokens, last_hash,
                           prefix_keys)
         _started(cache, req_id, aligned)
+        if _enabled(cache):
+            _hold_matched(cache, req_id, last_host_node)
         return result
     cc = cache.cache_controller
     q = _queue(cache)
@@ -332,6 +358,7 @@ def prefetch(original, cache, req_id, last_host_node, new_input_tokens, last_has
         return None
     result = original(cache, req_id, last_host_node, new_input_tokens, last_hash, prefix_keys)
     _started(cache, req_id, aligned)
+    _hold_matched(cache, req_id, last_host_node)
     return result
 
 
@@ -379,8 +406,11 @@ def check(original, cache, req_id) -> bool:
             STATS["pf_loaded_tokens"] += loaded
             if loaded == 0:  # revoked: too few pages stored, or no host memory
                 STATS["pf_empty"] += 1
-        if pending is not None and loaded > 0 and _enabled(cache):
-            _hold(cache, req_id, pending[0], pending[1])  # until the request loads it
+        if pending is not None and _enabled(cache):
+            if loaded > 0:
+                _hold(cache, req_id, pending[0], pending[1])  # until the request loads it
+            else:  # revoked: what the arrival match found is still worth keeping
+                _hold_matched(cache, req_id, pending[0])
         drain(cache)  # this request's prefetch may have freed budget
     return done
 
