@@ -402,15 +402,13 @@ def test_a_hold_ends_when_its_request_ran_and_lasts_while_it_is_checked(monkeypa
     assert node.host_ref_counter == 0
 
 
-def test_hold_finds_the_leaf_sglangs_own_insert_makes_after_a_split():
-    """With SGLang's own `_insert_helper_host` (which splits a node where keys diverge), the
-    hold lands on the new leaf that ends the fetched prefix, and SGLang's `evict_host` passes
-    it by while freeing an unrelated host-only leaf."""
+def _real_tree(cache):
+    """Give a stand-in cache SGLang's own host-tree methods (insert, split, evict_host) and an
+    empty tree; returns (root, freed: sizes evict_host freed)."""
     import torch
     from sglang.srt.mem_cache.evict_policy import LRUStrategy
     from sglang.srt.mem_cache.radix_cache import RadixKey, TreeNode
 
-    cache = make_cache(stored_tokens=range(4 * PAGE))
     for name in ("_insert_helper_host", "_split_node", "_update_host_leaf_status",
                  "_update_leaf_status", "evict_host"):
         setattr(cache, name, types.MethodType(getattr(HRC, name), cache))
@@ -423,6 +421,18 @@ def test_hold_finds_the_leaf_sglangs_own_insert_makes_after_a_split():
     root = TreeNode()
     root.key, root.value = RadixKey([]), torch.zeros(0)
     cache.root_node = root
+    return root, freed
+
+
+def test_hold_finds_the_leaf_sglangs_own_insert_makes_after_a_split():
+    """With SGLang's own `_insert_helper_host` (which splits a node where keys diverge), the
+    hold lands on the new leaf that ends the fetched prefix, and SGLang's `evict_host` passes
+    it by while freeing an unrelated host-only leaf."""
+    import torch
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    cache = make_cache(stored_tokens=range(4 * PAGE))
+    root, freed = _real_tree(cache)
     # an earlier request left pages 0-2 of another prompt host-only; ours shares page 0
     other = list(range(PAGE)) + [10_000 + i for i in range(2 * PAGE)]
     cache._insert_helper_host(root, RadixKey(other), torch.arange(3 * PAGE), ["a", "b", "c"])
@@ -481,22 +491,10 @@ def test_a_prefix_matched_on_arrival_is_held_until_its_request_runs():
     `evict_host` (what trim and host-room eviction call) must pass the matched pages by while
     the request queues, and free them once its KV is cached."""
     import torch
-    from sglang.srt.mem_cache.evict_policy import LRUStrategy
-    from sglang.srt.mem_cache.radix_cache import RadixKey, TreeNode
+    from sglang.srt.mem_cache.radix_cache import RadixKey
 
     cache = make_cache(stored_tokens=None)
-    for name in ("_insert_helper_host", "_split_node", "_update_host_leaf_status",
-                 "_update_leaf_status", "evict_host"):
-        setattr(cache, name, types.MethodType(getattr(HRC, name), cache))
-    cache._record_store_event = cache._record_remove_event = lambda *a, **k: None
-    cache._replace_pending_write_through_node = lambda *a, **k: None
-    cache.evictable_host_leaves, cache.evictable_leaves = set(), set()
-    cache.eviction_strategy = LRUStrategy()
-    freed = []
-    cache.cache_controller.evict_host = lambda hv: freed.append(len(hv)) or len(hv)
-    root = TreeNode()
-    root.key, root.value = RadixKey([]), torch.zeros(0)
-    cache.root_node = root
+    root, freed = _real_tree(cache)
     prev = list(range(3 * PAGE))  # the previous turn's prompt, now host-only
     cache._insert_helper_host(root, RadixKey(prev), torch.arange(3 * PAGE), ["a", "b", "c"])
     node = root.children[RadixKey(prev).child_key(PAGE)]
