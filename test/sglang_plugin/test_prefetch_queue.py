@@ -515,3 +515,23 @@ def test_a_prefix_matched_on_arrival_is_held_until_its_request_runs():
     # the root (nothing matched) is never held
     cache.prefetch_from_storage("u", root, list(range(PAGE // 2)), None, None)
     assert root.host_ref_counter == 0 and not getattr(cache, pq.HELD).get("u")
+
+
+def test_write_through_without_host_room_is_counted():
+    """Stock write_backup returns 0 when it skips a node (parent not backed up yet) and when
+    the host pool has no room: only the second is a failure."""
+    import torch
+
+    root = types.SimpleNamespace(backuped=True)
+    cache = types.SimpleNamespace(root_node=root)
+    before = dict(pq.STATS)
+    full = types.SimpleNamespace(parent=root, host_value=None, value=torch.arange(128))
+    assert pq.count_write_backup(0, cache, full) == 0
+    pending = types.SimpleNamespace(backuped=False)
+    skipped = types.SimpleNamespace(parent=pending, host_value=None, value=torch.arange(64))
+    pq.count_write_backup(0, cache, skipped)
+    done = types.SimpleNamespace(parent=root, host_value=torch.arange(64), value=torch.arange(64))
+    pq.count_write_backup(64, cache, done)
+    assert pq.STATS["pf_write_through_failed"] == before["pf_write_through_failed"] + 1
+    assert pq.STATS["pf_write_through_failed_tokens"] == before[
+        "pf_write_through_failed_tokens"] + 128

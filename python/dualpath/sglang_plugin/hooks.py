@@ -122,6 +122,9 @@ LAUNCHER_HOOKS: tuple[Hook, ...] = (
     Hook("sglang.srt.mem_cache.hiradix_cache.HiRadixCache.init_load_back", "AROUND",
          prefetch_queue.count_load_back,
          "count host-pool hits the GPU had no room to load (recomputed instead)"),
+    Hook("sglang.srt.mem_cache.hiradix_cache.HiRadixCache.write_backup", "AFTER",
+         prefetch_queue.count_write_backup,
+         "count write-through copies the host pool had no room for (not backed up to storage)"),
 )
 
 # registered with the launcher's --dualpath-prefetch-queue on (the default), flag on or off

@@ -89,11 +89,29 @@ STATS = {"pf_queued": 0, "pf_waited_host": 0, "pf_started": 0, "pf_empty": 0,
          # why a prefetch_from_storage call started nothing: budget taken (SGLang's
          # prefetch_rate_limited) with nothing stored to queue for, or fewer new tokens than
          # the prefetch threshold
-         "pf_calls": 0, "pf_refused_budget": 0, "pf_refused_short": 0}
+         "pf_calls": 0, "pf_refused_budget": 0, "pf_refused_short": 0,
+         # write-through copies the host pool had no room for, even after evicting: those
+         # pages are neither mirrored in the host pool nor backed up to storage from it, so a
+         # later turn finds them nowhere once the GPU evicts them
+         "pf_write_through_failed": 0, "pf_write_through_failed_tokens": 0}
 # gauges, sampled at each prefetch check: tokens the started prefetches count against SGLang's
 # budget (and the budget), prefetches in flight, free host-pool tokens
 GAUGES = {"pf_budget_used_tokens_now": 0, "pf_budget_tokens_now": 0, "pf_in_flight_now": 0,
           "pf_host_free_tokens_now": 0}
+
+
+def count_write_backup(result, cache, node, write_back=False):
+    """AFTER HiRadixCache.write_backup (a meter, behaviour unchanged): stock returns 0 both when
+    it skips a node whose parent is not backed up yet and when the host pool had no room; count
+    the second."""
+    if result == 0 and getattr(node, "host_value", None) is None:
+        parent = getattr(node, "parent", None)
+        if parent is None or parent is getattr(cache, "root_node", None) or getattr(
+                parent, "backuped", False):
+            STATS["pf_write_through_failed"] += 1
+            value = getattr(node, "value", None)
+            STATS["pf_write_through_failed_tokens"] += len(value) if value is not None else 0
+    return result
 
 
 def count_load_back(original, cache, params):
