@@ -199,3 +199,31 @@ def test_auto_impl_picks_triton_without_gpu_pages():
     copy_kv(a, b, sp, dp)
     copy_kv(a, ref, sp, dp, impl="reference")
     assert bytes_equal(b.tensors, ref.tensors)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_de_buffer_slots_are_page_first_regions(impl):
+    """A DE buffer slot's K (V) region is byte-for-byte a page_first host page's K (V) region:
+    the region copies the decode agent makes into a prefill's host pool (agent._write) and
+    copy_kv between the two layouts move the same bytes (the direct-to-GPU forward relies on
+    the layout; benchmark/transfer/bench_de_forward.py)."""
+    gen = torch.Generator().manual_seed(7)
+    slots, pages, ps, layers, heads, dim = 5, 7, 16, 3, 2, 24
+    buf = rand_like((slots, 2, ps, layers, heads, dim), torch.bfloat16, gen)
+    src = L.page_first_slots(buf)
+    host = torch.zeros((2, pages * ps, layers, heads, dim), dtype=torch.bfloat16, device=DEVICE)
+    region = ps * layers * heads * dim * 2  # bytes of one page's K (or V) region
+    src_pages = torch.tensor([3, 0, 4], dtype=torch.int64)
+    dst_pages = torch.tensor([6, 2, 5], dtype=torch.int64)
+    expect = torch.zeros_like(host).view(torch.uint8).reshape(2, pages, region)
+    slot_bytes = buf.view(torch.uint8).reshape(slots, 2, region)
+    for s, p in zip(src_pages.tolist(), dst_pages.tolist(), strict=True):
+        expect[:, p] = slot_bytes[s]  # what agent._write's two descriptors per page move
+    copy_kv(src, L.host_page_first(host, ps), src_pages.to(DEVICE), dst_pages.to(DEVICE),
+            impl=impl)
+    assert torch.equal(host.view(torch.uint8).reshape(2, pages, region).cpu(), expect.cpu())
+    back = torch.zeros_like(buf)
+    copy_kv(L.host_page_first(host, ps), L.page_first_slots(back), dst_pages.to(DEVICE),
+            src_pages.to(DEVICE), impl=impl)
+    idx = src_pages.to(DEVICE)
+    assert torch.equal(back[idx].view(torch.uint8).cpu(), buf[idx].view(torch.uint8).cpu())

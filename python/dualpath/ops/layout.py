@@ -7,8 +7,9 @@ A layout says where each *row* lives: the bytes of one token's K (or V) for one 
 
 ``base`` is an int64 table of byte addresses ([num_layers, kv_parts]; part 0 = K, 1 = V; MLA has
 one part); strides are in bytes. Builders below cover SGLang's device pool (per-layer K/V
-buffers, NHD), SGLang's host pool in ``page_first`` layout, Full Blocks ([block, layer, part,
-token, head, dim]: each layer's slice contiguous) and Layer Blocks (one layer).
+buffers, NHD), SGLang's host pool in ``page_first`` layout, the DE buffer's slots, Full Blocks
+([block, layer, part, token, head, dim]: each layer's slice contiguous) and Layer Blocks (one
+layer).
 
 A layout keeps the tensors its addresses point into alive (``tensors``) and records, per base,
 which tensor and byte offset it came from (``origin``), so the pure-torch reference can address
@@ -128,6 +129,20 @@ def host_page_first(buf: torch.Tensor, page_size: int) -> KVLayout:
     token_stride = buf.stride(1) * e
     return _make("host_page_first", bases, [buf], page_size, buf.shape[1] // page_size,
                  _row_bytes(buf, 2), page_size * token_stride, token_stride)
+
+
+def page_first_slots(buf: torch.Tensor) -> KVLayout:
+    """Pages that each hold their K region, then their V region, each token-major like a
+    page_first host page ([tokens, layers, heads, dim]): [slots, parts, tokens, layers, heads,
+    dim]. The decode agent's DE buffer keeps forwarded pages so (sglang_plugin/block_buffer.py),
+    and a slot's K (V) region is byte-for-byte a page_first host page's K (V) region."""
+    if buf.dim() != 6:
+        raise ValueError("slot buffer must be [slots, parts, tokens, layers, heads, dim]")
+    e = buf.element_size()
+    bases = [[(0, c * buf.stride(1) * e + layer * buf.stride(3) * e)
+              for c in range(buf.shape[1])] for layer in range(buf.shape[3])]
+    return _make("page_first_slots", bases, [buf], buf.shape[2], buf.shape[0],
+                 _row_bytes(buf, 2), buf.stride(0) * e, buf.stride(2) * e)
 
 
 def full_blocks(buf: torch.Tensor) -> KVLayout:
