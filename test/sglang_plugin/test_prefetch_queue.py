@@ -535,3 +535,31 @@ def test_write_through_without_host_room_is_counted():
     assert pq.STATS["pf_write_through_failed"] == before["pf_write_through_failed"] + 1
     assert pq.STATS["pf_write_through_failed_tokens"] == before[
         "pf_write_through_failed_tokens"] + 128
+
+
+def test_arrival_match_holds_leave_half_the_host_pool_free():
+    """Holds of arrival matches stop at MATCHED_HOLD_SHARE of the host pool (then a match is
+    left unprotected, as stock leaves it), so write-through and prefetches keep room; a
+    released hold frees its share."""
+    import torch
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    cache = make_cache(stored_tokens=None)
+    root, _ = _real_tree(cache)
+    pool = HostPool(free=0)
+    pool.size = 8 * PAGE  # holds may cover 4 pages
+    cache.cache_controller.mem_pool_host = pool
+    nodes = []
+    for i in range(3):  # three prompts of 2 pages each, host-only
+        toks = [1000 * (i + 1) + t for t in range(2 * PAGE)]
+        cache._insert_helper_host(root, RadixKey(toks), torch.arange(2 * PAGE), ["h"] * 2)
+        nodes.append(root.children[RadixKey(toks).child_key(PAGE)])
+    before = dict(pq.STATS)
+    for i, n in enumerate(nodes):
+        cache.prefetch_from_storage(f"r{i}", n, list(range(PAGE // 2)), None, None)
+    assert [n.host_ref_counter for n in nodes] == [1, 1, 0]
+    assert pq.STATS["pf_held_matched"] == before["pf_held_matched"] + 2
+    assert pq.STATS["pf_hold_skipped_room"] == before["pf_hold_skipped_room"] + 1
+    pq.cached(None, cache, types.SimpleNamespace(rid="r0"))  # r0 ran: its share is free
+    cache.prefetch_from_storage("r3", nodes[2], list(range(PAGE // 2)), None, None)
+    assert [n.host_ref_counter for n in nodes] == [0, 1, 1]

@@ -68,6 +68,7 @@ def table(results: list[dict]) -> str:
                        ("PE pf no budget", "pe_pf_refused_budget"),
                        ("PE pf too short", "pe_pf_refused_short"),
                        ("PE held on match", "pe_pf_held_matched"),
+                       ("PE hold no room", "pe_pf_hold_skipped_room"),
                        ("PE WT no host", "pe_pf_write_through_failed"),
                        ("PE pf no host", "pe_pf_waited_host"), ("PE pf revoked", "pe_pf_empty"),
                        ("PE no GPU room", "pe_pf_loadback_failed"), ("PE pf held", "pe_pf_held"),

@@ -70,6 +70,10 @@ DRAINING = "_dualpath_prefetch_draining"
 QUEUE_TTL_S = 300.0
 HOLD_TTL_S = 120.0  # a held prefix whose request is not checked this long is released
 HELD = "_dualpath_prefetch_held"
+MATCHED = "_dualpath_matched_hold_tokens"  # req id -> host tokens its arrival-match hold covers
+# arrival-match holds protect at most this share of the host pool: beyond it a match is not
+# held (stock behaviour), so write-through and prefetches keep room
+MATCHED_HOLD_SHARE = 0.5
 TRIM_EVERY_S = 0.05
 STARTED = "_dualpath_prefetch_started"
 SETTINGS = "_dualpath_settings"
@@ -86,6 +90,8 @@ STATS = {"pf_queued": 0, "pf_waited_host": 0, "pf_started": 0, "pf_empty": 0,
          "pf_held": 0, "pf_hold_expired": 0,
          # of the holds, those of a prefix matched in the host pool on arrival
          "pf_held_matched": 0,
+         # arrival matches not held because holds already covered MATCHED_HOLD_SHARE of the pool
+         "pf_hold_skipped_room": 0,
          # why a prefetch_from_storage call started nothing: budget taken (SGLang's
          # prefetch_rate_limited) with nothing stored to queue for, or fewer new tokens than
          # the prefetch threshold
@@ -217,12 +223,33 @@ def _hold(cache, req_id, last_host_node, key) -> None:
     _hold_node(cache, req_id, node)
 
 
+def _prefix_host_tokens(node) -> int:
+    """Host-pool tokens on the path from the root to `node` (what holding `node` protects)."""
+    n = 0
+    while node is not None and getattr(node, "parent", None) is not None:
+        hv = getattr(node, "host_value", None)
+        n += len(hv) if hv is not None else 0
+        node = node.parent
+    return n
+
+
 def _hold_matched(cache, req_id, node) -> None:
     """Hold what the request's arrival match found in the host pool (`last_host_node`; the
-    root holds nothing) while no prefetch of its own protects it."""
+    root holds nothing) while no prefetch of its own protects it, and while such holds cover
+    at most MATCHED_HOLD_SHARE of the pool (shared prefixes are counted once per request)."""
     if getattr(node, "parent", None) is None or req_id in cache.ongoing_prefetch:
         return
+    matched = getattr(cache, MATCHED, None)
+    if matched is None:
+        matched = {}
+        setattr(cache, MATCHED, matched)
+    tokens = _prefix_host_tokens(node)
+    size = getattr(getattr(cache.cache_controller, "mem_pool_host", None), "size", None)
+    if size is not None and sum(matched.values()) + tokens > MATCHED_HOLD_SHARE * size:
+        STATS["pf_hold_skipped_room"] += 1
+        return
     if _hold_node(cache, req_id, node):
+        matched[req_id] = tokens
         STATS["pf_held_matched"] += 1
 
 
@@ -240,6 +267,9 @@ def _hold_node(cache, req_id, node) -> bool:
 
 
 def unhold(cache, req_id) -> None:
+    matched = getattr(cache, MATCHED, None)
+    if matched:
+        matched.pop(req_id, None)
     held = getattr(cache, HELD, None)
     item = held.pop(req_id, None) if held else None
     if item is not None:
@@ -458,4 +488,7 @@ def reset(result, cache, *args, **kwargs):
     held = getattr(cache, HELD, None)
     if held:
         held.clear()  # its nodes belong to the old tree
+    matched = getattr(cache, MATCHED, None)
+    if matched:
+        matched.clear()
     return result
