@@ -43,7 +43,9 @@ the `wait_complete` policy).
   host-only leaves and `trim` (or any host eviction) frees them while the request queues, so
   no prefetch was started (few new tokens) and the whole prompt is recomputed (measured on
   2x H100, 2026-11-27, 16 agents x 20 turns, 4-8K-token prompts: 265 of 291 arrivals matched
-  all but < 1 page, yet 97% of later prompt tokens were recomputed).
+  all but < 1 page, yet 97% of later prompt tokens were recomputed). Such holds cover at most
+  MATCHED_HOLD_SHARE of the host pool; beyond it a match is left as stock leaves it, so
+  write-through and prefetches keep room when many agents queue at once.
 - Also here, because they are the same host-pool policy: `trim` (--dualpath-host-cache-tokens:
   host-only pages beyond a budget are evicted, so the pool stages rather than caches) and
   `count_load_back` (a meter of host hits the GPU had no room to load). `STATS` counts it all
