@@ -14,8 +14,8 @@ child), on an 8B-shaped model (32 layers, 8 KV heads x 128, bf16, 64-token pages
   critical path unless signalled per layer (sglang_plugin/README.md).
 
 After each path the prefill checks that its GPU pool holds exactly the forwarded pages (byte
-compare against the DE buffer, mapped read-only). Per size: median seconds and GB/s of each
-step, JSONL to --out (one row per size). GPU host only:
+compare against the DE buffer, mapped from the decode process's shared memory). Per size:
+median seconds and GB/s of each step, JSONL to --out (one row per size). GPU host only:
 
     python benchmark/transfer/bench_de_forward.py [--pages 64,256] [--repeats 5] [--workers 8]
         [--direct-gpus 1,0] [--out FILE]
@@ -112,6 +112,9 @@ def _de_main(conn, slab_pages: int, workers: int) -> None:
         cmd = msg["cmd"]
         try:
             if cmd == "stop":
+                for rng, _ in opened.values():
+                    rng.close()
+                torch.cuda.cudart().cudaHostUnregister(slab.data_ptr())
                 return
             if cmd == "a1":  # DE buffer -> prefill host pool, two region copies per page
                 if dst_region is None:
@@ -120,20 +123,25 @@ def _de_main(conn, slab_pages: int, workers: int) -> None:
                 src_off, dst_off = forward_offsets(msg["slots"], msg["host_pages"],
                                                    msg["host_pages_total"])
                 times = []
-                for _ in range(msg["repeats"]):
-                    t0 = time.perf_counter()
+                for _ in range(msg["repeats"] + 1):  # the first (page faults of the fresh
+                    t0 = time.perf_counter()       # mapping) is a warm-up
                     h = eng.submit(TransferBatch.of(src_region, src_off, dst_region, dst_off,
                                                     REGION), priority="bulk")
                     if eng.wait(h, 120.0) != "done":
                         raise RuntimeError(f"forward copy failed: {h.error}")
                     times.append(time.perf_counter() - t0)
-                conn.send({"times": times})
+                conn.send({"times": times[1:]})
             elif cmd == "b":  # DE buffer -> prefill GPU pool through CUDA IPC
                 gpu = msg["gpu"]
-                if gpu not in opened:
+                if gpu not in opened:  # one mapping of the handle at a time in this process
+                    for rng, _ in opened.values():
+                        rng.close()
+                    opened.clear()
                     rng = open_range(IpcRange.from_dict(msg["ipc"]), device=gpu)
-                    with torch.cuda.device(gpu):
-                        flat = torch.as_tensor(_DevicePtr(rng.ptr, rng.desc.length))
+                    # no device= here: torch would copy to it; the tensor is labelled with the
+                    # GPU that holds the memory, copy_kv uses only its addresses and launches
+                    # on the stream of the page indices' GPU
+                    flat = torch.as_tensor(_DevicePtr(rng.ptr, rng.desc.length))
                     opened[gpu] = (rng, pool_layout(flat, msg["dev_pages"]))
                 dst = opened[gpu][1]
                 dev = torch.device("cuda", gpu)
@@ -147,7 +155,7 @@ def _de_main(conn, slab_pages: int, workers: int) -> None:
                         copy_kv(slots, dst, src_pages, dst_pages)
                         torch.cuda.synchronize(gpu)
                         times.append(time.perf_counter() - t0)
-                conn.send({"times": times, "pool_device": str(opened[gpu][1].device)})
+                conn.send({"times": times, "pool_device": str(dst.device)})
         except Exception as e:  # noqa: BLE001  (reported to the prefill side, per step)
             conn.send({"error": f"{type(e).__name__}: {e}"})
 
@@ -256,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                                "slots": slots, "dev_pages_sel": dp, "repeats": args.repeats + 1})
                     row[f"b_gpu{gpu}_s"] = _median(got["times"][1:])
                     row[f"b_gpu{gpu}_ok"] = pool_holds(slots, dp)
+                    row[f"b_gpu{gpu}_pool_device"] = got["pool_device"]
                 except RuntimeError as e:
                     row[f"b_gpu{gpu}_error"] = str(e)
             for k in [k for k in row if k.endswith("_s") and row[k]]:
@@ -269,13 +278,15 @@ def main(argv: list[str] | None = None) -> int:
             conn.send({"cmd": "stop"})
         except OSError:
             pass
-        child.join(10)
+        child.join(30)
+        torch.cuda.cudart().cudaHostUnregister(host.data_ptr())
     if args.out:
         with args.out.open("a") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
-    ok = all(r.get("host_path_ok") and all(v for k, v in r.items() if k.endswith("_ok"))
-             for r in rows)
+    ok = bool(rows) and all(r.get("host_path_ok") and all(
+        v for k, v in r.items() if k.endswith("_ok")) and not any(
+        k.endswith("_error") for k in r) for r in rows)
     return 0 if ok else 1
 
 

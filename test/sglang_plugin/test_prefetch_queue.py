@@ -324,7 +324,7 @@ def _held(rid, tokens):
     return cache, node
 
 
-def test_a_completed_prefetch_is_held_until_its_request_loads_it():
+def test_a_completed_prefetch_is_held_until_its_request_runs():
     tokens = list(range(4 * PAGE))
     cache, root = _tree_after_prefetch("r", tokens)
     before = dict(pq.STATS)
@@ -336,9 +336,12 @@ def test_a_completed_prefetch_is_held_until_its_request_loads_it():
     cache.evictable_host_leaves = {leaf}
     assert pq.evictable_host_tokens(cache) == 0, "held pages are not room for others"
     assert cache.check("r") is True and leaf.host_ref_counter == 1  # held once
-    # the scheduler loads it: init_load_back with the request releases the hold
+    # the scheduler loads it (init_load_back), but may still turn the request away for this
+    # batch: the hold stays until the request has run
     params = types.SimpleNamespace(best_match_node=leaf, req=types.SimpleNamespace(rid="r"))
     pq.count_load_back(lambda c, p: ([1], leaf), cache, params)
+    assert leaf.host_ref_counter == 1
+    pq.cached(None, cache, types.SimpleNamespace(rid="r"))
     assert leaf.host_ref_counter == 0
     assert pq.evictable_host_tokens(cache) == 2 * PAGE
 
@@ -563,3 +566,21 @@ def test_arrival_match_holds_leave_half_the_host_pool_free():
     pq.cached(None, cache, types.SimpleNamespace(rid="r0"))  # r0 ran: its share is free
     cache.prefetch_from_storage("r3", nodes[2], list(range(PAGE // 2)), None, None)
     assert [n.host_ref_counter for n in nodes] == [0, 1, 1]
+
+
+def test_a_prefetch_that_loaded_nothing_holds_pages_another_request_brought():
+    """Revoked (nothing loaded for this request), but the prefix's pages are in the tree (here
+    the stand-in's completion inserts them, as another request's prefetch would): the hold
+    lands on the deepest node of the prefix, not on the arrival node."""
+    tokens = list(range(4 * PAGE))
+    cache, root = _tree_after_prefetch("z", tokens)
+
+    class NothingLoaded(dict):
+        def get(self, key, default=None):
+            return 0
+
+    cache.prefetch_loaded_tokens_by_reqid = NothingLoaded()
+    assert cache.check("z") is True
+    mid = next(iter(root.children.values()))
+    leaf = next(iter(mid.children.values()))
+    assert leaf.host_ref_counter == 1 and root.host_ref_counter == 0

@@ -29,9 +29,11 @@ the `wait_complete` policy).
 - An entry left behind by a request that is never checked again (rejected before scheduling)
   is dropped after `QUEUE_TTL_S`, and `reset()` empties the queue.
 - A completed prefetch's pages are held (`protect_host` on the deepest node it filled) until
-  its request loads them to the GPU (`init_load_back`), runs without needing to (its KV is
-  cached: `cache_unfinished_req` / `cache_finished_req`), is aborted, or goes `HOLD_TTL_S`
-  without the scheduler checking it.
+  its request has run (its KV cached: `cache_unfinished_req` / `cache_finished_req`; not at
+  `init_load_back`, after which the scheduler may still turn the request away for this
+  batch), is aborted, or goes `HOLD_TTL_S` without the scheduler checking it (a request
+  rejected before scheduling; also one that waits longer than that in the PD bootstrap queue,
+  which is not checked).
   Stock releases them when the prefetch completes, while the request may still wait for a
   batch; host-pool eviction (room for the next prefetch, write-through, `trim`) then frees them
   first, as they are host-only leaves, and the prefix is recomputed (measured on 2x H100,
@@ -129,9 +131,10 @@ def count_load_back(original, cache, params):
     node = params.best_match_node
     evicted = getattr(node, "evicted", False)
     result = original(cache, params)
-    req = getattr(params, "req", None)
-    if req is not None:
-        unhold(cache, req.rid)  # loaded to the GPU (or not loadable): the GPU pool holds it now
+    # the hold stays: the scheduler may still turn the request away after the load (no room
+    # in this batch), and the loaded pages, unlocked on the GPU, could then be evicted from
+    # both pools before it runs; cache_*_req, abort or the TTL end it (a hold on pages that
+    # are on the GPU blocks nothing: evict_host frees only pages no longer there)
     if evicted and len(result[0]) == 0:
         n = 0
         while node is not None and getattr(node, "evicted", False):
@@ -218,13 +221,6 @@ def _deepest(cache, node, key):
     return node
 
 
-def _hold(cache, req_id, last_host_node, key) -> None:
-    node = _deepest(cache, last_host_node, key)
-    if node is last_host_node:  # nothing new in the tree
-        return
-    _hold_node(cache, req_id, node)
-
-
 def _prefix_host_tokens(node) -> int:
     """Host-pool tokens on the path from the root to `node` (what holding `node` protects)."""
     n = 0
@@ -280,9 +276,7 @@ def unhold(cache, req_id) -> None:
 
 def cached(result, cache, req, *args, **kwargs):
     """AFTER RadixCache.cache_unfinished_req / cache_finished_req: the request ran (its prefix
-    came from the GPU, or was loaded, or was recomputed), so a hold for it has done its job;
-    this covers a prefix some other request had already brought to the GPU (no
-    init_load_back for this one)."""
+    came from the GPU, or was loaded, or was recomputed), so a hold for it has done its job."""
     unhold(cache, getattr(req, "rid", None))
     return result
 
@@ -457,9 +451,10 @@ def check(original, cache, req_id) -> bool:
             if loaded == 0:  # revoked: too few pages stored, or no host memory
                 STATS["pf_empty"] += 1
         if pending is not None and _enabled(cache):
-            if loaded > 0:
-                _hold(cache, req_id, pending[0], pending[1])  # until the request loads it
-            else:  # revoked: what the arrival match found is still worth keeping
+            deepest = _deepest(cache, pending[0], pending[1])
+            if deepest is not pending[0]:  # loaded, or inserted meanwhile by another request
+                _hold_node(cache, req_id, deepest)  # until the request runs
+            else:  # revoked with nothing new: what the arrival match found is still worth it
                 _hold_matched(cache, req_id, pending[0])
         drain(cache)  # this request's prefetch may have freed budget
     return done
