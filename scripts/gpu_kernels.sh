@@ -4,8 +4,13 @@
 # measured in the same run, SGLang's kvcacheio kernels as the peer). Logs, JSONL and
 # summary.json go to --out (default .cache/gpu_kernels).
 #
-#   bash scripts/gpu_kernels.sh [--out DIR] [--bench-args "--models 8b --pages 64"]
+#   bash scripts/gpu_kernels.sh [--out DIR] [--bench-args "--models 8b --pages 64"] [--ncu]
 #        [setup/cache options: scripts/gpu_run.sh]
+#
+# --ncu: after the benchmark, profile one copy_kv launch with the command below (8B, 64-token
+# pages, 64 pages, d2d gather, CUDA kernel; sections SpeedOfLight and MemoryWorkloadAnalysis);
+# the report goes to OUT/ncu.txt and its outcome into summary.json (also when ncu is missing
+# or may not read the GPU's counters).
 #
 # Profile one launch under Nsight Compute (the GPU host has ncu):
 #   source .site/env.sh && ncu --clock-control none --target-processes all -k regex:copy_kv \

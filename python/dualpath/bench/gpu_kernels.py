@@ -51,9 +51,49 @@ def tests_then_bench(description: str, tests: str, bench: str, argv: list[str] |
     return 0 if t.returncode == 0 and b.returncode == 0 else 1
 
 
+NCU_CMD = ["ncu", "--clock-control", "none", "--target-processes", "all", "-k", "regex:copy_kv",
+           "-c", "1", "--section", "SpeedOfLight", "--section", "MemoryWorkloadAnalysis"]
+NCU_BENCH = ["--models", "8b", "--page-sizes", "64", "--pages", "64", "--moves", "d2d_gather",
+             "--impls", "cuda"]
+
+
+def ncu_profile(out: Path, timeout_s: float = 300) -> dict:
+    """One copy_kv launch under Nsight Compute (the command scripts/gpu_kernels.sh documents);
+    the report goes to OUT/ncu.txt. Returns what happened, also when ncu is missing or may not
+    read the counters (ERR_NVGPUCTRPERM)."""
+    import shutil
+
+    if shutil.which("ncu") is None:
+        return {"ncu": "not found on PATH"}
+    cmd = [*NCU_CMD, sys.executable, str(ROOT / "benchmark/kernels/bench_copy_kv.py"),
+           *NCU_BENCH]
+    t0 = time.time()
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+                           env={**os.environ, "TRITON_INTERPRET": "0"})
+    except subprocess.TimeoutExpired:
+        return {"ncu": f"timed out after {timeout_s:.0f} s", "cmd": shlex.join(cmd)}
+    (out / "ncu.txt").write_text(r.stdout + r.stderr)
+    profiled = "copy_kv" in r.stdout and "Section: GPU Speed Of Light" in r.stdout
+    return {"ncu": "profiled" if profiled else "no kernel report", "ncu_rc": r.returncode,
+            "ncu_s": round(time.time() - t0, 1), "cmd": shlex.join(cmd),
+            "ncu_perm_error": "ERR_NVGPUCTRPERM" in (r.stdout + r.stderr)}
+
+
 def main(argv: list[str] | None = None) -> int:
-    return tests_then_bench(__doc__.split("\n\n")[0], "test/ops",
-                            "benchmark/kernels/bench_copy_kv.py", argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ncu = "--ncu" in argv
+    if ncu:
+        argv.remove("--ncu")
+    rc = tests_then_bench(__doc__.split("\n\n")[0], "test/ops",
+                          "benchmark/kernels/bench_copy_kv.py", argv)
+    if ncu:  # after the timed benchmark: profiling replays kernels and would disturb it
+        out = Path(argv[argv.index("--out") + 1])
+        info = ncu_profile(out)
+        print(f"ncu: {info}", flush=True)
+        summary = json.loads((out / "summary.json").read_text())
+        (out / "summary.json").write_text(json.dumps({**summary, **info}, indent=1) + "\n")
+    return rc
 
 
 if __name__ == "__main__":
