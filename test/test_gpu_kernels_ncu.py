@@ -8,20 +8,20 @@ import stat
 from dualpath.bench import gpu_kernels as gk
 
 
-def fake_ncu(tmp_path, body: str):
+def fake_ncu(tmp_path, monkeypatch, body: str) -> None:
+    """A stand-in `ncu` first on PATH: records its arguments, then runs `body`."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     f = bin_dir / "ncu"
     f.write_text("#!/bin/sh\necho \"$@\" > \"$NCU_ARGS\"\n" + body)
     f.chmod(f.stat().st_mode | stat.S_IEXEC)
-    return bin_dir
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("NCU_ARGS", str(tmp_path / "args"))
 
 
 def test_profiles_one_copy_kv_launch(tmp_path, monkeypatch):
-    bin_dir = fake_ncu(tmp_path, "echo '  copy_kv_kernel<int4>(...)'\n"
-                                 "echo '    Section: GPU Speed Of Light Throughput'\n")
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("NCU_ARGS", str(tmp_path / "args"))
+    fake_ncu(tmp_path, monkeypatch, "echo '  copy_kv_kernel<int4>(...)'\n"
+                                    "echo '    Section: GPU Speed Of Light Throughput'\n")
     info = gk.ncu_profile(tmp_path)
     assert info["ncu"] == "profiled" and info["ncu_rc"] == 0 and not info["ncu_perm_error"]
     args = (tmp_path / "args").read_text().split()
@@ -32,10 +32,8 @@ def test_profiles_one_copy_kv_launch(tmp_path, monkeypatch):
 
 
 def test_reports_a_counter_permission_refusal(tmp_path, monkeypatch):
-    bin_dir = fake_ncu(tmp_path, "echo '==ERROR== ERR_NVGPUCTRPERM - no permission' >&2\n"
-                                 "exit 1\n")
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("NCU_ARGS", str(tmp_path / "args"))
+    fake_ncu(tmp_path, monkeypatch, "echo '==ERROR== ERR_NVGPUCTRPERM - no permission' >&2\n"
+                                    "exit 1\n")
     info = gk.ncu_profile(tmp_path)
     assert info["ncu"] == "no kernel report" and info["ncu_perm_error"] and info["ncu_rc"] == 1
 
