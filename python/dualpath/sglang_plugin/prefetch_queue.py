@@ -104,10 +104,9 @@ STATS = {"pf_queued": 0, "pf_waited_host": 0, "pf_started": 0, "pf_empty": 0,
          # pages are neither mirrored in the host pool nor backed up to storage from it, so a
          # later turn finds them nowhere once the GPU evicts them
          "pf_write_through_failed": 0, "pf_write_through_failed_tokens": 0}
-# gauges, sampled at each prefetch check: tokens the started prefetches count against SGLang's
-# budget (and the budget), prefetches in flight, free host-pool tokens
-GAUGES = {"pf_budget_used_tokens_now": 0, "pf_budget_tokens_now": 0, "pf_in_flight_now": 0,
-          "pf_host_free_tokens_now": 0}
+# the process's HiRadixCache (it lives as long as the scheduler; set when its settings are
+# first read), for the gauges
+_CACHE = None
 
 
 def count_write_backup(result, cache, node, write_back=False):
@@ -146,16 +145,18 @@ def count_load_back(original, cache, params):
 
 
 def snapshot() -> dict:
-    return {**STATS, **GAUGES}
-
-
-def _sample(cache) -> None:
+    """The counters, and gauges read now from the cache: tokens the started prefetches count
+    against SGLang's budget (and the budget), prefetches in flight, free host-pool tokens."""
+    cache = _CACHE
+    if cache is None:
+        return dict(STATS)
     cc = cache.cache_controller
-    GAUGES["pf_budget_used_tokens_now"] = int(getattr(cc, "prefetch_tokens_occupied", 0))
-    GAUGES["pf_budget_tokens_now"] = int(getattr(cc, "prefetch_capacity_limit", 0))
-    GAUGES["pf_in_flight_now"] = len(getattr(cache, "ongoing_prefetch", ()))
     pool = getattr(cc, "mem_pool_host", None)
-    GAUGES["pf_host_free_tokens_now"] = int(pool.available_size()) if pool is not None else 0
+    return {**STATS,
+            "pf_budget_used_tokens_now": int(getattr(cc, "prefetch_tokens_occupied", 0)),
+            "pf_budget_tokens_now": int(getattr(cc, "prefetch_capacity_limit", 0)),
+            "pf_in_flight_now": len(getattr(cache, "ongoing_prefetch", ())),
+            "pf_host_free_tokens_now": int(pool.available_size()) if pool is not None else 0}
 
 
 def evictable_host_tokens(cache) -> int:
@@ -332,6 +333,8 @@ def _settings(cache) -> tuple[bool, int]:
         prefill = cfg is None or cfg.role != "decode"
         got = (prefill, cfg.host_cache_tokens if cfg is not None and prefill else -1)
         setattr(cache, SETTINGS, got)
+        global _CACHE
+        _CACHE = cache
     return got
 
 
@@ -433,7 +436,6 @@ def check(original, cache, req_id) -> bool:
     _expire_holds(cache)
     trim(cache)
     drain(cache)
-    _sample(cache)
     q = getattr(cache, ATTR, None)
     if q and req_id in q:
         return False
