@@ -584,3 +584,44 @@ def test_a_prefetch_that_loaded_nothing_holds_pages_another_request_brought():
     mid = next(iter(root.children.values()))
     leaf = next(iter(mid.children.values()))
     assert leaf.host_ref_counter == 1 and root.host_ref_counter == 0
+
+
+def test_trim_frees_whole_host_only_chains_in_one_call(monkeypatch):
+    """An agent's context is a chain of one host node per turn; only the last turn is a leaf.
+    With a budget of 0, one trim must free the whole chain through SGLang's own `evict_host`
+    (counting leaves only freed one turn per call), leave a held chain alone, and with a
+    budget keep that many tokens."""
+    import torch
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    monkeypatch.setenv("DUALPATH_PLUGIN_CONFIG", '{"host_cache_tokens": 0}')
+    cache = fresh(make_cache(stored_tokens=None))
+    root, freed = _real_tree(cache)
+    pool = cache.cache_controller.mem_pool_host = HostPool(free=0)
+    cache.cache_controller.evict_host = lambda hv: freed.append(len(hv)) or setattr(
+        pool, "free", pool.free + len(hv)) or len(hv)
+
+    def chain(base, turns):  # turn t's prompt extends turn t-1's by 2 pages
+        toks = []
+        for _ in range(turns):
+            toks += [base + len(toks) + i for i in range(2 * PAGE)]
+            cache._insert_helper_host(root, RadixKey(list(toks)), torch.arange(len(toks)),
+                                      [f"{base}-{i}" for i in range(len(toks) // PAGE)])
+        return toks
+
+    a, b = chain(0, 4), chain(100_000, 3)
+    assert len(cache.evictable_host_leaves) == 2, "one leaf per chain: its last turn"
+    assert pq.evictable_host_tokens(cache) == 4 * PAGE
+    b_leaf = root.children[RadixKey(b).child_key(PAGE)]
+    while b_leaf.children:
+        b_leaf = next(iter(b_leaf.children.values()))
+    b_leaf.protect_host()  # b's next turn matched it and holds it
+    assert pq.trimmable_host_tokens(cache) == len(a)
+    assert pq.trim(cache) == len(a) and sorted(freed) == [2 * PAGE] * 4
+    assert list(root.children) == [RadixKey(b).child_key(PAGE)], "the held chain stays"
+    b_leaf.release_host()
+    monkeypatch.setenv("DUALPATH_PLUGIN_CONFIG", f'{{"host_cache_tokens": {4 * PAGE}}}')
+    keep = fresh(cache)
+    keep.cache_controller.evict_host = cache.cache_controller.evict_host
+    freed.clear()
+    assert pq.trim(keep) == 2 * PAGE and freed == [2 * PAGE], "LRU first, down to the budget"
