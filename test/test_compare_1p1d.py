@@ -71,6 +71,15 @@ def test_samplers_and_rates():
     assert g.stop() == [] or g.error is None
 
 
+def served(app):
+    """(server, loop): an aiohttp test server running in a thread of its own."""
+    loop = asyncio.new_event_loop()
+    srv = TestServer(app)
+    loop.run_until_complete(srv.start_server())
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    return srv, loop
+
+
 def test_run_once_against_a_fake_cluster(monkeypatch, tmp_path):
     counters = {"pe": 0, "de": 0}
 
@@ -86,11 +95,7 @@ def test_run_once_against_a_fake_cluster(monkeypatch, tmp_path):
     monkeypatch.setattr(cmp, "agent_stats", fake_stats)
 
     prompts = []
-    loop = asyncio.new_event_loop()
-    srv = TestServer(fake_server(prompts))
-    loop.run_until_complete(srv.start_server())
-    t = threading.Thread(target=loop.run_forever, daemon=True)
-    t.start()
+    srv, loop = served(fake_server(prompts))
     try:
         class P:
             def __init__(self, name):
@@ -111,6 +116,40 @@ def test_run_once_against_a_fake_cluster(monkeypatch, tmp_path):
     u = res["storage_util"]
     assert u["pe_util"] > 0 and u["cluster_util"] == pytest.approx(
         (u["pe_util"] + u["de_util"]) / 2, abs=2e-3)
+
+
+def test_a_stalled_run_ends_with_the_servers_state(monkeypatch, tmp_path):
+    """A turn the servers never finish: run_once ends the replay after stall_s, the turn is an
+    error, and the result names it with both agents' stats (or why they could not be read)
+    and each log's tail."""
+    def fake_stats(port, timeout):
+        if port == cmp.PRE_PORT:
+            return {"storage": {"read_bytes": 0}, "paths": {}, "pf_in_flight_now": 3}
+        raise TimeoutError("decode agent did not answer")
+    monkeypatch.setattr(cmp, "agent_stats", fake_stats)
+    srv, loop = served(fake_server([], hang_rid="a0-t1"))
+    try:
+        class P:
+            def __init__(self, name):
+                self.log_path = tmp_path / name
+                self.log_path.write_text("boot\n" + f"{name} last words\n")
+
+            def log_tail(self, n):
+                return self.log_path.read_text().splitlines()[-1]
+
+        class C:
+            url = str(srv.make_url("")).rstrip("/")
+            pre, dec, router = P("pre.log"), P("dec.log"), P("router.log")
+        trajs = cmp.make_trace(args(agents=1, max_turns=3))
+        res = cmp.run_once(C(), trajs, online=False, seed=0, cap_gbps=1.0, stall_s=0.5)
+    finally:
+        asyncio.run_coroutine_threadsafe(srv.close(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+    stall = res["stall"]
+    assert [x["turn"] for x in stall["in_flight"]] == [1] and res["errors"] == 1
+    s = stall["servers"]
+    assert s["pe_stats"]["pf_in_flight_now"] == 3 and "did not answer" in s["de_stats"]["error"]
+    assert s["prefill_log_tail"] == "pre.log last words" and s["router_log_tail"]
 
 
 def test_storage_util_counts_only_the_reading_window():

@@ -10,14 +10,19 @@ from dualpath.bench.replay import replay, token_ids
 from dualpath.bench.trace import Trajectory
 
 
-def fake_server(prompts: list, fail_on: int | None = None) -> web.Application:
+def fake_server(prompts: list, fail_on: int | None = None, hang_rid: str | None = None,
+                rids: list | None = None) -> web.Application:
     app = web.Application()
 
     async def gen(request):
         body = await request.json()
         prompts.append(body["input_ids"])
+        if rids is not None:
+            rids.append(body.get("rid"))
         if fail_on is not None and len(prompts) == fail_on:
             return web.json_response({"error": "boom"}, status=500)
+        if hang_rid is not None and (body.get("rid") or "").endswith(hang_rid):
+            await asyncio.sleep(3600)  # a request the servers never finish
         n = body["sampling_params"]["max_new_tokens"]
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
@@ -35,11 +40,11 @@ def fake_server(prompts: list, fail_on: int | None = None) -> web.Application:
     return app
 
 
-def run_replay(trajs, fail_on=None, **kw):
+def run_replay(trajs, fail_on=None, hang_rid=None, rids=None, **kw):
     prompts = []
 
     async def main():
-        srv = TestServer(fake_server(prompts, fail_on))
+        srv = TestServer(fake_server(prompts, fail_on, hang_rid, rids))
         await srv.start_server()
         try:
             return await replay(str(srv.make_url("")), trajs, **kw)
@@ -128,3 +133,36 @@ def test_cli_generate_then_replay(tmp_path):
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["errors"] == 0 and result["turns_ok"] == len(prompts) > 0
     assert (tmp_path / "r.turns.jsonl").read_text().count("\n") == result["turns"]
+
+
+def test_each_turn_has_its_own_request_id_per_replay():
+    trajs = [Trajectory(a, 10, [(5, 2)] * 2) for a in range(2)]
+    r1, r2 = [], []
+    run_replay(trajs, rids=r1)
+    run_replay(trajs, rids=r2)
+    assert len(set(r1)) == 4 and not set(r1) & set(r2), "unique, and a new tag per replay"
+    assert sorted(x.split("-", 1)[1] for x in r1) == ["a0-t0", "a0-t1", "a1-t0", "a1-t1"]
+
+
+def test_a_stalled_replay_stops_says_which_turns_and_asks_the_servers():
+    trajs = [Trajectory(a, 10, [(5, 2)] * 3) for a in range(3)]
+    asked = []
+    summary, records, _ = run_replay(trajs, hang_rid="a1-t1", stall_s=0.5, progress_s=None,
+                                     on_stall=lambda: asked.append(1) or {"pe": "state"})
+    stall = summary["stall"]
+    assert [x["rid"].split("-", 1)[1] for x in stall["in_flight"]] == ["a1-t1"]
+    assert stall["in_flight"][0]["waited_s"] >= 0.5 and not stall["in_flight"][0]["first_token"]
+    assert stall["servers"] == {"pe": "state"} and asked == [1]
+    assert summary["turns_ok"] == 7 and summary["errors"] == 1
+    bad = [r for r in records if r.error]
+    assert len(bad) == 1 and bad[0].error.startswith("stalled") and bad[0].turn == 1
+
+
+def test_no_stall_while_turns_keep_finishing_and_a_failing_diagnosis_is_kept():
+    trajs = [Trajectory(0, 10, [(5, 2)] * 3)]
+    summary, _, _ = run_replay(trajs, stall_s=5.0, progress_s=None,
+                               on_stall=lambda: 1 / 0)
+    assert "stall" not in summary and summary["turns_ok"] == 3
+    summary, _, _ = run_replay([Trajectory(0, 10, [(5, 2)])], hang_rid="a0-t0", stall_s=0.3,
+                               progress_s=None, on_stall=lambda: 1 / 0)
+    assert summary["stall"]["servers"]["error"].startswith("ZeroDivisionError")

@@ -55,6 +55,9 @@ CONFIGS = {"off": (False, "pe", False, True), "on": (True, "shorter", False, Tru
            "de": (True, "de", False, True), "split": (True, "split", False, True),
            "oracle": (False, "pe", True, True), "stock": (False, "pe", False, False)}
 SLO_TTFT_S, SLO_TPOT_S = 4.0, 0.050  # the paper's online SLO
+# no turn finished for this long: the replay stops and says why (2x H100, 17ce76c: an "on"
+# replay sat at 271/289 turns for 140 s until the call's watchdog killed it, and left nothing)
+STALL_S = 90.0
 
 
 def make_trace(args, arrival_rate: float | None = None, seed: int = 0) -> list[Trajectory]:
@@ -115,13 +118,28 @@ def storage_util(a_rows, cap_gbps: float) -> dict:
             "cluster_util": round(sum(per.values()) / (2 * cap_gbps), 3)}
 
 
-def run_once(c: PDCluster, trajs, online: bool, seed: int, cap_gbps: float) -> dict:
+def stall_report(c: PDCluster, log_lines: int = 60) -> dict:
+    """What the servers say when a replay stalls: each agent's stats and each log's tail."""
+    out = {}
+    for role, port in (("pe", PRE_PORT), ("de", DEC_PORT)):
+        try:
+            out[f"{role}_stats"] = agent_stats(port, 5)
+        except Exception as e:  # a hung server is part of the answer
+            out[f"{role}_stats"] = {"error": f"{type(e).__name__}: {e}"}
+    for role, proc in (("prefill", c.pre), ("decode", c.dec), ("router", c.router)):
+        out[f"{role}_log_tail"] = proc.log_tail(log_lines)
+    return out
+
+
+def run_once(c: PDCluster, trajs, online: bool, seed: int, cap_gbps: float,
+             stall_s: float | None = None) -> dict:
     logs = [LogCursor(p.log_path) for p in (c.pre, c.dec)]
     gpus = gpu_sampler().start()
     agents = agents_sampler({"pe": lambda: agent_stats(PRE_PORT, 2),
                              "de": lambda: agent_stats(DEC_PORT, 2)}, path_bytes).start()
     summary, records = asyncio.run(replay(c.url, trajs, online=online, seed=seed,
-                                          stop_ttft_s=SLO_TTFT_S))  # the paper's stop rule
+                                          stop_ttft_s=SLO_TTFT_S,  # the paper's stop rule
+                                          stall_s=stall_s, on_stall=lambda: stall_report(c)))
     g_rows, a_rows = gpus.stop(), agents.stop()
     stages = parse_lines(x for cur in logs for x in cur.new_lines())
     wall = summary["wall_s"]
@@ -267,7 +285,8 @@ def run_config(name: str, args, out: Path, trajs, res: dict, save) -> dict:
             timer = profile_later(c, out / name / "torch_profile", args)
             stacks_before = stack_files(out / name) if args.stack_sample else None
             try:
-                res["offline"] = run_once(c, trajs, False, args.seed, args.snic_gbps)
+                res["offline"] = run_once(c, trajs, False, args.seed, args.snic_gbps,
+                                           args.stall_s or None)
             finally:
                 if timer is not None:
                     timer.cancel()
@@ -275,6 +294,9 @@ def run_config(name: str, args, out: Path, trajs, res: dict, save) -> dict:
                 stacks_of_replay(out / name, stacks_before)
             if timer is not None:
                 res["offline"]["gpu_profile"] = profile_summaries(out / name / "torch_profile")
+            if res["offline"].get("stall"):
+                log.error("%s: the replay stalled and was ended; the servers' state is in the "
+                          "result's offline.stall", name)
             log.info("%s offline: JCT %s s, errors %d, storage %s", name,
                      res["offline"]["jct_s"], res["offline"]["errors"],
                      res["offline"].get("storage_util"))
@@ -282,7 +304,7 @@ def run_config(name: str, args, out: Path, trajs, res: dict, save) -> dict:
             for k, cap in enumerate(args.snic_sweep):  # same trace, fresh token ids
                 set_cap(dual, cap)
                 fresh(c, root)
-                run = run_once(c, trajs, False, args.seed + 100 + k, cap)
+                run = run_once(c, trajs, False, args.seed + 100 + k, cap, args.stall_s or None)
                 res["sweep"].append({"snic_gbps": cap, **run})
                 log.info("%s offline at %.2f GB/s: JCT %s s, errors %d, storage %s", name, cap,
                          run["jct_s"], run["errors"], run.get("storage_util"))
@@ -292,7 +314,7 @@ def run_config(name: str, args, out: Path, trajs, res: dict, save) -> dict:
             for k, aps in enumerate(args.online_aps):
                 fresh(c, root)
                 run = run_once(c, make_trace(args, aps, seed=args.seed + 1 + k), True,
-                               args.seed + 1 + k, args.snic_gbps)
+                               args.seed + 1 + k, args.snic_gbps, args.stall_s or None)
                 res["online"].append({"aps": aps, **run, "within_slo": within_slo(run)})
                 res["max_aps_within_slo"] = max_aps_within_slo(res["online"])
                 log.info("%s online %.2f APS: SLO %.2f, TTFT p90 %s", name, aps,
@@ -366,6 +388,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--store-dir", default="/dev/shm/dualpath-1p1d")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--health-timeout", type=float, default=400)
+    ap.add_argument("--stall-s", type=float, default=STALL_S,
+                    help="end a replay in which no turn finished for this long while turns "
+                         "were in flight: those turns become errors, and the result's "
+                         "'stall' names them with both agents' stats and the logs' tails "
+                         "(0 = wait for the HTTP timeout)")
     ap.add_argument("--setup-s", type=float)
     args = ap.parse_args(argv)
     unknown = set(args.configs.split(",")) - set(CONFIGS)

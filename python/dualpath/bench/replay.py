@@ -12,13 +12,22 @@ paper's do: once the mean TTFT of the last `STOP_WINDOW` turns exceeds `stop_ttf
 turn starts (turns in flight finish) and the summary says when (`stopped_at_s`); the paper's
 other stop rule (TTFT steady for 150 s against 30 minutes earlier) needs runs far longer than
 ours. Progress goes to stderr (a line per `progress_s`).
+
+Each turn carries a request id, `<run tag>-a<agent>-t<turn>`, so a turn can be found in the
+router's and servers' logs. With `stall_s`, a replay in which no turn has finished for that long
+while turns are in flight stops instead of waiting for the HTTP timeout: the turns in flight
+become errors ("stalled ..."), and the summary's `stall` says which they were, how long each had
+waited and whether its first token had come, with whatever `on_stall()` returned (the servers'
+state at that moment).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
+import secrets
 import statistics
 import sys
 import time
@@ -30,6 +39,8 @@ import xxhash
 
 from dualpath.bench.client import iter_sse, merge_stream_ids
 from dualpath.bench.trace import Trajectory
+
+log = logging.getLogger("dualpath.replay")
 
 
 @dataclass
@@ -48,6 +59,7 @@ class TurnRecord:
     output_digest: str | None = None
     """xxh64 of the output ids: runs that should agree (DualPath on/off) compare these."""
     error: str | None = None
+    rid: str | None = None
 
     @property
     def tpot_s(self) -> float | None:
@@ -63,7 +75,7 @@ def token_ids(seed: int, agent: int, turn: int, n: int) -> list[int]:
 
 async def _turn(session: aiohttp.ClientSession, url: str, prompt: list[int], gen: int,
                 rec: TurnRecord, t0: float) -> list[int]:
-    body = {"input_ids": prompt, "stream": True,
+    body = {"input_ids": prompt, "stream": True, "rid": rec.rid,
             "sampling_params": {"max_new_tokens": gen, "temperature": 0.0, "ignore_eos": True}}
     ids: list[int] = []
     last: dict = {}
@@ -102,8 +114,14 @@ class _Run:
         self.total, self.stop_ttft_s, self.t0 = total, stop_ttft_s, t0
         self.recent: deque[float] = deque(maxlen=STOP_WINDOW)
         self.stopped_at: float | None = None
+        self.tag = secrets.token_hex(4)
+        self.last_done = t0  # perf_counter of the last turn that ended (or failed)
+
+    def in_flight(self) -> list[TurnRecord]:
+        return [r for r in self.records if r.end_s is None and r.error is None]
 
     def finished(self, rec: TurnRecord) -> None:
+        self.last_done = time.perf_counter()
         if rec.ttft_s is None or self.stop_ttft_s is None or self.stopped_at is not None:
             return
         self.recent.append(rec.ttft_s)
@@ -129,12 +147,14 @@ async def _agent(session, url, traj: Trajectory, online: bool, seed: int, t0: fl
         if run.stopped_at is not None:
             return
         ctx = ctx + token_ids(seed, traj.agent, i, append)
-        rec = TurnRecord(traj.agent, i, len(ctx), gen, time.perf_counter() - t0)
+        rec = TurnRecord(traj.agent, i, len(ctx), gen, time.perf_counter() - t0,
+                         rid=f"{run.tag}-a{traj.agent}-t{i}")
         records.append(rec)
         try:
             out = await _turn(session, url, ctx, gen, rec, t0)
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, RuntimeError) as e:
             rec.error = f"{type(e).__name__}: {e}"
+            run.finished(rec)
             return  # the agent's context is broken: stop this trajectory
         run.finished(rec)
         if rec.error:
@@ -174,24 +194,73 @@ async def _report(run: _Run, every_s: float) -> None:
         print(run.progress(), file=sys.stderr, flush=True)
 
 
+async def _watch_stall(run: _Run, stall_s: float, on_stall) -> dict:
+    """Return (with the stall's description) once turns are in flight and none has finished
+    for `stall_s`; runs until cancelled otherwise."""
+    while True:
+        await asyncio.sleep(min(1.0, stall_s / 4))
+        now = time.perf_counter()
+        waiting = run.in_flight()
+        if not waiting or now - run.last_done < stall_s:
+            continue
+        info = {"at_s": round(now - run.t0, 1), "stall_s": stall_s,
+                "in_flight": [{"rid": r.rid, "agent": r.agent, "turn": r.turn,
+                               "prompt_len": r.prompt_len,
+                               "waited_s": round(now - run.t0 - r.start_s, 1),
+                               "first_token": r.ttft_s is not None} for r in waiting]}
+        log.error("replay stalled: no turn finished for %g s; in flight: %s", stall_s,
+                  ", ".join(f"{x['rid']} ({x['waited_s']} s)" for x in info["in_flight"]))
+        if on_stall is not None:
+            try:
+                info["servers"] = on_stall()
+            except Exception as e:  # the diagnosis must not cost the results
+                info["servers"] = {"error": f"{type(e).__name__}: {e}"}
+        return info
+
+
 async def replay(url: str, trajs: list[Trajectory], *, online: bool = False, seed: int = 0,
                  timeout_s: float = 3600.0, stop_ttft_s: float | None = None,
-                 progress_s: float | None = 10.0) -> tuple[dict, list[TurnRecord]]:
+                 progress_s: float | None = 10.0, stall_s: float | None = None,
+                 on_stall=None) -> tuple[dict, list[TurnRecord]]:
+    if stall_s is not None and stall_s <= 0:
+        raise ValueError(f"stall_s must be > 0 (or None: no stall check), got {stall_s}")
     timeout = aiohttp.ClientTimeout(total=None, sock_read=timeout_s)
+    stall = None
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                      timeout=timeout) as session:
         t0 = time.perf_counter()
         run = _Run(sum(len(t.turns) for t in trajs), stop_ttft_s if online else None, t0)
         reporter = asyncio.create_task(_report(run, progress_s)) if progress_s else None
+        agents = [asyncio.create_task(_agent(session, url.rstrip("/"), t, online, seed, t0, run))
+                  for t in trajs]
+        watch = (asyncio.create_task(_watch_stall(run, stall_s, on_stall))
+                 if stall_s is not None else None)
         try:
-            await asyncio.gather(*(_agent(session, url.rstrip("/"), t, online, seed, t0, run)
-                                   for t in trajs))
+            while not all(t.done() for t in agents):
+                waits = {t for t in agents if not t.done()} | ({watch} if watch else set())
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if watch is None or not watch.done() or all(t.done() for t in agents):
+                    continue
+                stall = watch.result()
+                for r in run.in_flight():
+                    r.error = (f"stalled: no turn finished for {stall_s:.0f} s "
+                               f"(this one waited {time.perf_counter() - t0 - r.start_s:.0f} s)")
+                for t in agents:
+                    t.cancel()
+                break
+            await asyncio.gather(*agents, return_exceptions=True)
+            for t in agents:  # an agent's own failure (not a turn's error) still surfaces
+                if not t.cancelled() and t.exception() is not None:
+                    raise t.exception()
         finally:
-            if reporter is not None:
-                reporter.cancel()
+            for t in (reporter, watch):
+                if t is not None:
+                    t.cancel()
         wall = time.perf_counter() - t0
     summary = summarize(run.records, wall)
     summary["stopped_at_s"] = run.stopped_at
+    if stall is not None:
+        summary["stall"] = stall
     if progress_s:
         print(run.progress(), file=sys.stderr, flush=True)
     return summary, run.records
