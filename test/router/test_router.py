@@ -132,12 +132,14 @@ def test_unreachable_engine_is_retried_elsewhere_and_marked_down():
     async def main():
         cfg = RouterConfig(stats_interval_s=30)
         async with cluster(dead_pre=1, cfg=cfg) as (client, router, (pre,), _):
-            body = {"input_ids": [1] * 10}
-            for _ in range(3):
-                r = await client.post("/generate", json=body)
+            for i in range(3):
+                r = await client.post("/generate", json={"input_ids": [1] * 10, "rid": f"c{i}"})
                 assert r.status == 200
             dead = [n for n, e in router.engines.items() if e.bootstrap_port == 9][0]
             assert router.up[dead] is False and len(pre.bodies) == 3
+            rids = sorted(b["rid"] for b in pre.bodies)  # a client's id; a retry's is its own
+            assert len([x for x in rids if x.endswith("-retry1")]) == 1
+            assert sorted(x.removesuffix("-retry1") for x in rids) == ["c0", "c1", "c2"]
             metrics = await (await client.get("/metrics")).text()
             assert f'dualpath_router_retries_total{{engine="{dead}"}} 1.0' in metrics
             listed = {e["name"]: e["up"] for e in await (await client.get("/engines")).json()}

@@ -261,13 +261,15 @@ class Router:
 
     async def handle(self, request: web.Request, body: dict, path: str,
                      req: Request) -> web.StreamResponse:
-        last = None
+        last, client_rid = None, body.get("rid")
         for attempt in range(self.cfg.max_attempts):
             rid = req.rid if attempt == 0 else f"{req.rid}-retry{attempt}"
             plan = await self.admit(Request(rid, req.prompt_len, req.hit_len, req.max_new_tokens))
             self.metrics.plans.labels(plan.read_side).inc()
+            sent = body if not (attempt and client_rid) else {  # a retry gets its own id
+                **body, "rid": f"{client_rid}-retry{attempt}"}
             try:
-                return await self.dispatch(request, body, path, plan)
+                return await self.dispatch(request, sent, path, plan)
             except EngineUnreachable as e:
                 last = e
                 self.metrics.retries.labels(e.engine).inc()
