@@ -382,3 +382,18 @@ def test_merge_puts_runs_of_separate_calls_side_by_side(tmp_path, capsys):
                         "--out", str(tmp_path / "m.json")]) == 0
     assert "JCT speed-up" in capsys.readouterr().out
     assert len(json.loads((tmp_path / "m.json").read_text())["configs"]) == 2
+
+
+def test_where_the_prefills_reuse_came_from():
+    run = {"bytes": {"pe_pf_arrival_matched_tokens": 300, "pe_pf_arrival_new_tokens": 700,
+                     "pe_pf_loaded_tokens": 500, "pe_pf_gpu_evicted_tokens": 4096},
+           "stage_records": [{"type": "prefill", "input_len": 600},
+                             {"type": "prefill", "input_len": 400},
+                             {"type": "decode", "input_len": 1000}]}
+    assert report.arrival_match_share(run) == 0.3
+    assert report.storage_share(run) == 0.5
+    assert report.arrival_match_share({}) is None and report.storage_share({}) is None
+    text = report.table([{"config": "off", "offline": {**run, "jct_s": 1.0}}])
+    rows = {line[:16].strip(): line[16:].split() for line in text.splitlines()[1:]}
+    assert rows["PE arrival match"] == ["0.300"] and rows["PE from storage"] == ["0.500"]
+    assert rows["PE GPU evicted"] == ["4096"]

@@ -625,3 +625,27 @@ def test_trim_frees_whole_host_only_chains_in_one_call(monkeypatch):
     keep.cache_controller.evict_host = cache.cache_controller.evict_host
     freed.clear()
     assert pq.trim(keep) == 2 * PAGE and freed == [2 * PAGE], "LRU first, down to the budget"
+
+
+def test_arrival_match_and_gpu_eviction_are_counted():
+    """Each arrival adds the tokens its match found (the tree path to SGLang's last host
+    node) and those left; a queued prefetch started later is not counted twice. SGLang's GPU
+    eviction adds what it freed."""
+    import torch
+    from sglang.srt.mem_cache.base_prefix_cache import EvictResult
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    cache = make_cache(stored_tokens=None)
+    root, _ = _real_tree(cache)
+    prev = list(range(3 * PAGE))
+    cache._insert_helper_host(root, RadixKey(prev), torch.arange(3 * PAGE), ["a", "b", "c"])
+    node = root.children[RadixKey(prev).child_key(PAGE)]
+    before = dict(pq.STATS)
+    cache.prefetch_from_storage("t", node, list(range(10_000, 10_000 + PAGE // 2)), None, None)
+    assert pq.STATS["pf_arrival_matched_tokens"] == before["pf_arrival_matched_tokens"] + 3 * PAGE
+    assert pq.STATS["pf_arrival_new_tokens"] == before["pf_arrival_new_tokens"] + PAGE // 2
+    cache.prefetch_from_storage("u", root, list(range(PAGE // 2)), None, None)
+    assert pq.STATS["pf_arrival_matched_tokens"] == before["pf_arrival_matched_tokens"] + 3 * PAGE
+    r = EvictResult(num_tokens_evicted=5 * PAGE)
+    assert pq.evicted(r, cache, None) is r
+    assert pq.STATS["pf_gpu_evicted_tokens"] == before["pf_gpu_evicted_tokens"] + 5 * PAGE

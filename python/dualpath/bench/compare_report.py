@@ -43,6 +43,26 @@ def recomputed_share(run: dict) -> float | None:
     return round(max(0, computed - first) / later, 3)
 
 
+def arrival_match_share(run: dict) -> float | None:
+    """Share of the prompt tokens the prefill's arrival matches found in its own GPU and host
+    pools (before any storage read)."""
+    b = run.get("bytes") or {}
+    m, n = b.get("pe_pf_arrival_matched_tokens"), b.get("pe_pf_arrival_new_tokens")
+    if m is None or n is None or m + n == 0:
+        return None
+    return round(m / (m + n), 3)
+
+
+def storage_share(run: dict) -> float | None:
+    """Share of the prompt tokens the prefill's storage prefetches loaded (either read side)."""
+    loaded = (run.get("bytes") or {}).get("pe_pf_loaded_tokens")
+    prompt = sum(s.get("input_len") or 0 for s in run.get("stage_records") or ()
+                 if s.get("type") == "prefill")
+    if loaded is None or not prompt:
+        return None
+    return round(loaded / prompt, 3)
+
+
 def table(results: list[dict]) -> str:
     rows = [("JCT s", "jct_s"), ("turns/s", "turns_per_s"), ("TTFT p50 s", "ttft_s_p50"),
             ("TTFT p90 s", "ttft_s_p90"), ("TPOT p50 s", "tpot_s_p50"),
@@ -77,6 +97,12 @@ def table(results: list[dict]) -> str:
                                              for r in results))
     lines.append(f"{'PE recomputed':16}" + "".join(cell(recomputed_share(r["offline"]))
                                                   for r in results))
+    for label, fn in (("PE arrival match", arrival_match_share),
+                      ("PE from storage", storage_share)):
+        lines.append(f"{label:16}" + "".join(cell(fn(r["offline"])) for r in results))
+    lines.append(f"{'PE GPU evicted':16}" + "".join(
+        cell((r["offline"].get("bytes") or {}).get("pe_pf_gpu_evicted_tokens"))
+        for r in results))
     if any(r.get("online") for r in results):
         lines.append(f"{'max APS in SLO':16}" + "".join(cell(r.get("max_aps_within_slo"))
                                                        for r in results))

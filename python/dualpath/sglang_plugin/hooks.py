@@ -138,6 +138,8 @@ PREFETCH_QUEUE_HOOKS: tuple[Hook, ...] = (
          "an aborted request leaves the prefetch queue"),
     Hook(_HRC + "reset", "AFTER", prefetch_queue.reset,
          "a flushed cache forgets queued prefetches (their nodes are gone)"),
+    Hook(_HRC + "evict", "AFTER", prefetch_queue.evicted,
+         "tokens the GPU eviction freed (pf_gpu_evicted_tokens)"),
     Hook("sglang.srt.mem_cache.radix_cache.RadixCache.cache_unfinished_req", "AFTER",
          prefetch_queue.cached, "a request that ran releases the hold on its prefetched prefix"),
     Hook("sglang.srt.mem_cache.radix_cache.RadixCache.cache_finished_req", "AFTER",

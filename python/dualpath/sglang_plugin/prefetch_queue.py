@@ -96,6 +96,11 @@ STATS = {"pf_queued": 0, "pf_waited_host": 0, "pf_started": 0, "pf_empty": 0,
          "pf_held_matched": 0,
          # arrival matches not held because holds already covered MATCHED_HOLD_SHARE of the pool
          "pf_hold_skipped_room": 0,
+         # what each request's arrival match found in the prefill's GPU and host pools (tokens
+         # up to SGLang's last host node) and what was left to fetch or compute; and the tokens
+         # SGLang's own GPU eviction freed: where the prefill's own reuse went
+         "pf_arrival_matched_tokens": 0, "pf_arrival_new_tokens": 0,
+         "pf_gpu_evicted_tokens": 0,
          # why a prefetch_from_storage call started nothing: budget taken (SGLang's
          # prefetch_rate_limited) with nothing stored to queue for, or fewer new tokens than
          # the prefetch threshold
@@ -251,6 +256,23 @@ def _prefix_host_tokens(node) -> int:
     return n
 
 
+def _path_tokens(node) -> int:
+    """Tokens on the tree path from the root to `node`: the prompt prefix a match ending there
+    found."""
+    n = 0
+    while node is not None and getattr(node, "parent", None) is not None:
+        key = getattr(node, "key", None)
+        n += len(key) if key is not None else 0
+        node = node.parent
+    return n
+
+
+def evicted(result, cache, *args, **kwargs):
+    """AFTER HiRadixCache.evict: count the tokens SGLang's GPU eviction freed."""
+    STATS["pf_gpu_evicted_tokens"] += int(getattr(result, "num_tokens_evicted", 0) or 0)
+    return result
+
+
 def _hold_matched(cache, req_id, node) -> None:
     """Hold what the request's arrival match found in the host pool (`last_host_node`; the
     root holds nothing) while no prefetch of its own protects it, and while such holds cover
@@ -399,6 +421,9 @@ def prefetch(original, cache, req_id, last_host_node, new_input_tokens, last_has
     """AROUND HiRadixCache.prefetch_from_storage: queue instead of dropping when the budget is
     taken or others already wait."""
     aligned = len(new_input_tokens) - len(new_input_tokens) % cache.page_size
+    if not getattr(cache, DRAINING, False):  # a queued one was counted when it arrived
+        STATS["pf_arrival_matched_tokens"] += _path_tokens(last_host_node)
+        STATS["pf_arrival_new_tokens"] += len(new_input_tokens)
     if getattr(cache, DRAINING, False) or not _enabled(cache):
         result = original(cache, req_id, last_host_node, new_input_tokens, last_hash,
                           prefix_keys)
