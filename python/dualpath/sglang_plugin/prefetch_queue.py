@@ -246,25 +246,24 @@ def _deepest(cache, node, key):
     return node
 
 
-def _prefix_host_tokens(node) -> int:
-    """Host-pool tokens on the path from the root to `node` (what holding `node` protects)."""
+def _path_len(node, attr: str) -> int:
+    """Sum of len(node.<attr>) on the tree path from the root to `node`."""
     n = 0
     while node is not None and getattr(node, "parent", None) is not None:
-        hv = getattr(node, "host_value", None)
-        n += len(hv) if hv is not None else 0
+        v = getattr(node, attr, None)
+        n += len(v) if v is not None else 0
         node = node.parent
     return n
+
+
+def _prefix_host_tokens(node) -> int:
+    """Host-pool tokens on the path from the root to `node` (what holding `node` protects)."""
+    return _path_len(node, "host_value")
 
 
 def _path_tokens(node) -> int:
-    """Tokens on the tree path from the root to `node`: the prompt prefix a match ending there
-    found."""
-    n = 0
-    while node is not None and getattr(node, "parent", None) is not None:
-        key = getattr(node, "key", None)
-        n += len(key) if key is not None else 0
-        node = node.parent
-    return n
+    """Prompt tokens a match ending at `node` found (its path's keys)."""
+    return _path_len(node, "key")
 
 
 def evicted(result, cache, *args, **kwargs):
