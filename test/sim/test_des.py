@@ -188,3 +188,30 @@ def test_measured_prefill_hits_match_stage_records_to_turns_by_prompt_length():
                              {"type": "prefill", "input_len": 500, "cached_input_len": 64},
                              {"type": "prefill", "input_len": 900, "cached_input_len": 448}]}
     assert measured_prefill_hits(run) == {(1, 0): 0, (0, 0): 64, (0, 1): 448}
+
+
+def test_held_reuse_is_not_read_from_storage():
+    """`held`: the part of each turn's stored prefix the prefill found in its own pools. It is
+    reused (not computed) without a storage read, so a storage-bound run gets faster."""
+    t = trajs(16)
+    c = SimCluster(1, 1, gpus_per_node=1, policy="basic")
+    base = simulate(c, FAST, t)
+    hits = {(a, k): h for a, tr in enumerate(t)
+            for k, h in enumerate([0] + [tr.initial] * (len(tr.turns) - 1))}
+    half = {k: v // 2 for k, v in hits.items()}
+    read_all = simulate(c, FAST, t, hits=hits)
+    read_half = simulate(c, FAST, t, hits=hits, held=half)
+    assert read_half.read_bytes_pe == pytest.approx(read_all.read_bytes_pe / 2, rel=0.05)
+    assert read_half.jct_s < read_all.jct_s <= base.jct_s * 1.01
+
+
+def test_storage_share_is_what_the_prefetches_loaded_of_the_reuse():
+    from dualpath.sim.__main__ import storage_share
+
+    run = {"bytes": {"pe_pf_loaded_tokens": 300},
+           "stage_records": [{"type": "prefill", "cached_input_len": 800},
+                             {"type": "prefill", "cached_input_len": 200},
+                             {"type": "decode", "cached_input_len": 5000}]}
+    assert storage_share(run) == 0.3
+    assert storage_share({"stage_records": run["stage_records"]}) == 1.0, "no counter: all read"
+    assert storage_share({**run, "bytes": {"pe_pf_loaded_tokens": 9e9}}) == 1.0, "at most all"

@@ -124,6 +124,18 @@ def measured_hits(run: dict) -> dict[tuple[int, int], int]:
             for r in run.get("turn_records") or [] if not r.get("error")}
 
 
+def storage_share(run: dict) -> float:
+    """Of the prefix tokens the measured prefill reused, the share its storage prefetches
+    loaded (`pe_pf_loaded_tokens`, either read side); the rest it found in its own pools. 1
+    for runs without that counter."""
+    loaded = (run.get("bytes") or {}).get("pe_pf_loaded_tokens")
+    reused = sum(int(s.get("cached_input_len") or 0) for s in run.get("stage_records") or ()
+                 if s.get("type") == "prefill")
+    if loaded is None or reused <= 0:
+        return 1.0
+    return min(1.0, loaded / reused)
+
+
 def measured_prefill_hits(run: dict) -> dict[tuple[int, int], int]:
     """(agent, turn) -> the prefix tokens the measured prefill reused: its request stats
     (`stage_records`, from the server log, no request ids) matched to the turns by prompt
@@ -182,9 +194,13 @@ def cmd_validate(args) -> int:
                            read_side=cfg.get("read_side") or "shorter",
                            schedule_interval_s=args.schedule_interval_s)
             pre_hits = measured_prefill_hits(run) if hits else None
-            sim = simulate(c, perf, trajs, hits=hits, prefill_hits=pre_hits).jct_s
+            share = storage_share(run) if hits else 1.0
+            # each turn found the run's share of its reuse in the prefill's own pools
+            held = {k: int(v * (1 - share)) for k, v in pre_hits.items()} if hits else None
+            sim = simulate(c, perf, trajs, hits=hits, prefill_hits=pre_hits, held=held).jct_s
             rows.append({"config": cfg["config"], "snic_gbps": cap, "measured_jct_s": measured,
                          "simulated_jct_s": round(sim, 2), "hits": args.hits,
+                         "storage_share": round(share, 3),
                          "prefill_kv": args.prefill_kv,
                          "error": round((sim - measured) / measured, 3)})
             print(f"{cfg['config']:>8} cap {cap:6.2f} GB/s  measured {measured:8.2f} s  "

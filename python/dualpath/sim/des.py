@@ -61,11 +61,14 @@ class Simulator:
     def __init__(self, cluster: SimCluster, perf: PerfModel, trajectories, *,
                  online: bool = False, slo_ttft_s: float = 4.0, slo_tpot_s: float = 0.050,
                  hits: dict[tuple[int, int], int] | None = None,
-                 prefill_hits: dict[tuple[int, int], int] | None = None):
+                 prefill_hits: dict[tuple[int, int], int] | None = None,
+                 held: dict[tuple[int, int], int] | None = None):
         """`hits`: (agent, turn) -> prefix tokens the turn found stored, in place of the whole
         earlier context (e.g. what a measured run actually reused). `prefill_hits`: of those,
         what the prefill reused (it computes the rest), where that differs: with DualPath on a
-        measured decode restored the whole prefix while its prefill recomputed part of it."""
+        measured decode restored the whole prefix while its prefill recomputed part of it.
+        `held`: of the stored prefix, what the prefill found in its own pools (no storage
+        read), in place of the model's LRU of agents' prefixes (`pe_cache_tokens`)."""
         self.c, self.perf, self.online = cluster, perf, online
         self.slo = (slo_ttft_s, slo_tpot_s)
         g = cluster.gpus_per_node
@@ -92,6 +95,10 @@ class Simulator:
         self._override(self.hit, hits, turn_of, self.prompt)
         self.pe_hit = list(self.hit)  # the prefix the prefill reuses (computes the rest)
         self._override(self.pe_hit, prefill_hits, turn_of, self.hit)
+        self.held = None
+        if held is not None:
+            self.held = [0] * len(self.prompt)
+            self._override(self.held, held, turn_of, self.hit)
         self.agent_end = self.agent_first[1:] + [len(self.prompt)]
         if cluster.policy == "basic":
             self.sched = PairScheduler(pre, dec, "round_robin")
@@ -259,7 +266,8 @@ class Simulator:
                     plan_pe[t], plan_de[t] = pe, de
                     # tokens the plan reads -> bytes actually stored (the trace knows the hit),
                     # less what the prefill engine still caches of this agent's prefix
-                    stored = self.hit[t] - self._pe_cached(pe, t)
+                    stored = self.hit[t] - (self.held[t] if self.held is not None
+                                            else self._pe_cached(pe, t))
                     total = plan.pe_read_tokens + plan.de_read_tokens
                     de_share = plan.de_read_tokens / total if total else 0.0
                     de_bytes = round(stored * de_share) * kvb
@@ -295,7 +303,7 @@ class Simulator:
                 if pe_queue[pe]:
                     start_prefill(pe, now)
                 # miss-only return when the decode read the whole prefix itself
-                miss_only = plan_de_read[tid] == self.hit[tid] * kvb and self.hit[tid] > 0
+                miss_only = plan_de_read[tid] == staged[tid] * kvb and staged[tid] > 0
                 send = (self.prompt[tid] - self.hit[tid] if miss_only else self.prompt[tid]) * kvb
                 arrive = max(now, pe_nic[pe]) + send / nic_bps
                 pe_nic[pe] = arrive
