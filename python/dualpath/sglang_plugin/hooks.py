@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dualpath.sglang_plugin import h2d_load, pd_send, prefetch_queue
+from dualpath.sglang_plugin import h2d_load, pd_poll, pd_send, prefetch_queue
 
 log = logging.getLogger("dualpath.hooks")
 CHECKED_VERSION = "0.5.17"
@@ -125,6 +125,12 @@ LAUNCHER_HOOKS: tuple[Hook, ...] = (
     Hook("sglang.srt.mem_cache.hiradix_cache.HiRadixCache.write_backup", "AFTER",
          prefetch_queue.count_write_backup,
          "count write-through copies the host pool had no room for (not backed up to storage)"),
+    Hook("sglang.srt.disaggregation.utils.poll_and_all_reduce", "AROUND",
+         pd_poll.poll_and_all_reduce,
+         "PD transfer polls without a one-rank gloo all_reduce (11% of the prefill's thread)"),
+    Hook("sglang.srt.disaggregation.utils.poll_and_all_reduce_attn_cp_tp_group", "AROUND",
+         pd_poll.poll_and_all_reduce_attn_cp_tp_group,
+         "the same for the prefill's TP-then-CP poll"),
 )
 
 # registered with the launcher's --dualpath-prefetch-queue on (the default), flag on or off
