@@ -17,7 +17,7 @@ def test_parse_prefill_and_decode_lines():
     assert p["type"] == "prefill" and p["input_len"] == 10240 and p["cached_input_len"] == 10176
     assert p["queue_s"] == 0.0851 and p["forward_s"] == 0.31 and p["bootstrap_s"] == 0.0012
     assert p["transfer_speed_gbps"] == 4.31 and p["transfer_total_mb"] == 1310.72
-    assert "entry_time_s" not in p
+    assert "entry_time_s" not in p and p["entry_time"] == 1764257761.123
     d = parse_line(DEC)
     assert d["type"] == "decode" and d["transfer_s"] == 0.3 and d["alloc_wait_s"] == 0.002
     assert parse_line("Prefill batch, #new-seq: 1") is None

@@ -48,7 +48,8 @@ def cluster(args, nic: float, pool: int, cap: float, policy: str, side: str) -> 
     return SimCluster(1, 1, gpus_per_node=1, compute_nic_gbps=nic, storage_ratio=cap / nic,
                       decode_kv_tokens=10_000_000, prefill_kv_tokens=pool,
                       prefill_staging_tokens=int(pool * args.hicache_ratio) - pool,
-                      prefill_loads=args.prefill_loads, h2d_gbps=args.h2d_gbps, policy=policy,
+                      prefill_loads=args.prefill_loads,
+                      prefill_batch=args.prefill_batch, h2d_gbps=args.h2d_gbps, policy=policy,
                       read_side=side)
 
 
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--initial", type=int, default=None,
                     help="mean initial context (default: the scaled preset's, halved per 0.125)")
     ap.add_argument("--prefill-loads", type=int, default=4)
+    ap.add_argument("--prefill-batch", type=int, default=1,
+                    help="turns per prefill batch at most (see sim validate --prefill-batch)")
     ap.add_argument("--h2d-gbps", type=float, default=26.0)
     ap.add_argument("--pd-gbps", type=float, default=None,
                     help="PD link / DE->PE forward rate (default: the calibrated pd_gbps; NIXL "

@@ -215,3 +215,19 @@ def test_storage_share_is_what_the_prefetches_loaded_of_the_reuse():
     assert storage_share(run) == 0.3
     assert storage_share({"stage_records": run["stage_records"]}) == 1.0, "no counter: all read"
     assert storage_share({**run, "bytes": {"pe_pf_loaded_tokens": 9e9}}) == 1.0, "at most all"
+
+
+def test_batched_prefill_pays_the_per_batch_cost_once():
+    """With prefill_batch > 1 the queued turns that fit run as one batch: p0 once. A prefill-
+    bound run gets faster; with batches of one nothing changes; bad values raise."""
+    t = trajs(16)
+    slow = PerfModel(p0=0.2, p1=1e-6, p2=0.0, d0=0.001, d1=0.0, d2=0.0)  # per-batch cost
+    one = simulate(SimCluster(1, 1, gpus_per_node=1, policy="basic"), slow, t)
+    same = simulate(SimCluster(1, 1, gpus_per_node=1, policy="basic", prefill_batch=1), slow, t)
+    eight = simulate(SimCluster(1, 1, gpus_per_node=1, policy="basic", prefill_batch=8), slow, t)
+    assert same.jct_s == one.jct_s and eight.turns == one.turns
+    assert eight.jct_s < 0.6 * one.jct_s, (eight.jct_s, one.jct_s)
+    assert slow.prefill_batch_s([(100, 1000)]) == slow.prefill_s(100, 1000)
+    assert slow.prefill_batch_s([(100, 1000)] * 3) == pytest.approx(0.2 + 3 * 1e-4)
+    with pytest.raises(ValueError, match="prefill_batch"):
+        SimCluster(1, 1, prefill_batch=0)

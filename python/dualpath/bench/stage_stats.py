@@ -36,6 +36,8 @@ def parse_line(line: str) -> dict | None:
             out[name + "_gbps"] = float(value)
         elif unit == "MB":
             out[name + "_mb"] = float(value)
+        elif name == "entry_time":  # wall clock (s): requests of one batch share a start
+            out["entry_time"] = float(value)
     return out
 
 

@@ -189,6 +189,7 @@ def cmd_validate(args) -> int:
                            if args.prefill_kv == "pool" else 0,
                            prefill_staging_tokens=staging if args.prefill_kv == "pool" else 0,
                            prefill_loads=args.prefill_loads,
+                           prefill_batch=args.prefill_batch,
                            h2d_gbps=args.h2d_gbps,
                            policy="dualpath" if cfg.get("dual_path") else "basic",
                            read_side=cfg.get("read_side") or "shorter",
@@ -277,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="prefill pools: the run's GPU pool (turns wait to fit) and host pool "
                           "less its GPU mirror as the staging of loads (reads wait for room), "
                           "or neither")
+    val.add_argument("--prefill-batch", type=int, default=1,
+                     help="turns per prefill batch at most, p0 paid per batch (1: one at a "
+                          "time, as the calibrated models assume)")
     val.add_argument("--prefill-loads", type=int, default=4,
                      help="loads in flight per prefill (the plugin's prefetch IO threads, "
                           "default 4; 0 = unlimited)")

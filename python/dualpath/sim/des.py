@@ -158,6 +158,7 @@ class Simulator:
         de_nic = [0.0] * self.n_de
         pe_queue = [deque() for _ in range(self.n_pe)]
         pe_busy = [False] * self.n_pe
+        pe_left = [0] * self.n_pe  # turns of the running batch not yet done
         pe_kv = [0] * self.n_pe  # GPU-pool tokens held by turns from prefill start to handoff
         kv_cap = c.prefill_kv_tokens
         # the prefill's host staging: a turn's read prefix (either side's read lands there)
@@ -236,18 +237,26 @@ class Simulator:
             """Start the head of the engine's queue if it fits its GPU pool (always when the
             pool holds nothing else)."""
             nonlocal pe_busy_s
-            tid = pe_queue[pe][0]
-            if kv_cap and pe_kv[pe] and pe_kv[pe] + self.prompt[tid] > kv_cap:
+            batch = []
+            while pe_queue[pe] and len(batch) < c.prefill_batch:
+                tid = pe_queue[pe][0]
+                if kv_cap and pe_kv[pe] and pe_kv[pe] + self.prompt[tid] > kv_cap:
+                    break
+                pe_queue[pe].popleft()
+                pe_kv[pe] += self.prompt[tid]
+                unstage(pe, tid, now)
+                batch.append(tid)
+            if not batch:
                 return
-            pe_queue[pe].popleft()
             pe_busy[pe] = True
-            pe_kv[pe] += self.prompt[tid]
-            unstage(pe, tid, now)
-            # the prefix goes host -> GPU layer by layer while the missed tokens compute
-            dt = max(perf.prefill_s(self.prompt[tid] - self.pe_hit[tid], self.prompt[tid]),
-                     self.pe_hit[tid] * kvb / h2d_bps)
+            pe_left[pe] = len(batch)
+            # the prefixes go host -> GPU layer by layer while the missed tokens compute
+            dt = max(perf.prefill_batch_s([(self.prompt[t] - self.pe_hit[t], self.prompt[t])
+                                           for t in batch]),
+                     sum(self.pe_hit[t] for t in batch) * kvb / h2d_bps)
             pe_busy_s += dt
-            push(now + dt, PREFILL_DONE, tid)
+            for tid in batch:
+                push(now + dt, PREFILL_DONE, tid)
 
         while heap:
             now, _, kind, tid = heapq.heappop(heap)
@@ -297,10 +306,12 @@ class Simulator:
                 pe, de = plan_pe[tid], plan_de[tid]
                 self._pe_keep(pe, tid)
                 sched.prefill_done(str(tid))
-                pe_busy[pe] = False
+                pe_left[pe] -= 1
+                if not pe_left[pe]:  # the batch's last turn: the engine is free
+                    pe_busy[pe] = False
                 if waiting:
                     request_tick(now)
-                if pe_queue[pe]:
+                if pe_queue[pe] and not pe_busy[pe]:
                     start_prefill(pe, now)
                 # miss-only return when the decode read the whole prefix itself
                 miss_only = plan_de_read[tid] == staged[tid] * kvb and staged[tid] > 0

@@ -51,6 +51,10 @@ class SimCluster:
     prefill_loads: int = 0
     """Loads a prefill engine has in flight at most, PE- and DE-side reads alike (the
     plugin's prefetch IO threads; each waits for its whole read and forward). 0 = unlimited."""
+    prefill_batch: int = 1
+    """Turns a prefill engine runs in one batch at most (those queued and fitting its GPU
+    pool): one batch costs PerfModel.prefill_batch_s, so p0 is paid per batch. 1 = one turn
+    at a time (the models calibrated so far fit p0 per turn: keep 1 with them)."""
     policy: str = "dualpath"
     """'dualpath' (the global scheduler, read side by `read_side`) or 'basic' (round-robin
     pairs, prefill-side reads: the paper's baseline)."""
@@ -63,6 +67,8 @@ class SimCluster:
             raise ValueError("SimCluster: node and GPU counts must be >= 1")
         if self.pe_cache_tokens < 0:
             raise ValueError("SimCluster.pe_cache_tokens must be >= 0")
+        if self.prefill_batch < 1:
+            raise ValueError(f"SimCluster.prefill_batch must be >= 1, got {self.prefill_batch}")
         if min(self.prefill_kv_tokens, self.prefill_staging_tokens, self.prefill_loads) < 0:
             raise ValueError("SimCluster.prefill_kv_tokens, prefill_staging_tokens and "
                              "prefill_loads must be >= 0")
@@ -92,6 +98,11 @@ class PerfModel:
 
     def prefill_s(self, miss: int, context: int) -> float:
         return self.p0 + self.p1 * miss + self.p2 * miss * context / 1e3
+
+    def prefill_batch_s(self, turns) -> float:
+        """One prefill batch of (miss, context) turns: p0 once (the engine's per-batch cost),
+        the token terms per turn; one turn costs prefill_s."""
+        return self.p0 + sum(self.p1 * m + self.p2 * m * c / 1e3 for m, c in turns)
 
     def decode_step_s(self, running: int, context_tokens: int) -> float:
         return self.d0 + self.d1 * running + self.d2 * context_tokens / 1e3
