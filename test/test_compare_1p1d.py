@@ -393,7 +393,11 @@ def test_where_the_prefills_reuse_came_from():
     assert report.arrival_match_share(run) == 0.3
     assert report.storage_share(run) == 0.5
     assert report.arrival_match_share({}) is None and report.storage_share({}) is None
-    text = report.table([{"config": "off", "offline": {**run, "jct_s": 1.0}}])
+    tl = {"mean_in_queue": 6.95, "mean_in_forward": 2.6, "no_forward_share": 0.199,
+          "requests_per_batch": 1.56}
+    text = report.table([{"config": "off",
+                          "offline": {**run, "jct_s": 1.0, "prefill_timeline": tl}}])
     rows = {line[:16].strip(): line[16:].split() for line in text.splitlines()[1:]}
+    assert rows["PE in queue"] == ["6.950"] and rows["PE reqs/batch"] == ["1.560"]
     assert rows["PE arrival match"] == ["0.300"] and rows["PE from storage"] == ["0.500"]
     assert rows["PE GPU evicted"] == ["4096"]

@@ -41,6 +41,7 @@ from dualpath.bench.pd_cluster import (
     path_bytes,
     set_snic_cap,
 )
+from dualpath.bench.prefill_timeline import timeline
 from dualpath.bench.replay import replay
 from dualpath.bench.samplers import agents_sampler, gpu_sampler, mean_util, rates
 from dualpath.bench.servers import ServerError
@@ -118,6 +119,15 @@ def storage_util(a_rows, cap_gbps: float) -> dict:
             "cluster_util": round(sum(per.values()) / (2 * cap_gbps), 3)}
 
 
+def prefill_timeline_or_none(stages) -> dict | None:
+    """dualpath.bench.prefill_timeline of the run's prefill records (None without entry
+    times)."""
+    try:
+        return timeline(stages)
+    except ValueError:
+        return None
+
+
 def stall_report(c: PDCluster, log_lines: int = 60) -> dict:
     """What the servers say when a replay stalls: each agent's stats and each log's tail."""
     out = {}
@@ -148,6 +158,7 @@ def run_once(c: PDCluster, trajs, online: bool, seed: int, cap_gbps: float,
                              "decode": mean_util(g_rows, 1, 0, wall)},
            "sampler_errors": {"gpu": gpus.error, "agents": agents.error},
            "stages": summarize_records(stages), "stage_records": stages,
+           "prefill_timeline": prefill_timeline_or_none(stages),
            "samples": {"gpu": g_rows, "agents": a_rows},
            "turn_records": [dataclasses.asdict(r) for r in records]}
     if a_rows:
