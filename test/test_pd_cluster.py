@@ -30,6 +30,14 @@ def test_roles_get_their_pools_gpus_and_backend(tmp_path):
     assert "--dualpath-pd-engine" in ours and "--disaggregation-transfer-backend" not in ours
     args, cfg = sglang_args(*build_parser().parse_known_args(ours))  # the launcher accepts it
     assert cfg.pd_engine and val(args, "--disaggregation-transfer-backend") == "mooncake"
+    g = ClusterSpec(model=Path("m"), root=tmp_path, prefill_cuda_graph="breakable",
+                    decode_cuda_graph_max_bs=32)
+    gpre, _ = argv(g, "prefill", tmp_path)
+    assert val(gpre, "--cuda-graph-backend-prefill") == "breakable"
+    assert "--disable-cuda-graph" not in gpre and "--disable-decode-cuda-graph" in gpre
+    gargs, _ = sglang_args(*build_parser().parse_known_args(gpre))
+    assert val(gargs, "--cuda-graph-backend-prefill") == "breakable"
+    assert val(argv(g, "decode", tmp_path)[0], "--cuda-graph-max-bs") == "32"
     stock, _ = argv(ClusterSpec(model=Path("m"), root=tmp_path, prefetch_queue=False),
                     "prefill", tmp_path)
     assert val(stock, "--dualpath-prefetch-queue") == "off"

@@ -31,6 +31,9 @@ class ClusterSpec:
     decode_hicache_ratio: float | None = None  # None: hicache_ratio (decode HiCache: dual path)
     buffer_gb: float | None = None  # the DE buffer (None: the plugin's default)
     decode_cuda_graph_max_bs: int = 0  # > 0: CUDA graphs on the decode up to this batch
+    # the prefill's CUDA graph backend (SGLang 0.5.17: "breakable" captures the extend forward
+    # in segments, attention eager); "disabled" = eager, as every run before session 16
+    prefill_cuda_graph: str = "disabled"
     # Both GPUs visible to both servers (decode on --base-gpu-id 1), so NIXL's UCX can use CUDA
     # IPC over NVLink; with one GPU visible per process it stages KV through the host (measured
     # 3.8 GB/s on 2x H100, 2026-11-27) and the PD transfer, not storage, bounds a turn.
@@ -51,11 +54,17 @@ def server(spec: ClusterSpec, role: str, out: Path) -> ServerProcess:
         tokens = spec.decode_max_total_tokens or tokens
         ratio = spec.decode_hicache_ratio or ratio
     graphs = role == "decode" and spec.decode_cuda_graph_max_bs > 0
+    if role == "prefill" and spec.prefill_cuda_graph != "disabled":
+        graph_flags = ["--cuda-graph-backend-prefill", spec.prefill_cuda_graph,
+                       "--disable-decode-cuda-graph"]
+    elif graphs:
+        graph_flags = ["--cuda-graph-max-bs", str(spec.decode_cuda_graph_max_bs)]
+    else:
+        graph_flags = ["--disable-cuda-graph"]
     flags = ["-m", "dualpath.launch_server", "--model-path", str(spec.model),
              "--load-format", "dummy", "--attention-backend", "triton",
              "--sampling-backend", "pytorch", "--page-size", "64",
-             *(["--cuda-graph-max-bs", str(spec.decode_cuda_graph_max_bs)] if graphs
-               else ["--disable-cuda-graph"]),
+             *graph_flags,
              "--host", "127.0.0.1", "--port", str(port),
              "--mem-fraction-static", str(spec.mem_fraction),
              "--max-total-tokens", str(tokens), "--hicache-ratio", str(ratio),
