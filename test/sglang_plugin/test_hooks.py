@@ -18,6 +18,7 @@ PARAMS = {
     "init_disaggregation": ["self"],
     "prefetch_io_aux_func": ["self"],
     "load": ["self", "host_indices"],
+    "_page_transfer": ["self", "operation"],
     "prefetch_from_storage": ["self", "req_id", "last_host_node", "new_input_tokens",
                               "last_hash", "prefix_keys"],
     "check_prefetch_progress": ["self", "req_id"],
@@ -159,3 +160,42 @@ def test_pd_engine_replaces_mooncakes_class_with_the_same_surface():
     for name in ("batch_transfer_sync", "transfer_sync", "batch_register", "register"):
         assert list(inspect.signature(getattr(ours, name)).parameters)[:2] == list(
             inspect.signature(getattr(stock, name)).parameters)[:2]
+
+
+def test_a_prefetch_that_raises_is_terminated_not_its_io_thread():
+    """SGLang's own _page_transfer with a page read that raises: the hook returns, the
+    operation is terminated (so SGLang's can_terminate_prefetch lets the request go on with
+    what arrived), the error is counted; the IO thread's loop would go on."""
+    import threading
+
+    ccm = pytest.importorskip("sglang.srt.managers.cache_controller")
+    from dualpath.sglang_plugin import prefetch_queue
+
+    op = ccm.PrefetchOperation("r1", list(range(256)))
+    op.hash_value, op.host_indices = ["a", "b", "c", "d"], list(range(256))
+    calls = []
+
+    def page_get(operation, hashes, idx, extra_info):
+        calls.append(hashes)
+        if len(calls) == 2:
+            raise OSError("disk gone")
+        operation.increment(len(hashes) * 64)
+
+    ctl = SimpleNamespace(page_size=64, has_draft=False, page_get_func=page_get)
+    before = prefetch_queue.STATS["pf_io_errors"]
+    orig = ccm.HiCacheController._page_transfer
+    old_batch = ccm.STORAGE_BATCH_SIZE
+    ccm.STORAGE_BATCH_SIZE = 2  # two batches: the second raises
+    try:
+        assert hooks.guard_page_transfer(orig, ctl, op) is None
+    finally:
+        ccm.STORAGE_BATCH_SIZE = old_batch
+    assert op.is_terminated() and op.completed_tokens == 128 and len(calls) == 2
+    assert prefetch_queue.STATS["pf_io_errors"] == before + 1
+    assert threading.current_thread().is_alive()
+    with pytest.raises(OSError):  # stock: the exception reaches the IO thread's loop
+        op2 = ccm.PrefetchOperation("r2", list(range(128)))
+        op2.hash_value, op2.host_indices = ["a", "b"], list(range(128))
+        calls.clear()
+        calls.append("first")
+        orig(ctl, op2)

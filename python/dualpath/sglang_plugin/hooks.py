@@ -70,6 +70,23 @@ def parallel_prefetch_io(original, self):
     return original(self)
 
 
+def guard_page_transfer(original, self, operation):
+    """A storage prefetch that raises (anywhere in SGLang's batch loop, our hooks or a backend)
+    ends as terminated: its request loads what arrived and recomputes the rest. Stock lets the
+    exception kill the prefetch IO thread; under `wait_complete` the operation then never
+    completes and its request, and every request whose prefetch that thread would have run,
+    waits forever."""
+    try:
+        return original(self, operation)
+    except Exception:
+        log.exception("dualpath: storage prefetch for %s failed after %d tokens; the rest is "
+                      "recomputed", getattr(operation, "request_id", "?"),
+                      getattr(operation, "completed_tokens", 0))
+        prefetch_queue.STATS["pf_io_errors"] += 1
+        operation.mark_terminate()
+        return None
+
+
 def count_h2d(result, self, host_indices, *args, **kwargs):
     """Meter the host -> GPU loads HiCache queues (restored prefixes), per node: the third path
     next to storage reads and DE -> PE forwards."""
@@ -114,6 +131,9 @@ def add_http_routes(*args, **kwargs):
 LAUNCHER_HOOKS: tuple[Hook, ...] = (
     Hook("sglang.srt.managers.cache_controller.HiCacheController.prefetch_io_aux_func",
          "AROUND", parallel_prefetch_io, "several storage loads in flight, not one"),
+    Hook("sglang.srt.managers.cache_controller.HiCacheController._page_transfer", "AROUND",
+         guard_page_transfer, "a prefetch that raises is terminated, not its IO thread (a dead "
+         "thread leaves wait_complete prefetches waiting forever)"),
     Hook("sglang.srt.managers.cache_controller.HiCacheController.load", "AFTER", count_h2d,
          "H2D bytes per node (host pool -> GPU loads)"),
     Hook("sglang.srt.managers.scheduler.Scheduler.init_disaggregation", "AFTER",

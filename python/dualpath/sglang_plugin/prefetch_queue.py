@@ -101,6 +101,8 @@ STATS = {"pf_queued": 0, "pf_waited_host": 0, "pf_started": 0, "pf_empty": 0,
          # SGLang's own GPU eviction freed: where the prefill's own reuse went
          "pf_arrival_matched_tokens": 0, "pf_arrival_new_tokens": 0,
          "pf_gpu_evicted_tokens": 0,
+         # storage prefetches that raised and were terminated (hooks.guard_page_transfer)
+         "pf_io_errors": 0,
          # why a prefetch_from_storage call started nothing: budget taken (SGLang's
          # prefetch_rate_limited) with nothing stored to queue for, or fewer new tokens than
          # the prefetch threshold
