@@ -1,0 +1,112 @@
+"""The prefill's storage-prefetch meters (`pf_*` in the agent's stats) and the launcher settings
+the prefetch hooks read; counters only, no behaviour of their own (SGLang 0.5.17 HiRadixCache).
+"""
+
+from __future__ import annotations
+
+SETTINGS = "_dualpath_settings"
+
+# cumulative, for the agent's stats (written on the scheduler thread only)
+STATS = {"pf_queued": 0, "pf_waited_host": 0, "pf_started": 0, "pf_empty": 0,
+         "pf_loaded_tokens": 0, "pf_asked_tokens": 0,
+         # host-pool hits that could not be loaded to the GPU (no device memory): recomputed
+         "pf_loadback_failed": 0, "pf_loadback_failed_tokens": 0,
+         # host-only pages evicted by --dualpath-host-cache-tokens
+         "pf_trimmed_tokens": 0,
+         # completed prefetches held for their request; of those, released unused after
+         # HOLD_TTL_S
+         "pf_held": 0, "pf_hold_expired": 0,
+         # of the holds, those of a prefix matched in the host pool on arrival
+         "pf_held_matched": 0,
+         # arrival matches not held because holds already covered MATCHED_HOLD_SHARE of the pool
+         "pf_hold_skipped_room": 0,
+         # what each request's arrival match found in the prefill's GPU and host pools (tokens
+         # up to SGLang's last host node) and what was left to fetch or compute; and the tokens
+         # SGLang's own GPU eviction freed: where the prefill's own reuse went
+         "pf_arrival_matched_tokens": 0, "pf_arrival_new_tokens": 0,
+         "pf_gpu_evicted_tokens": 0,
+         # storage prefetches that raised and were terminated (hooks.guard_page_transfer)
+         "pf_io_errors": 0,
+         # why a prefetch_from_storage call started nothing: budget taken (SGLang's
+         # prefetch_rate_limited) with nothing stored to queue for, or fewer new tokens than
+         # the prefetch threshold
+         "pf_calls": 0, "pf_refused_budget": 0, "pf_refused_short": 0,
+         # write-through copies the host pool had no room for, even after evicting: those
+         # pages are neither mirrored in the host pool nor backed up to storage from it, so a
+         # later turn finds them nowhere once the GPU evicts them
+         "pf_write_through_failed": 0, "pf_write_through_failed_tokens": 0}
+# the process's HiRadixCache (it lives as long as the scheduler; set when its settings are
+# first read), for the gauges
+_CACHE = None
+
+
+def count_write_backup(result, cache, node, write_back=False):
+    """AFTER HiRadixCache.write_backup (a meter, behaviour unchanged): stock returns 0 both when
+    it skips a node whose parent is not backed up yet and when the host pool had no room; count
+    the second."""
+    if result == 0 and getattr(node, "host_value", None) is None:
+        parent = getattr(node, "parent", None)
+        if parent is None or parent is getattr(cache, "root_node", None) or getattr(
+                parent, "backuped", False):
+            STATS["pf_write_through_failed"] += 1
+            value = getattr(node, "value", None)
+            STATS["pf_write_through_failed_tokens"] += len(value) if value is not None else 0
+    return result
+
+
+def count_load_back(original, cache, params):
+    """AROUND HiRadixCache.init_load_back (a meter, behaviour unchanged): a prefix found in the
+    host pool (from storage or kept there) that the GPU had no room to load is recomputed; count
+    those (stock says nothing about them)."""
+    node = params.best_match_node
+    evicted = getattr(node, "evicted", False)
+    result = original(cache, params)
+    # the hold stays: the scheduler may still turn the request away after the load (no room
+    # in this batch), and the loaded pages, unlocked on the GPU, could then be evicted from
+    # both pools before it runs; cache_*_req, abort or the TTL end it (a hold on pages that
+    # are on the GPU blocks nothing: evict_host frees only pages no longer there)
+    if evicted and len(result[0]) == 0:
+        n = 0
+        while node is not None and getattr(node, "evicted", False):
+            n += len(node.host_value) if node.host_value is not None else 0
+            node = node.parent
+        STATS["pf_loadback_failed"] += 1
+        STATS["pf_loadback_failed_tokens"] += n
+    return result
+
+
+def snapshot() -> dict:
+    """The counters, and gauges read now from the cache: tokens the started prefetches count
+    against SGLang's budget (and the budget), prefetches in flight, free host-pool tokens."""
+    cache = _CACHE
+    if cache is None:
+        return dict(STATS)
+    cc = cache.cache_controller
+    pool = getattr(cc, "mem_pool_host", None)
+    return {**STATS,
+            "pf_budget_used_tokens_now": int(getattr(cc, "prefetch_tokens_occupied", 0)),
+            "pf_budget_tokens_now": int(getattr(cc, "prefetch_capacity_limit", 0)),
+            "pf_in_flight_now": len(getattr(cache, "ongoing_prefetch", ())),
+            "pf_host_free_tokens_now": int(pool.available_size()) if pool is not None else 0}
+
+
+def evicted(result, cache, *args, **kwargs):
+    """AFTER HiRadixCache.evict: count the tokens SGLang's GPU eviction freed."""
+    STATS["pf_gpu_evicted_tokens"] += int(getattr(result, "num_tokens_evicted", 0) or 0)
+    return result
+
+
+def _settings(cache) -> tuple[bool, int]:
+    """(queue on, host-cache budget) of this process: the launcher's config, read once (the
+    process's role does not change). Decode servers get neither."""
+    got = getattr(cache, SETTINGS, None)
+    if got is None:
+        from dualpath.sglang_plugin import launcher_config
+
+        cfg = launcher_config()
+        prefill = cfg is None or cfg.role != "decode"
+        got = (prefill, cfg.host_cache_tokens if cfg is not None and prefill else -1)
+        setattr(cache, SETTINGS, got)
+        global _CACHE
+        _CACHE = cache
+    return got
