@@ -401,3 +401,19 @@ def test_where_the_prefills_reuse_came_from():
     assert rows["PE in queue"] == ["6.950"] and rows["PE reqs/batch"] == ["1.560"]
     assert rows["PE arrival match"] == ["0.300"] and rows["PE from storage"] == ["0.500"]
     assert rows["PE GPU evicted"] == ["4096"]
+
+
+def test_logs_of_every_config_go_into_one_archive(tmp_path):
+    import tarfile
+
+    assert cmp.archive_logs(tmp_path) is None  # nothing to keep
+    for rel in ("off/server_prefill.log", "on/router.log", "on/stacks_decode.txt",
+                "on/stacks_decode.txt.threads", "on/torch_profile/trace.json"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(rel)
+    (tmp_path / "result.json").write_text("{}")
+    dest = cmp.archive_logs(tmp_path)
+    with tarfile.open(dest) as tar:
+        assert sorted(tar.getnames()) == ["off/server_prefill.log", "on/router.log",
+                                          "on/stacks_decode.txt", "on/stacks_decode.txt.threads"]
+        assert tar.extractfile("on/router.log").read() == b"on/router.log"

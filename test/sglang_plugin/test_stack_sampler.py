@@ -112,3 +112,31 @@ def test_the_replay_window_of_a_cumulative_file(tmp_path):
     got = stacks.read_folded(tmp_path / "stacks_prefill_replay.txt")
     assert got == {"a;b;work": 25, "a;c;sync": 7}
     assert stacks.read_folded(tmp_path / "stacks_decode_replay.txt") == {}
+    assert stacks.read_folded(tmp_path / "stacks_prefill_threads_replay.txt") == {}
+
+
+def test_other_threads_are_sampled_less_often_under_their_names(tmp_path):
+    stop = threading.Event()
+    main = threading.Thread(target=idle_wait, args=(stop,))
+    busy = threading.Thread(target=hot_loop, args=(stop,), name="dualpath-pull-0")
+    main.start()
+    busy.start()
+    path = tmp_path / "stacks.txt"
+    s = ss.StackSampler(main.ident, path, hz=500, flush_s=0.2, others_every=5).start()
+    try:
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        main.join()
+        busy.join()
+        s.stop()
+    others = stacks.read_folded(path.with_name("stacks.txt.threads"))
+    pull = sum(n for k, n in others.items() if k.startswith("thread:dualpath-pull-0;"))
+    assert pull > 0 and sum(others.values()) <= s.samples  # one in five, all threads
+    assert not any("dualpath-stack-sampler" in k for k in others), "not itself"
+    assert all(not k.startswith("thread:") for k in stacks.read_folded(path))
+    off = ss.StackSampler(1, tmp_path / "x.txt", others_every=0)
+    off.write()
+    assert not (tmp_path / "x.txt.threads").exists()
+    with pytest.raises(ValueError):
+        ss.StackSampler(1, tmp_path / "y.txt", others_every=-1)

@@ -218,14 +218,16 @@ def stack_files(out: Path, wait_s: float = STACK_FLUSH_S) -> dict:
     time.sleep(wait_s)
     got = {}
     for role in ("prefill", "decode"):
-        f = out / f"stacks_{role}.txt"
-        got[role] = stacks.read_folded(f) if f.exists() else Counter()
+        for name, f in ((role, out / f"stacks_{role}.txt"),
+                        (f"{role}_threads", out / f"stacks_{role}.txt.threads")):
+            got[name] = stacks.read_folded(f) if f.exists() else Counter()
     return got
 
 
 def stacks_of_replay(out: Path, before: dict, wait_s: float = STACK_FLUSH_S) -> None:
-    """OUT/stacks_<role>_replay.txt: only the samples of the measured replay (the files are
-    cumulative over the server's life: start-up, compiles, warm-up)."""
+    """OUT/stacks_<role>[_threads]_replay.txt: only the samples of the measured replay (the
+    files are cumulative over the server's life: start-up, compiles, warm-up); `_threads`: the
+    process's other threads, sampled less often."""
     after = stack_files(out, wait_s)
     for role, now in after.items():
         stacks.write_folded(stacks.window(now, before[role]), out / f"stacks_{role}_replay.txt")
@@ -463,7 +465,29 @@ def main(argv: list[str] | None = None) -> int:
         log.error("FAIL %s", result["failure"])
     finally:
         save()
+        archive_logs(args.out)
     return rc
+
+
+def archive_logs(out: Path) -> Path | None:
+    """OUT/logs.tar.xz: every config's server and router logs and stack files, one file to
+    copy off a host that returns few (a stalled or failed run's evidence included)."""
+    import tarfile
+
+    files = sorted(p for p in out.glob("*/*") if p.is_file()
+                   and p.suffix in (".log", ".txt", ".threads"))
+    if not files:
+        return None
+    dest = out / "logs.tar.xz"
+    try:
+        with tarfile.open(dest, "w:xz") as tar:
+            for p in files:
+                tar.add(p, arcname=str(p.relative_to(out)))
+    except OSError:
+        log.warning("could not write %s", dest, exc_info=True)
+        return None
+    log.info("logs of every config: %s (%.1f MB)", dest, dest.stat().st_size / 1e6)
+    return dest
 
 
 if __name__ == "__main__":
