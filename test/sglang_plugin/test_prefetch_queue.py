@@ -649,3 +649,38 @@ def test_arrival_match_and_gpu_eviction_are_counted():
     r = EvictResult(num_tokens_evicted=5 * PAGE)
     assert pq.evicted(r, cache, None) is r
     assert pq.STATS["pf_gpu_evicted_tokens"] == before["pf_gpu_evicted_tokens"] + 5 * PAGE
+
+
+def test_a_prefetch_still_loading_is_answered_without_stock_and_the_same():
+    """Under wait_complete with one rank, a prefetch neither complete nor terminated is not
+    ready: the hook says so without stock's per-call tensor and group checks, and agrees with
+    SGLang's own can_terminate_prefetch in every state; other states go to stock."""
+    from sglang.srt.managers.cache_controller import PrefetchOperation
+
+    cache = make_cache()
+    cache.prefetch_stop_policy, cache.tp_world_size = "wait_complete", 1
+    cache.attn_cp_group = cache.attn_tp_group = None
+    cache.can_terminate_prefetch = types.MethodType(HRC.can_terminate_prefetch, cache)
+    cache._all_reduce_attn_groups = types.MethodType(HRC._all_reduce_attn_groups, cache)
+    from sglang.srt.mem_cache.radix_cache import RadixKey, TreeNode
+
+    op = PrefetchOperation("r", list(range(2 * PAGE)))
+    root = TreeNode()
+    root.key = RadixKey([])
+    cache.ongoing_prefetch["r"] = (root, RadixKey(list(range(2 * PAGE))), op)
+
+    def stock_must_not_run(c, rid):
+        raise AssertionError("stock was asked")
+    states = [([], 0, False), (["a", "b"], PAGE, False), (["a", "b"], 2 * PAGE, False),
+              (["a", "b"], PAGE, True)]
+    for hashes, done, terminated in states:
+        op.hash_value, op.completed_tokens, op._terminated_flag = hashes, done, terminated
+        stock_ready = HRC.can_terminate_prefetch(cache, op)
+        asked = []
+        got = pq.check(lambda c, rid, asked=asked: asked.append(rid) or True, cache, "r")
+        assert asked == ([] if not stock_ready else ["r"]), (hashes, done, terminated)
+        assert got == stock_ready
+    op.hash_value, op.completed_tokens, op._terminated_flag = ["a"], 0, False
+    assert pq.check(stock_must_not_run, cache, "r") is False
+    cache.prefetch_stop_policy = "timeout"  # stock decides
+    assert pq.check(lambda c, rid: True, cache, "r") is True

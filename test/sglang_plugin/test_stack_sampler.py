@@ -132,7 +132,7 @@ def test_other_threads_are_sampled_less_often_under_their_names(tmp_path):
         s.stop()
     others = stacks.read_folded(path.with_name("stacks.txt.threads"))
     pull = sum(n for k, n in others.items() if k.startswith("thread:dualpath-pull-0;"))
-    assert pull > 0 and sum(others.values()) <= s.samples  # one in five, all threads
+    assert 0 < pull <= s.samples // 5 + 1  # one sample in five, each thread once
     assert not any("dualpath-stack-sampler" in k for k in others), "not itself"
     assert all(not k.startswith("thread:") for k in stacks.read_folded(path))
     off = ss.StackSampler(1, tmp_path / "x.txt", others_every=0)
