@@ -199,3 +199,35 @@ def test_a_prefetch_that_raises_is_terminated_not_its_io_thread():
         calls.clear()
         calls.append("first")
         orig(ctl, op2)
+
+
+def test_busy_meter_counts_intervals_with_work_at_either_end():
+    from dualpath.sglang_plugin.engine_stats import BusyMeter
+
+    m = BusyMeter()
+    assert m.observe(0, 10.0) == 0.0  # first look: nothing to count yet
+    assert m.observe(0, 11.0) == 0.0  # idle throughout
+    assert m.observe(3, 11.5) == 0.5  # work arrived in the interval
+    assert m.observe(0, 12.5) == 1.5  # and left in this one
+    assert m.observe(0, 13.0) == 1.5
+    assert m.observe(2, 12.0) == 1.5, "a clock going back counts nothing"
+
+
+def test_finished_prefills_feed_the_routers_prefill_rate(monkeypatch):
+    """count_prefilled adds a finished request's prompt tokens on a prefill's agent (not on a
+    decode's); the agent reports them with its busy time in the router's contract."""
+    from dualpath.config import PluginConfig
+    from dualpath.router.contract import EngineStats
+    from dualpath.sglang_plugin import agent as agent_mod
+
+    pre = agent_mod.Agent(PluginConfig(), "prefill", "n0", 0)
+    monkeypatch.setattr(agent_mod, "_AGENT", pre)
+    req = SimpleNamespace(origin_input_ids=list(range(700)))
+    assert hooks.count_prefilled("r", None, req) == "r"
+    hooks.count_prefilled(None, None, req)
+    s = EngineStats.decode(pre.stats())
+    assert s.prefill_tokens_total == 1400 and s.prefill_busy_s_total == 0.0
+    dec = agent_mod.Agent(PluginConfig(), "decode", "n1", 0)
+    monkeypatch.setattr(agent_mod, "_AGENT", dec)
+    hooks.count_prefilled(None, None, req)
+    assert dec.prefilled_tokens == 0 and EngineStats.decode(dec.stats()).prefill_tokens_total == 0

@@ -79,6 +79,12 @@ class Agent:
         self.counters = {"forwarded_bytes": 0, "received_bytes": 0, "pull_pages_ok": 0,
                          "pull_pages_failed": 0, "restore_from_buffer": 0, "h2d_bytes": 0}
         self._lock = threading.Lock()
+        # prompt tokens of the requests this (prefill) engine finished, and its busy time: the
+        # router's measured prefill rate (beta = rate x window); unreported, the router kept
+        # its initial 20k tokens/s and held requests back once ~100k prompt tokens were on the
+        # prefill (2x H100, 17ce76c: 24 agents of 10-16K-token prompts)
+        self.prefilled_tokens = 0
+        self._busy = engine_stats.BusyMeter()
         self._pool = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="dualpath-agent")
         # the chunk reads of the pulls being served (each waits on the store's own IO threads)
         self._read_ahead = ThreadPoolExecutor(4 * cfg.io_threads,
@@ -295,16 +301,25 @@ class Agent:
         RESTORE_PAGES.labels(self.node, source).inc(n)
 
     # ---- stats ----
+    def count_prefilled(self, prompt_tokens: int) -> None:
+        with self._lock:
+            self.prefilled_tokens += prompt_tokens
+
     def stats(self) -> dict:
         snap = self.nic.snapshot()
         load = engine_stats.scheduler_load(self.scheduler, self.role)
+        with self._lock:
+            extra = dict(self.counters)
+            busy = self._busy.observe(load.seq, time.monotonic())
+            prefilled = self.prefilled_tokens
+        prefill = self.role == "prefill"
         s = EngineStats(engine=self.url, role=self.role, seq=load.seq, tok=load.tok,
                         free_kv_tokens=load.free_kv_tokens,
                         read_queue_tokens=snap.read_queue_tokens,
                         read_tokens_total=snap.read_bytes // max(1, self._token_bytes()),
-                        read_busy_s_total=snap.read_busy_s, timestamp=time.time())
-        with self._lock:
-            extra = dict(self.counters)
+                        read_busy_s_total=snap.read_busy_s,
+                        prefill_tokens_total=prefilled if prefill else 0,
+                        prefill_busy_s_total=busy if prefill else 0.0, timestamp=time.time())
         return {**json.loads(s.encode()), "node": self.node, "agent": self.url,
                 "storage": {"read_bytes": snap.read_bytes, "write_bytes": snap.write_bytes,
                             "read_ops": snap.read_ops, "write_ops": snap.write_ops,

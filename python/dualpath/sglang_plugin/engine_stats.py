@@ -52,3 +52,21 @@ def scheduler_load(s, role: str) -> Load:
                     free_kv_tokens=max(0, free))
     except Exception:  # noqa: BLE001  (a torn read: report nothing rather than fail the poll)
         return Load()
+
+
+class BusyMeter:
+    """Seconds an engine had unfinished requests, from the request counts seen at successive
+    stats reads: an interval counts when either end saw work (the router polls about twice a
+    second). With the tokens it finished, the router's measured prefill rate behind beta."""
+
+    def __init__(self) -> None:
+        self.busy_s = 0.0
+        self._last: tuple[float, int] | None = None
+
+    def observe(self, seq: int, now: float) -> float:
+        if self._last is not None:
+            t0, seq0 = self._last
+            if now > t0 and (seq0 > 0 or seq > 0):
+                self.busy_s += now - t0
+        self._last = (now, seq)
+        return self.busy_s

@@ -87,6 +87,18 @@ def guard_page_transfer(original, self, operation):
         return None
 
 
+def count_prefilled(result, self, req, *args, **kwargs):
+    """AFTER RadixCache.cache_finished_req: a prefill engine finished a request (its KV is
+    cached once sent); its prompt tokens feed the router's measured prefill rate."""
+    from dualpath.sglang_plugin.agent import get_agent
+
+    agent = get_agent()
+    if agent is not None and agent.role == "prefill":
+        ids = getattr(req, "origin_input_ids", None)
+        agent.count_prefilled(len(ids) if ids is not None else 0)
+    return result
+
+
 def count_h2d(result, self, host_indices, *args, **kwargs):
     """Meter the host -> GPU loads HiCache queues (restored prefixes), per node: the third path
     next to storage reads and DE -> PE forwards."""
@@ -134,6 +146,15 @@ LAUNCHER_HOOKS: tuple[Hook, ...] = (
     Hook("sglang.srt.managers.cache_controller.HiCacheController._page_transfer", "AROUND",
          guard_page_transfer, "a prefetch that raises is terminated, not its IO thread (a dead "
          "thread leaves wait_complete prefetches waiting forever)"),
+    # the router schedules both arms from the same engine numbers (read only: queues, free KV,
+    # prompt tokens finished); without them it keeps its own bookkeeping and initial rates
+    Hook("sglang.srt.managers.scheduler.Scheduler.init_disaggregation", "AFTER",
+         attach_scheduler, "engine stats (queues, free KV) for the router, flag on and off"),
+    Hook("sglang.srt.entrypoints.http_server.launch_server", "BEFORE", add_http_routes,
+         "GET /dualpath/stats on the server port, flag on and off"),
+    Hook("sglang.srt.mem_cache.radix_cache.RadixCache.cache_finished_req", "AFTER",
+         count_prefilled, "prompt tokens a prefill finished: the router's measured prefill "
+         "rate (beta), flag on and off"),
     Hook("sglang.srt.managers.cache_controller.HiCacheController.load", "AFTER", count_h2d,
          "H2D bytes per node (host pool -> GPU loads)"),
     Hook("sglang.srt.managers.scheduler.Scheduler.init_disaggregation", "AFTER",
@@ -203,10 +224,6 @@ HOOKS: tuple[Hook, ...] = (
     Hook("sglang.srt.disaggregation.decode_hicache_mixin.DecodeHiCachePreallocMixin."
          "_build_decode_prefix_match", "AROUND", decode_prefix_by_plan,
          "miss-only return only for requests whose plan reads on the decode side"),
-    Hook("sglang.srt.managers.scheduler.Scheduler.init_disaggregation", "AFTER",
-         attach_scheduler, "engine stats (queues, free KV) for the router"),
-    Hook("sglang.srt.entrypoints.http_server.launch_server", "BEFORE", add_http_routes,
-         "GET /dualpath/stats on the server port"),
 )
 
 
