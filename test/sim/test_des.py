@@ -231,3 +231,14 @@ def test_batched_prefill_pays_the_per_batch_cost_once():
     assert slow.prefill_batch_s([(100, 1000)] * 3) == pytest.approx(0.2 + 3 * 1e-4)
     with pytest.raises(ValueError, match="prefill_batch"):
         SimCluster(1, 1, prefill_batch=0)
+
+
+def test_a_fixed_router_prefill_rate_sets_beta():
+    """router_prefill_tokens_per_s fixes the global scheduler's prefill rate: a rate far below
+    the engine's holds requests back (beta = rate x window) and the run takes longer."""
+    t = trajs(32)
+    free = simulate(SimCluster(1, 1, gpus_per_node=1), FAST, t)
+    held = simulate(SimCluster(1, 1, gpus_per_node=1, router_prefill_tokens_per_s=200.0), FAST, t)
+    assert held.turns == free.turns and held.jct_s > 1.2 * free.jct_s, (held.jct_s, free.jct_s)
+    with pytest.raises(ValueError, match="router_prefill_tokens_per_s"):
+        SimCluster(1, 1, router_prefill_tokens_per_s=-1)

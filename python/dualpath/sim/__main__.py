@@ -191,8 +191,10 @@ def cmd_validate(args) -> int:
                            prefill_loads=args.prefill_loads,
                            prefill_batch=args.prefill_batch,
                            h2d_gbps=args.h2d_gbps,
-                           policy="dualpath" if cfg.get("dual_path") else "basic",
+                           policy="dualpath" if cfg.get("dual_path") or args.router_prefill_rate
+                           else "basic",
                            read_side=cfg.get("read_side") or "shorter",
+                           router_prefill_tokens_per_s=args.router_prefill_rate,
                            schedule_interval_s=args.schedule_interval_s)
             pre_hits = measured_prefill_hits(run) if hits else None
             share = storage_share(run) if hits else 1.0
@@ -278,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
                      help="prefill pools: the run's GPU pool (turns wait to fit) and host pool "
                           "less its GPU mirror as the staging of loads (reads wait for room), "
                           "or neither")
+    val.add_argument("--router-prefill-rate", type=float, default=0.0,
+                     help="the router's fixed prefill rate (tokens/s) behind beta, both "
+                          "configurations through the global scheduler (off: its read side, "
+                          "'pe'); 20000 = dualpath.router before 7dc4052, which was never told "
+                          "the measured rate. 0: off round-robin, on the model's rate")
     val.add_argument("--prefill-batch", type=int, default=1,
                      help="turns per prefill batch at most, p0 paid per batch (1: one at a "
                           "time, as the calibrated models assume)")

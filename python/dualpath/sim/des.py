@@ -109,8 +109,8 @@ class Simulator:
             cfg = SchedulerConfig(
                 read_side=cluster.read_side,
                 initial_read_tokens_per_s=cluster.storage_bytes_per_s / cluster.kv_bytes_per_token,
-                initial_prefill_tokens_per_s=mean_prompt / perf.prefill_s(int(mean_miss),
-                                                                          int(mean_prompt)))
+                initial_prefill_tokens_per_s=cluster.router_prefill_tokens_per_s
+                or mean_prompt / perf.prefill_s(int(mean_miss), int(mean_prompt)))
             self.sched = GlobalScheduler(pre, dec, cfg)
         self.pe_index = {s.name: i for i, s in enumerate(pre)}
         self.de_index = {s.name: i for i, s in enumerate(dec)}

@@ -55,6 +55,10 @@ class SimCluster:
     """Turns a prefill engine runs in one batch at most (those queued and fitting its GPU
     pool): one batch costs PerfModel.prefill_batch_s, so p0 is paid per batch. 1 = one turn
     at a time (the models calibrated so far fit p0 per turn: keep 1 with them)."""
+    router_prefill_tokens_per_s: float = 0.0
+    """The global scheduler's prefill rate (beta = rate x its window), fixed: what a router
+    that is never told the measured rate uses (dualpath.router before 7dc4052: its initial
+    20,000 tokens/s). 0 = the engine model's own rate."""
     policy: str = "dualpath"
     """'dualpath' (the global scheduler, read side by `read_side`) or 'basic' (round-robin
     pairs, prefill-side reads: the paper's baseline)."""
@@ -67,6 +71,8 @@ class SimCluster:
             raise ValueError("SimCluster: node and GPU counts must be >= 1")
         if self.pe_cache_tokens < 0:
             raise ValueError("SimCluster.pe_cache_tokens must be >= 0")
+        if self.router_prefill_tokens_per_s < 0:
+            raise ValueError("SimCluster.router_prefill_tokens_per_s must be >= 0")
         if self.prefill_batch < 1:
             raise ValueError(f"SimCluster.prefill_batch must be >= 1, got {self.prefill_batch}")
         if min(self.prefill_kv_tokens, self.prefill_staging_tokens, self.prefill_loads) < 0:
