@@ -1,0 +1,26 @@
+"""Load numbers for the router, read from a stand-in SGLang scheduler."""
+
+from types import SimpleNamespace
+
+from dualpath.sglang_plugin.engine_stats import scheduler_load
+
+
+def req(n):
+    return SimpleNamespace(origin_input_ids=list(range(n)))
+
+
+def test_decode_load_counts_queues_and_room_includes_evictable_cache():
+    """Free KV for the router is what a new request can get: free slots plus what the radix
+    cache would evict. With free slots alone a decode whose pool holds finished requests' KV
+    reports no room, and the router admits nothing more."""
+    s = SimpleNamespace(
+        waiting_queue=[req(10)], running_batch=SimpleNamespace(reqs=[req(20)]),
+        disagg_decode_prealloc_queue=SimpleNamespace(queue=[SimpleNamespace(req=req(30))]),
+        disagg_decode_transfer_queue=SimpleNamespace(queue=[]),
+        token_to_kv_pool_allocator=SimpleNamespace(available_size=lambda: 500),
+        tree_cache=SimpleNamespace(evictable_size=lambda: 150_000))
+    load = scheduler_load(s, "decode")
+    assert (load.seq, load.tok) == (3, 60) and load.free_kv_tokens == 150_500
+    del s.tree_cache
+    assert scheduler_load(s, "decode").free_kv_tokens == 500
+    assert scheduler_load(None, "decode").free_kv_tokens == 0
