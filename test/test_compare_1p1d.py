@@ -417,3 +417,33 @@ def test_logs_of_every_config_go_into_one_archive(tmp_path):
         assert sorted(tar.getnames()) == ["off/server_prefill.log", "on/router.log",
                                           "on/stacks_decode.txt", "on/stacks_decode.txt.threads"]
         assert tar.extractfile("on/router.log").read() == b"on/router.log"
+
+
+def test_router_admission_wait_from_its_metrics():
+    """The router's admission histogram, read before and after a replay, gives the replay's
+    mean wait; a server without it says nothing."""
+    from aiohttp import web
+    from prometheus_client import generate_latest
+
+    from dualpath.router.metrics import RouterMetrics
+
+    m = RouterMetrics()
+    app = web.Application()
+
+    async def metrics(request):
+        return web.Response(body=generate_latest(m.registry), content_type="text/plain")
+    app.router.add_get("/metrics", metrics)
+    srv, loop = served(app)
+    try:
+        url = str(srv.make_url(""))
+        before = cmp.router_admission(url)
+        assert before == (0.0, 0.0)
+        for w in (0.5, 1.5):
+            m.admission_wait.observe(w)
+        after = cmp.router_admission(url)
+        assert after == (2.0, 2.0) and cmp.admission_mean(before, after) == 1.0
+    finally:
+        asyncio.run_coroutine_threadsafe(srv.close(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+    assert cmp.admission_mean(None, after) is None and cmp.admission_mean(after, after) is None
+    assert cmp.router_admission("http://127.0.0.1:9") is None

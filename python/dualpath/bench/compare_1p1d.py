@@ -141,9 +141,37 @@ def stall_report(c: PDCluster, log_lines: int = 60) -> dict:
     return out
 
 
+def router_admission(url: str) -> tuple[float, float] | None:
+    """(seconds summed, requests) the router's admission held requests so far (its
+    `dualpath_router_admission_wait_seconds`), or None when it does not say."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except (OSError, ValueError):
+        return None
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "dualpath_router_admission_wait_seconds":
+            got = {s.name.rsplit("_", 1)[-1]: s.value for s in fam.samples}
+            if "sum" in got and "count" in got:
+                return got["sum"], got["count"]
+    return None
+
+
+def admission_mean(before, after) -> float | None:
+    """Mean seconds a request of the replay waited for the router's admission."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return round((after[0] - before[0]) / (after[1] - before[1]), 4)
+
+
 def run_once(c: PDCluster, trajs, online: bool, seed: int, cap_gbps: float,
              stall_s: float | None = None) -> dict:
     logs = [LogCursor(p.log_path) for p in (c.pre, c.dec)]
+    admitted0 = router_admission(c.url)
     gpus = gpu_sampler().start()
     agents = agents_sampler({"pe": lambda: agent_stats(PRE_PORT, 2),
                              "de": lambda: agent_stats(DEC_PORT, 2)}, path_bytes).start()
@@ -159,6 +187,7 @@ def run_once(c: PDCluster, trajs, online: bool, seed: int, cap_gbps: float,
            "sampler_errors": {"gpu": gpus.error, "agents": agents.error},
            "stages": summarize_records(stages), "stage_records": stages,
            "prefill_timeline": prefill_timeline_or_none(stages),
+           "router_admission_wait_s_mean": admission_mean(admitted0, router_admission(c.url)),
            "samples": {"gpu": g_rows, "agents": a_rows},
            "turn_records": [dataclasses.asdict(r) for r in records]}
     if a_rows:

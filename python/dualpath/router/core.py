@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import random
+import time
 import uuid
 
 import aiohttp
@@ -129,10 +130,13 @@ class Router:
             raise Overloaded(f"{len(self.scheduler.queue)} requests are already waiting")
         fut = asyncio.get_running_loop().create_future()
         self._waiters[req.rid] = fut
+        t0 = time.monotonic()
         self.scheduler.submit(req)
         self._pump()
         try:
-            return await asyncio.wait_for(fut, self.cfg.queue_timeout_s)
+            plan = await asyncio.wait_for(fut, self.cfg.queue_timeout_s)
+            self.metrics.admission_wait.observe(time.monotonic() - t0)
+            return plan
         except (TimeoutError, asyncio.CancelledError) as e:
             self._waiters.pop(req.rid, None)
             if fut.done() and not fut.cancelled():  # planned just before we gave up

@@ -16,6 +16,10 @@ class RouterMetrics:
                                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
         self.queue_waiting = Gauge("dualpath_router_queue_waiting",
                                    "Requests waiting for an engine pair", registry=r)
+        self.admission_wait = Histogram(
+            "dualpath_router_admission_wait_seconds",
+            "Time a request waited in the router for an engine pair (Algorithm 1's admission)",
+            registry=r, buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
         self.plans = Counter("dualpath_router_plans", "Plans made, by read side",
                              ["read_side"], registry=r)
         self.retries = Counter("dualpath_router_retries",
