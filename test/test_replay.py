@@ -166,3 +166,12 @@ def test_no_stall_while_turns_keep_finishing_and_a_failing_diagnosis_is_kept():
     summary, _, _ = run_replay([Trajectory(0, 10, [(5, 2)])], hang_rid="a0-t0", stall_s=0.3,
                                progress_s=None, on_stall=lambda: 1 / 0)
     assert summary["stall"]["servers"]["error"].startswith("ZeroDivisionError")
+
+
+def test_an_online_turn_after_an_idle_gap_is_not_a_stall():
+    """Online: the second agent arrives long after the first finished; its turn has not waited,
+    so no stall is declared though nothing finished for longer than stall_s."""
+    trajs = [Trajectory(0, 10, [(5, 2)], arrival_s=0.0),
+             Trajectory(1, 10, [(5, 300)], arrival_s=0.8)]  # in flight ~0.3 s
+    summary, _, _ = run_replay(trajs, online=True, stall_s=0.5, progress_s=None)
+    assert "stall" not in summary and summary["turns_ok"] == 2

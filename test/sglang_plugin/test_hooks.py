@@ -222,9 +222,18 @@ def test_finished_prefills_feed_the_routers_prefill_rate(monkeypatch):
 
     pre = agent_mod.Agent(PluginConfig(), "prefill", "n0", 0)
     monkeypatch.setattr(agent_mod, "_AGENT", pre)
-    req = SimpleNamespace(origin_input_ids=list(range(700)))
+    ok = type("FINISH_LENGTH", (), {})()
+    req = SimpleNamespace(origin_input_ids=list(range(700)), finished_reason=ok)
     assert hooks.count_prefilled("r", None, req) == "r"
     hooks.count_prefilled(None, None, req)
+    # released but not finished well: a failed transfer or bootstrap or an optimistic requeue
+    # (no reason yet), an abort, a release without insert
+    hooks.count_prefilled(None, None, SimpleNamespace(origin_input_ids=[1] * 9,
+                                                      finished_reason=None))
+    aborted = SimpleNamespace(origin_input_ids=[1] * 9,
+                              finished_reason=type("FINISH_ABORT", (), {})())
+    hooks.count_prefilled(None, None, aborted)
+    hooks.count_prefilled(None, None, req, is_insert=False)
     s = EngineStats.decode(pre.stats())
     assert s.prefill_tokens_total == 1400 and s.prefill_busy_s_total == 0.0
     dec = agent_mod.Agent(PluginConfig(), "decode", "n1", 0)

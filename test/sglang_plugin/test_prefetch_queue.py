@@ -684,3 +684,28 @@ def test_a_prefetch_still_loading_is_answered_without_stock_and_the_same():
     assert pq.check(stock_must_not_run, cache, "r") is False
     cache.prefetch_stop_policy = "timeout"  # stock decides
     assert pq.check(lambda c, rid: True, cache, "r") is True
+
+
+def test_trim_counts_an_ancestor_only_when_all_its_children_go(monkeypatch):
+    """Two chains share a host-only first turn; one chain's leaf is held. The shared node
+    stays (SGLang's evict_host never frees a parent with a child left), so it is not counted,
+    and with a budget nothing beyond the budget is freed."""
+    import torch
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    cache = make_cache(stored_tokens=None)
+    root, freed = _real_tree(cache)
+    base = list(range(2 * PAGE))
+    a = base + [10_000 + i for i in range(2 * PAGE)]
+    b = base + [20_000 + i for i in range(2 * PAGE)]
+    for toks in (base, a, b):
+        cache._insert_helper_host(root, RadixKey(toks), torch.arange(len(toks)),
+                                  [f"h{i}" for i in range(len(toks) // PAGE)])
+    shared = root.children[RadixKey(base).child_key(PAGE)]
+    assert len(shared.children) == 2
+    b_leaf = shared.children[RadixKey(b[2 * PAGE:]).child_key(PAGE)]
+    assert pq.trimmable_host_tokens(cache) == 6 * PAGE
+    b_leaf.protect_host()
+    assert pq.trimmable_host_tokens(cache) == 2 * PAGE, "a's own turn only"
+    cache.evict_host(2 * PAGE)
+    assert freed == [2 * PAGE] and shared.host_value is not None

@@ -242,3 +242,20 @@ def test_a_fixed_router_prefill_rate_sets_beta():
     assert held.turns == free.turns and held.jct_s > 1.2 * free.jct_s, (held.jct_s, free.jct_s)
     with pytest.raises(ValueError, match="router_prefill_tokens_per_s"):
         SimCluster(1, 1, router_prefill_tokens_per_s=-1)
+
+
+def test_a_decode_side_plan_reads_the_whole_stored_prefix_even_what_the_prefill_held():
+    """With the decode reading (miss-only return), the decode restores the whole stored prefix,
+    so it reads the part the prefill found in its own pools too; a prefill-side plan reads
+    only what the prefill lacks."""
+    t = trajs(8)
+    hits = {(a, k): h for a, tr in enumerate(t)
+            for k, h in enumerate([0] + [tr.initial] * (len(tr.turns) - 1))}
+    half = {k: v // 2 for k, v in hits.items()}
+    de = simulate(SimCluster(1, 1, gpus_per_node=1, read_side="de"), FAST, t, hits=hits,
+                  held=half)
+    pe = simulate(SimCluster(1, 1, gpus_per_node=1, read_side="pe"), FAST, t, hits=hits,
+                  held=half)
+    stored = sum(v - v % 64 for v in hits.values()) * 131072
+    assert de.read_bytes_pe == 0 and de.read_bytes_de == pytest.approx(stored, rel=0.01)
+    assert pe.read_bytes_de == 0 and pe.read_bytes_pe == pytest.approx(stored / 2, rel=0.05)

@@ -339,7 +339,10 @@ def run_config(name: str, args, out: Path, trajs, res: dict, save) -> dict:
                 res["offline"]["gpu_profile"] = profile_summaries(out / name / "torch_profile")
             if res["offline"].get("stall"):
                 log.error("%s: the replay stalled and was ended; the servers' state is in the "
-                          "result's offline.stall", name)
+                          "result's offline.stall; the config's other runs are skipped (its "
+                          "servers still hold the stuck requests)", name)
+                save()
+                return res
             log.info("%s offline: JCT %s s, errors %d, storage %s", name,
                      res["offline"]["jct_s"], res["offline"]["errors"],
                      res["offline"].get("storage_util"))

@@ -201,7 +201,10 @@ async def _watch_stall(run: _Run, stall_s: float, on_stall) -> dict:
         await asyncio.sleep(min(1.0, stall_s / 4))
         now = time.perf_counter()
         waiting = run.in_flight()
-        if not waiting or now - run.last_done < stall_s:
+        # stalled: a turn has waited stall_s and none finished meanwhile (an online turn that
+        # arrived after an idle gap has not waited, however long ago the last one finished)
+        if (not waiting or now - run.last_done < stall_s
+                or max(now - run.t0 - r.start_s for r in waiting) < stall_s):
             continue
         info = {"at_s": round(now - run.t0, 1), "stall_s": stall_s,
                 "in_flight": [{"rid": r.rid, "agent": r.agent, "turn": r.turn,

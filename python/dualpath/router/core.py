@@ -138,6 +138,7 @@ class Router:
             self.metrics.admission_wait.observe(time.monotonic() - t0)
             return plan
         except (TimeoutError, asyncio.CancelledError) as e:
+            self.metrics.admission_wait.observe(time.monotonic() - t0)  # gave up waiting
             self._waiters.pop(req.rid, None)
             if fut.done() and not fut.cancelled():  # planned just before we gave up
                 self.release(req.rid)

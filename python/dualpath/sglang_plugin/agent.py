@@ -85,6 +85,7 @@ class Agent:
         # prefill (2x H100, 17ce76c: 24 agents of 10-16K-token prompts)
         self.prefilled_tokens = 0
         self._busy = engine_stats.BusyMeter()
+        self._load_lock = threading.Lock()  # not _lock: that one is held across registrations
         self._pool = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="dualpath-agent")
         # the chunk reads of the pulls being served (each waits on the store's own IO threads)
         self._read_ahead = ThreadPoolExecutor(4 * cfg.io_threads,
@@ -302,7 +303,7 @@ class Agent:
 
     # ---- stats ----
     def count_prefilled(self, prompt_tokens: int) -> None:
-        with self._lock:
+        with self._load_lock:  # on the scheduler thread: never behind a slow registration
             self.prefilled_tokens += prompt_tokens
 
     def stats(self) -> dict:
@@ -310,6 +311,7 @@ class Agent:
         load = engine_stats.scheduler_load(self.scheduler, self.role)
         with self._lock:
             extra = dict(self.counters)
+        with self._load_lock:
             busy = self._busy.observe(load.seq, time.monotonic())
             prefilled = self.prefilled_tokens
         prefill = self.role == "prefill"

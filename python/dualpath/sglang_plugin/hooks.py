@@ -10,12 +10,14 @@ PREFETCH_QUEUE_HOOKS; HOOKS only with --enable-dual-path. Other servers are left
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from dualpath.sglang_plugin import h2d_load, pd_poll, pd_send, prefetch_queue
 
 log = logging.getLogger("dualpath.hooks")
+_IO_ERRORS_LOCK = threading.Lock()
 CHECKED_VERSION = "0.5.17"
 
 
@@ -82,16 +84,23 @@ def guard_page_transfer(original, self, operation):
         log.exception("dualpath: storage prefetch for %s failed after %d tokens; the rest is "
                       "recomputed", getattr(operation, "request_id", "?"),
                       getattr(operation, "completed_tokens", 0))
-        prefetch_queue.STATS["pf_io_errors"] += 1
+        with _IO_ERRORS_LOCK:  # the prefetch IO threads, not the scheduler thread
+            prefetch_queue.STATS["pf_io_errors"] += 1
         operation.mark_terminate()
         return None
 
 
 def count_prefilled(result, self, req, *args, **kwargs):
     """AFTER RadixCache.cache_finished_req: a prefill engine finished a request (its KV is
-    cached once sent); its prompt tokens feed the router's measured prefill rate."""
+    cached once sent); its prompt tokens feed the router's measured prefill rate. Only a
+    request that finished well counts: SGLang also releases through here a transfer or
+    bootstrap failure and an optimistic requeue (no finish reason yet) and an abort."""
     from dualpath.sglang_plugin.agent import get_agent
 
+    reason = getattr(req, "finished_reason", None)
+    if (reason is None or kwargs.get("is_insert", True) is False
+            or any(c.__name__ == "FINISH_ABORT" for c in type(reason).__mro__)):
+        return result
     agent = get_agent()
     if agent is not None and agent.role == "prefill":
         ids = getattr(req, "origin_input_ids", None)

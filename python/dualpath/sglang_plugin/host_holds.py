@@ -47,19 +47,30 @@ def _no_room(cache, tokens: int) -> bool:
     return room is not None and room < tokens
 
 
+def _freeable(node) -> bool:
+    return (node is not None and node.evicted  # the root is not evicted
+            and node.host_ref_counter == 0 and node.host_value is not None)
+
+
 def trimmable_host_tokens(cache) -> int:
     """Host-only tokens `evict_host` frees when asked for everything: the evictable leaves and,
-    above each, the host-only ancestors it frees on its way up as they become leaves (an agent's
-    context is a chain of one node per turn, and only its last turn is a leaf). An ancestor with
-    a held or GPU-resident branch is counted too though it stays: the excess asked is then an
-    upper bound, and `evict_host` stops when it runs out of leaves."""
-    seen, n = set(), 0
-    for node in getattr(cache, "evictable_host_leaves", ()):
-        while (node is not None and id(node) not in seen and node.evicted  # the root is not
-               and node.host_ref_counter == 0 and node.host_value is not None):
-            seen.add(id(node))
-            n += len(node.host_value)
-            node = getattr(node, "parent", None)
+    above them, each host-only ancestor whose children all go (SGLang frees a parent once it
+    becomes a leaf; an agent's context is a chain of one node per turn, only its last turn a
+    leaf). A parent with a held, GPU-resident or backed-up-elsewhere child stays and is not
+    counted."""
+    seen: set[int] = set()
+    n = 0
+    todo = [x for x in getattr(cache, "evictable_host_leaves", ()) if _freeable(x)]
+    while todo:
+        node = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        n += len(node.host_value)
+        parent = getattr(node, "parent", None)
+        if (_freeable(parent) and id(parent) not in seen
+                and all(id(c) in seen for c in parent.children.values())):
+            todo.append(parent)
     return n
 
 

@@ -281,6 +281,11 @@ class Simulator:
                     de_share = plan.de_read_tokens / total if total else 0.0
                     de_bytes = round(stored * de_share) * kvb
                     pe_bytes = stored * kvb - de_bytes
+                    if de_share >= 1 and self.hit[t]:
+                        # a decode-side plan: the decode takes the whole stored prefix as its
+                        # own (miss-only return), so it also reads what the prefill held (the
+                        # model forwards that part too: a few ms on the compute link)
+                        de_bytes = self.hit[t] * kvb
                     plan_de_read[t] = de_bytes
                     staged[t] = stored
                     # nothing stored: no load at all (it never waits for one)
@@ -314,7 +319,7 @@ class Simulator:
                 if pe_queue[pe] and not pe_busy[pe]:
                     start_prefill(pe, now)
                 # miss-only return when the decode read the whole prefix itself
-                miss_only = plan_de_read[tid] == staged[tid] * kvb and staged[tid] > 0
+                miss_only = plan_de_read[tid] == self.hit[tid] * kvb and self.hit[tid] > 0
                 send = (self.prompt[tid] - self.hit[tid] if miss_only else self.prompt[tid]) * kvb
                 arrive = max(now, pe_nic[pe]) + send / nic_bps
                 pe_nic[pe] = arrive
