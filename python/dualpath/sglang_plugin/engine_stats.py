@@ -65,7 +65,13 @@ def scheduler_load(s, role: str) -> Load:
 class BusyMeter:
     """Seconds an engine had unfinished requests, from the request counts seen at successive
     stats reads: an interval counts when either end saw work (the router polls about twice a
-    second). With the tokens it finished, the router's measured prefill rate behind beta."""
+    second). With the tokens it finished, the router's measured prefill rate behind beta.
+
+    This is occupancy, not compute: waiting for storage reads, decode room or the KV send
+    counts as busy. The rate is then the prefill's throughput under load, whatever binds it, and
+    beta (rate x window) admits about a window's worth of work at that throughput. A storage-
+    bound prefill is not starved by its reads, and a faster one is not held to a stale initial
+    rate."""
 
     def __init__(self) -> None:
         self.busy_s = 0.0
