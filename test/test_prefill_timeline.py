@@ -30,3 +30,18 @@ def test_stages_batches_and_idle_share(tmp_path):
     with pytest.raises(ValueError, match="entry times"):
         pt.timeline([])
     assert pt.main([str(p)]) == 0
+
+
+def test_turn_breakdown_joins_turns_and_prefill_records_by_request_id():
+    turns = [{"rid": "x-a0-t0", "start_s": 1.0, "ttft_s": 3.0},
+             {"rid": "x-a0-t1", "start_s": 5.0, "ttft_s": None},  # failed: left out
+             {"rid": "x-a1-t0", "start_s": 2.0, "ttft_s": 2.0}]
+    recs = [{"type": "prefill", "rid": "x-a0-t0", "entry_time": 101.5, "bootstrap_s": 0.1,
+             "queue_s": 0.4, "forward_s": 0.5},
+            {"type": "prefill", "rid": "x-a1-t0", "entry_time": 102.5, "bootstrap_s": 0.0,
+             "queue_s": 0.5, "forward_s": 0.5},
+            {"type": "decode", "rid": "x-a0-t0", "entry_time": 101.0}]
+    b = pt.turn_breakdown(turns, recs, t0_wall=100.0)
+    assert b["turns"] == 2 and b["to_prefill_s"] == 0.5 and b["pe_queue_s"] == 0.45
+    assert b["after_prefill_s"] == 1.0 and b["ttft_s"] == 2.5  # (3-0.5-1 + 2-0.5-1) / 2
+    assert pt.turn_breakdown(turns, [], 100.0) is None

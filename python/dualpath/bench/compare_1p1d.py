@@ -41,7 +41,7 @@ from dualpath.bench.pd_cluster import (
     path_bytes,
     set_snic_cap,
 )
-from dualpath.bench.prefill_timeline import timeline
+from dualpath.bench.prefill_timeline import timeline, turn_breakdown
 from dualpath.bench.replay import replay
 from dualpath.bench.samplers import agents_sampler, gpu_sampler, mean_util, rates
 from dualpath.bench.servers import ServerError
@@ -188,6 +188,8 @@ def run_once(c: PDCluster, trajs, online: bool, seed: int, cap_gbps: float,
            "stages": summarize_records(stages), "stage_records": stages,
            "prefill_timeline": prefill_timeline_or_none(stages),
            "router_admission_wait_s_mean": admission_mean(admitted0, router_admission(c.url)),
+           "turn_breakdown": turn_breakdown([dataclasses.asdict(r) for r in records], stages,
+                                            summary["t0_wall"]),
            "samples": {"gpu": g_rows, "agents": a_rows},
            "turn_records": [dataclasses.asdict(r) for r in records]}
     if a_rows:

@@ -100,6 +100,9 @@ def table(results: list[dict]) -> str:
     for label, fn in (("PE arrival match", arrival_match_share),
                       ("PE from storage", storage_share)):
         lines.append(f"{label:16}" + "".join(cell(fn(r["offline"])) for r in results))
+    for label, key in (("to prefill s", "to_prefill_s"), ("after prefill s", "after_prefill_s")):
+        lines.append(f"{label:16}" + "".join(
+            cell((r["offline"].get("turn_breakdown") or {}).get(key)) for r in results))
     lines.append(f"{'router wait s':16}" + "".join(
         cell(r["offline"].get("router_admission_wait_s_mean")) for r in results))
     for label, key in (("PE in queue", "mean_in_queue"), ("PE in forward", "mean_in_forward"),

@@ -81,3 +81,27 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def turn_breakdown(turns, records, t0_wall: float) -> dict | None:
+    """Where each turn's time to first token went, joined by request id: from the client's
+    send to the prefill's entry (the router's admission and the HTTP hop), the prefill's
+    bootstrap, queue (incl. its storage prefetch) and forward + KV send, and the rest of the
+    TTFT (decode side). Means over the turns found in both; None when none are."""
+    pre = {r["rid"]: r for r in records
+           if r.get("type") == "prefill" and r.get("rid") and r.get("entry_time") is not None}
+    rows = []
+    for t in turns:
+        r = pre.get(t.get("rid"))
+        if r is None or t.get("ttft_s") is None:
+            continue
+        to_pe = r["entry_time"] - (t0_wall + t["start_s"])
+        pe = (r.get("bootstrap_s") or 0.0) + (r.get("queue_s") or 0.0) + (r.get("forward_s") or 0.0)
+        rows.append((to_pe, r.get("bootstrap_s") or 0.0, r.get("queue_s") or 0.0,
+                     r.get("forward_s") or 0.0, t["ttft_s"] - to_pe - pe, t["ttft_s"]))
+    if not rows:
+        return None
+    names = ("to_prefill_s", "pe_bootstrap_s", "pe_queue_s", "pe_forward_s", "after_prefill_s",
+             "ttft_s")
+    return {"turns": len(rows),
+            **{n: round(statistics.fmean(x[i] for x in rows), 4) for i, n in enumerate(names)}}

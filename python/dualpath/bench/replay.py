@@ -231,7 +231,7 @@ async def replay(url: str, trajs: list[Trajectory], *, online: bool = False, see
     stall = None
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                      timeout=timeout) as session:
-        t0 = time.perf_counter()
+        t0, t0_wall = time.perf_counter(), time.time()
         run = _Run(sum(len(t.turns) for t in trajs), stop_ttft_s if online else None, t0)
         reporter = asyncio.create_task(_report(run, progress_s)) if progress_s else None
         agents = [asyncio.create_task(_agent(session, url.rstrip("/"), t, online, seed, t0, run))
@@ -262,6 +262,7 @@ async def replay(url: str, trajs: list[Trajectory], *, online: bool = False, see
         wall = time.perf_counter() - t0
     summary = summarize(run.records, wall)
     summary["stopped_at_s"] = run.stopped_at
+    summary["t0_wall"] = t0_wall  # wall clock of start_s 0: joins turns to servers' logs
     if stall is not None:
         summary["stall"] = stall
     if progress_s:

@@ -16,20 +16,20 @@ from pathlib import Path
 
 from dualpath.bench.replay import percentile
 
-_LINE = re.compile(r"ReqTimeStats\(rid=[^,]*(?:, bootstrap_room=[^,]*)?, input_len=(\d+), "
+_LINE = re.compile(r"ReqTimeStats\(rid=([^,]*)(?:, bootstrap_room=[^,]*)?, input_len=(\d+), "
                    r"cached_input_len=(\d+), output_len=(\d+), attempts=\d+, type=(\w+)\): (.*)$")
 _FIELD = re.compile(r"(\w+)=([-\d.]+)\s*(ms|GB/s|MB)?")
 
 
 def parse_line(line: str) -> dict | None:
-    """One ReqTimeStats line as {'type', 'input_len', 'cached_input_len', 'output_len',
+    """One ReqTimeStats line as {'type', 'rid', 'input_len', 'cached_input_len', 'output_len',
     '<field>_s' for durations, 'transfer_speed_gbps', 'transfer_total_mb'}; None otherwise."""
     m = _LINE.search(line)
     if not m:
         return None
-    out: dict = {"type": m.group(4), "input_len": int(m.group(1)),
-                 "cached_input_len": int(m.group(2)), "output_len": int(m.group(3))}
-    for name, value, unit in _FIELD.findall(m.group(5)):
+    out: dict = {"type": m.group(5), "rid": m.group(1), "input_len": int(m.group(2)),
+                 "cached_input_len": int(m.group(3)), "output_len": int(m.group(4))}
+    for name, value, unit in _FIELD.findall(m.group(6)):
         if unit == "ms":
             out[name.removesuffix("_duration") + "_s"] = float(value) / 1e3
         elif unit == "GB/s":
@@ -53,7 +53,7 @@ def summarize_records(records: list[dict]) -> dict:
         by.setdefault(rec["type"], []).append(rec)
     out: dict = {}
     for role, recs in by.items():
-        fields = sorted({k for r in recs for k in r} - {"type"})
+        fields = sorted({k for r in recs for k in r} - {"type", "rid", "entry_time"})
         out[role] = {"requests": len(recs)}
         for f in fields:
             xs = [r[f] for r in recs if f in r]
