@@ -21,6 +21,10 @@ def test_decode_load_counts_queues_and_room_includes_evictable_cache():
         tree_cache=SimpleNamespace(evictable_size=lambda: 150_000))
     load = scheduler_load(s, "decode")
     assert (load.seq, load.tok) == (3, 60) and load.free_kv_tokens == 150_500
+    # SGLang reserves decode steps for its active requests (prealloc queue)
+    s.disagg_decode_prealloc_queue._active_reserved_tokens = lambda: 3 * 512
+    assert scheduler_load(s, "decode").free_kv_tokens == 150_500 - 1536
+    assert scheduler_load(s, "prefill").free_kv_tokens == 150_500, "decode only"
     del s.tree_cache
-    assert scheduler_load(s, "decode").free_kv_tokens == 500
+    assert scheduler_load(s, "decode").free_kv_tokens == 0, "never below zero"
     assert scheduler_load(None, "decode").free_kv_tokens == 0

@@ -207,10 +207,10 @@ def test_busy_meter_counts_intervals_with_work_at_either_end():
     m = BusyMeter()
     assert m.observe(0, 10.0) == 0.0  # first look: nothing to count yet
     assert m.observe(0, 11.0) == 0.0  # idle throughout
-    assert m.observe(3, 11.5) == 0.5  # work arrived in the interval
-    assert m.observe(0, 12.5) == 1.5  # and left in this one
-    assert m.observe(0, 13.0) == 1.5
-    assert m.observe(2, 12.0) == 1.5, "a clock going back counts nothing"
+    assert m.observe(3, 12.0) == 0.5  # work arrived in the interval: half of it
+    assert m.observe(2, 13.0) == 1.5  # busy throughout
+    assert m.observe(0, 14.0) == 2.0  # and left in this one
+    assert m.observe(2, 12.0) == 2.0, "a clock going back counts nothing"
 
 
 def test_finished_prefills_feed_the_routers_prefill_rate(monkeypatch):

@@ -56,6 +56,11 @@ def scheduler_load(s, role: str) -> Load:
         cache = getattr(s, "tree_cache", None)
         if cache is not None and hasattr(cache, "evictable_size"):
             free += int(cache.evictable_size())
+        if role == "decode":  # less the decode steps SGLang reserves for its active requests
+            pq = getattr(s, "disagg_decode_prealloc_queue", None)
+            reserve = getattr(pq, "_active_reserved_tokens", None)
+            if callable(reserve):
+                free -= int(reserve())
         return Load(seq=len(reqs), tok=sum(_prompt_len(r) for r in reqs),
                     free_kv_tokens=max(0, free))
     except Exception:  # noqa: BLE001  (a torn read: report nothing rather than fail the poll)
@@ -64,8 +69,9 @@ def scheduler_load(s, role: str) -> Load:
 
 class BusyMeter:
     """Seconds an engine had unfinished requests, from the request counts seen at successive
-    stats reads: an interval counts when either end saw work (the router polls about twice a
-    second). With the tokens it finished, the router's measured prefill rate behind beta.
+    stats reads: an interval counts whole when both ends saw work and half when one did (the
+    router polls about twice a second). With the tokens it finished, the router's measured
+    prefill rate behind beta.
 
     This is occupancy, not compute: waiting for storage reads, decode room or the KV send
     counts as busy. The rate is then the prefill's throughput under load, whatever binds it, and
@@ -80,7 +86,7 @@ class BusyMeter:
     def observe(self, seq: int, now: float) -> float:
         if self._last is not None:
             t0, seq0 = self._last
-            if now > t0 and (seq0 > 0 or seq > 0):
-                self.busy_s += now - t0
+            if now > t0:  # work at both ends: the whole interval; at one end: half of it
+                self.busy_s += (now - t0) * ((seq0 > 0) + (seq > 0)) / 2
         self._last = (now, seq)
         return self.busy_s
