@@ -28,3 +28,13 @@ def test_decode_load_counts_queues_and_room_includes_evictable_cache():
     del s.tree_cache
     assert scheduler_load(s, "decode").free_kv_tokens == 0, "never below zero"
     assert scheduler_load(None, "decode").free_kv_tokens == 0
+
+
+def test_the_sglang_internals_read_exist_in_the_pinned_release():
+    """scheduler_load reads these (no hook: read only); a new SGLang must still have them."""
+    import pytest
+
+    decode = pytest.importorskip("sglang.srt.disaggregation.decode")
+    radix = pytest.importorskip("sglang.srt.mem_cache.radix_cache")
+    assert callable(decode.DecodePreallocQueue._active_reserved_tokens)
+    assert callable(radix.RadixCache.evictable_size)
