@@ -240,3 +240,26 @@ def test_finished_prefills_feed_the_routers_prefill_rate(monkeypatch):
     monkeypatch.setattr(agent_mod, "_AGENT", dec)
     hooks.count_prefilled(None, None, req)
     assert dec.prefilled_tokens == 0 and EngineStats.decode(dec.stats()).prefill_tokens_total == 0
+
+
+def test_both_arms_give_the_router_the_same_engine_numbers(monkeypatch):
+    """register_all without the flag registers what the router's scheduler reads (the stats
+    route, the scheduler attach, finished prefill tokens) and what keeps the comparison fair
+    (PD polls, the prefetch guard); only the read path's hooks need the flag."""
+    hr = pytest.importorskip("sglang.srt.plugins.hook_registry")
+    got = []
+    monkeypatch.setattr(hr.HookRegistry, "register",
+                        classmethod(lambda cls, target, fn, kind: got.append(target)))
+    hooks.register_all(dual_path=False, prefetch_queue_on=True)
+    off = set(got)
+    got.clear()
+    hooks.register_all(dual_path=True, prefetch_queue_on=True)
+    on = set(got)
+    for t in ("sglang.srt.entrypoints.http_server.launch_server",
+              "sglang.srt.managers.scheduler.Scheduler.init_disaggregation",
+              "sglang.srt.mem_cache.radix_cache.RadixCache.cache_finished_req",
+              "sglang.srt.disaggregation.utils.poll_and_all_reduce",
+              "sglang.srt.managers.cache_controller.HiCacheController._page_transfer"):
+        assert t in off and t in on, t
+    assert on - off == {h.target for h in hooks.HOOKS} - off
+    assert "sglang.srt.managers.cache_controller.HiCacheController._page_get_zero_copy" in on - off
