@@ -53,14 +53,27 @@ def arrival_match_share(run: dict) -> float | None:
     return round(m / (m + n), 3)
 
 
+def prefill_sum(run: dict, field: str) -> int:
+    """Sum of one field of a run's prefill request records (e.g. input_len, cached_input_len)."""
+    return sum(int(s.get(field) or 0) for s in run.get("stage_records") or ()
+               if s.get("type") == "prefill")
+
+
+def loaded_share(run: dict, of: str = "input_len") -> float | None:
+    """Tokens the prefill's storage prefetches loaded (either read side) over the sum of a
+    field of its records: of the prompt tokens (`input_len`) or of those it reused
+    (`cached_input_len`); None without the counter or the records."""
+    loaded = (run.get("bytes") or {}).get("pe_pf_loaded_tokens")
+    total = prefill_sum(run, of)
+    if loaded is None or not total:
+        return None
+    return loaded / total
+
+
 def storage_share(run: dict) -> float | None:
     """Share of the prompt tokens the prefill's storage prefetches loaded (either read side)."""
-    loaded = (run.get("bytes") or {}).get("pe_pf_loaded_tokens")
-    prompt = sum(s.get("input_len") or 0 for s in run.get("stage_records") or ()
-                 if s.get("type") == "prefill")
-    if loaded is None or not prompt:
-        return None
-    return round(loaded / prompt, 3)
+    share = loaded_share(run)
+    return None if share is None else round(share, 3)
 
 
 def table(results: list[dict]) -> str:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch.distributed as dist
 
 
-def _single(group) -> bool:
+def one_rank(group) -> bool:
     """True when `group` has exactly one rank (None: the default group's size counts)."""
     try:
         return dist.get_world_size(group=group) == 1
@@ -28,7 +28,7 @@ def _single(group) -> bool:
 def poll_and_all_reduce(original, pollers, gloo_group, decode_reqs=None, metadata_buffers=None,
                         server_args=None):
     """AROUND sglang.srt.disaggregation.utils.poll_and_all_reduce."""
-    if not _single(gloo_group):
+    if not one_rank(gloo_group):
         return original(pollers, gloo_group, decode_reqs, metadata_buffers, server_args)
     from sglang.srt.disaggregation import utils
 
@@ -41,6 +41,6 @@ def poll_and_all_reduce(original, pollers, gloo_group, decode_reqs=None, metadat
 def poll_and_all_reduce_attn_cp_tp_group(original, pollers, attn_cp_cpu_group,
                                          attn_tp_cpu_group):
     """AROUND sglang.srt.disaggregation.utils.poll_and_all_reduce_attn_cp_tp_group."""
-    if not (_single(attn_cp_cpu_group) and _single(attn_tp_cpu_group)):
+    if not (one_rank(attn_cp_cpu_group) and one_rank(attn_tp_cpu_group)):
         return original(pollers, attn_cp_cpu_group, attn_tp_cpu_group)
     return poll_and_all_reduce(None, pollers, attn_tp_cpu_group)

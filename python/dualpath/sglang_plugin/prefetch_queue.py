@@ -67,15 +67,12 @@ from dualpath.sglang_plugin.host_holds import (  # noqa: F401
     HELD,
     HOLD_TTL_S,
     MATCHED,
-    MATCHED_HOLD_SHARE,
-    TRIM_EVERY_S,
     _deepest,
     _expire_holds,
     _hold_matched,
     _hold_node,
     _no_room,
     _path_tokens,
-    _prefix_host_tokens,
     cached,
     evictable_host_tokens,
     host_room,
@@ -83,8 +80,8 @@ from dualpath.sglang_plugin.host_holds import (  # noqa: F401
     trimmable_host_tokens,
     unhold,
 )
+from dualpath.sglang_plugin.pd_poll import one_rank
 from dualpath.sglang_plugin.prefetch_meters import (  # noqa: F401
-    SETTINGS,
     STATS,
     _settings,
     count_load_back,
@@ -272,16 +269,10 @@ def _still_loading(cache, op) -> bool:
             or op.is_terminated()):
         return False
     for g in (getattr(cache, "attn_cp_group", None), getattr(cache, "attn_tp_group", None)):
-        if g is not None and _world(g) > 1:
+        if g is not None and not one_rank(g):
             return False
     n = len(op.hash_value or ())
     return n == 0 or op.completed_tokens != n * cache.page_size
-
-
-def _world(group) -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size(group=group)
 
 
 def release(cache, rid) -> None:

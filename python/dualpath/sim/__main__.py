@@ -128,12 +128,10 @@ def storage_share(run: dict) -> float:
     """Of the prefix tokens the measured prefill reused, the share its storage prefetches
     loaded (`pe_pf_loaded_tokens`, either read side); the rest it found in its own pools. 1
     for runs without that counter."""
-    loaded = (run.get("bytes") or {}).get("pe_pf_loaded_tokens")
-    reused = sum(int(s.get("cached_input_len") or 0) for s in run.get("stage_records") or ()
-                 if s.get("type") == "prefill")
-    if loaded is None or reused <= 0:
-        return 1.0
-    return min(1.0, loaded / reused)
+    from dualpath.bench.compare_report import loaded_share
+
+    share = loaded_share(run, "cached_input_len")
+    return 1.0 if share is None else min(1.0, share)
 
 
 def measured_prefill_hits(run: dict) -> dict[tuple[int, int], int]:
