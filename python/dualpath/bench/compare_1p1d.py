@@ -42,8 +42,7 @@ from dualpath.bench.pd_cluster import (
 )
 from dualpath.bench.prefill_timeline import turn_breakdown
 from dualpath.bench.replay import replay
-from dualpath.bench.run_evidence import (  # noqa: F401  (tests name them through this module)
-    STACK_FLUSH_S,
+from dualpath.bench.run_evidence import (
     admission_mean,
     archive_logs,
     prefill_timeline_or_none,

@@ -239,18 +239,18 @@ async def replay(url: str, trajs: list[Trajectory], *, online: bool = False, see
         watch = (asyncio.create_task(_watch_stall(run, stall_s, on_stall))
                  if stall_s is not None else None)
         try:
-            while not all(t.done() for t in agents):
-                waits = {t for t in agents if not t.done()} | ({watch} if watch else set())
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                if watch is None or not watch.done() or all(t.done() for t in agents):
-                    continue
+            pending = set(agents)
+            while pending and not (watch and watch.done()):
+                _, pending = await asyncio.wait(pending | ({watch} if watch else set()),
+                                                return_when=asyncio.FIRST_COMPLETED)
+                pending.discard(watch)
+            if pending:  # the stall watch fired while agents still ran
                 stall = watch.result()
                 for r in run.in_flight():
                     r.error = (f"stalled: no turn finished for {stall_s:.0f} s "
                                f"(this one waited {time.perf_counter() - t0 - r.start_s:.0f} s)")
-                for t in agents:
+                for t in pending:
                     t.cancel()
-                break
             await asyncio.gather(*agents, return_exceptions=True)
             for t in agents:  # an agent's own failure (not a turn's error) still surfaces
                 if not t.cancelled() and t.exception() is not None:
