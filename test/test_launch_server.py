@@ -59,6 +59,12 @@ def test_stack_sampling_reaches_the_plugin_config():
     assert budget.host_cache_tokens == 0 and off.host_cache_tokens == -1
     with pytest.raises(ValueError, match="host_cache_tokens"):
         PluginConfig(host_cache_tokens=-2)
+    _, dev = build(["--disaggregation-mode", "prefill", "--dualpath-device-cache-tokens", "0"])
+    assert dev.device_cache_tokens == 0 and off.device_cache_tokens == -1
+    with pytest.raises(ValueError, match="device_cache_tokens"):
+        PluginConfig(device_cache_tokens=-2)
+    with pytest.raises(ValueError, match="need prefetch_queue"):  # its hooks apply the budgets
+        PluginConfig(device_cache_tokens=0, prefetch_queue=False)
 
 
 def test_pd_engine_selects_mooncake():

@@ -147,6 +147,12 @@ class PluginConfig:
     evicted; -1 = no limit, stock). Emulates DRAM that holds a negligible share of the working
     set on a scaled-down benchmark host: the pool then stages loads instead of caching. TP = 1
     only (ranks would evict differently)."""
+    device_cache_tokens: int = -1
+    """Prefill only: unlocked prefix tokens the GPU radix cache may keep once their write-through
+    copy is done (LRU beyond it is demoted to the host pool, which `host_cache_tokens` then
+    trims; -1 = no limit, stock). With 0 the prefill's HBM holds only the requests in flight,
+    as the paper's PE does (layerwise prefill, no cross-request HBM cache): every turn's hit
+    is read from storage, on either side. TP = 1 only."""
     h2d_kernel: str = "sglang"
     """The HiCache host -> GPU load (one layer at a time, page_first host pool): 'sglang' (its
     kernel) or 'ours' (dualpath.ops.copy_kv, CUDA implementation where built, else Triton;
@@ -181,6 +187,11 @@ class PluginConfig:
                 raise ValueError(f"PluginConfig.{name} must be > 0")
         if self.host_cache_tokens < -1:
             raise ValueError("PluginConfig.host_cache_tokens must be >= -1 (-1 = no limit)")
+        if self.device_cache_tokens < -1:
+            raise ValueError("PluginConfig.device_cache_tokens must be >= -1 (-1 = no limit)")
+        if not self.prefetch_queue and max(self.host_cache_tokens, self.device_cache_tokens) >= 0:
+            raise ValueError("PluginConfig: host_cache_tokens / device_cache_tokens are applied "
+                             "by the prefetch queue's hooks; they need prefetch_queue on")
         if self.h2d_kernel not in ("sglang", "ours"):
             raise ValueError(f"PluginConfig.h2d_kernel: 'sglang' or 'ours', got "
                              f"{self.h2d_kernel!r}")

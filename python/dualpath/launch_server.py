@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prefill: host-only prefix pages the HiCache host pool may keep (LRU "
                          "beyond it evicted; -1 = no limit): DRAM as a staging buffer, for "
                          "scaled-down benchmarks")
+    ap.add_argument("--dualpath-device-cache-tokens", type=int, default=d.device_cache_tokens,
+                    help="prefill: unlocked prefix tokens the GPU radix cache may keep (LRU "
+                         "beyond it demoted to the host pool; -1 = no limit; 0 = HBM holds "
+                         "only requests in flight, as the paper's PE): for benchmarks where "
+                         "every hit must come from storage")
     ap.add_argument("--dualpath-h2d-kernel", choices=["sglang", "ours"], default=d.h2d_kernel,
                     help="HiCache's host -> GPU prefix load (page_first host pool): SGLang's "
                          "kernel or ours (dualpath.ops.copy_kv)")
@@ -111,7 +116,8 @@ def sglang_args(ours: argparse.Namespace, rest: list[str]) -> tuple[list[str], P
         prefetch_io_threads=ours.dualpath_prefetch_io_threads,
         prefetch_queue=ours.dualpath_prefetch_queue == "on", pd_engine=ours.dualpath_pd_engine,
         stack_sample=ours.dualpath_stack_sample, stack_sample_hz=ours.dualpath_stack_sample_hz,
-        host_cache_tokens=ours.dualpath_host_cache_tokens, h2d_kernel=ours.dualpath_h2d_kernel)
+        host_cache_tokens=ours.dualpath_host_cache_tokens,
+        device_cache_tokens=ours.dualpath_device_cache_tokens, h2d_kernel=ours.dualpath_h2d_kernel)
     if cfg.enable_dual_path and mode == "null":
         raise SystemExit("error: --enable-dual-path needs --disaggregation-mode prefill or decode")
     out = list(rest)

@@ -709,3 +709,73 @@ def test_trim_counts_an_ancestor_only_when_all_its_children_go(monkeypatch):
     assert pq.trimmable_host_tokens(cache) == 2 * PAGE, "a's own turn only"
     cache.evict_host(2 * PAGE)
     assert freed == [2 * PAGE] and shared.host_value is not None
+
+
+def _reread_config(cache):
+    for k in [k for k in vars(cache) if k.startswith("_dualpath")]:
+        delattr(cache, k)
+
+
+def test_device_budget_demotes_unlocked_gpu_pages_through_sglangs_eviction(monkeypatch):
+    """--dualpath-device-cache-tokens 0: after a scheduling pass, SGLang's own write-through
+    eviction demotes every unlocked GPU page to the host pool (whole chains, parents after
+    their children), a node whose write-through is still in flight (locked) stays, and the
+    host budget then frees the demoted pages in the same pass. Without a budget: stock."""
+    import torch
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    cache = make_cache(stored_tokens=None)
+    root, freed = _real_tree(cache)
+    root.lock_ref = 1  # as SGLang's root
+    for name in ("evict", "_evict_write_through", "_make_eviction_heap", "_promote_parent",
+                 "_evict_backuped", "_detach_backuped", "update_eviction_metrics",
+                 "evictable_size"):
+        setattr(cache, name, types.MethodType(getattr(HRC, name), cache))
+    cache.metrics_collector, cache.evictable_size_ = None, 0
+    cc = cache.cache_controller
+    cc.write_policy, device_freed = "write_through", []
+    cc.evict_device = lambda v: device_freed.append(len(v))
+    pool = cc.mem_pool_host = HostPool(free=0)
+    cc.evict_host = lambda hv: freed.append(len(hv)) or setattr(
+        pool, "free", pool.free + len(hv)) or len(hv)
+
+    def on_gpu(base, turns, locked=False):  # a context cached on the GPU, written through
+        toks = []
+        for _ in range(turns):
+            toks += [base + len(toks) + i for i in range(2 * PAGE)]
+            cache._insert_helper_host(root, RadixKey(list(toks)), torch.arange(len(toks)),
+                                      [f"{base}-{i}" for i in range(len(toks) // PAGE)])
+        node, chain = root, []
+        while node.children:
+            node = next(c for k, c in node.children.items() if c.key.token_ids[0] >= base
+                        and c.key.token_ids[0] < base + 100_000)
+            chain.append(node)
+        for n in chain:
+            n.value = torch.arange(len(n.key))
+            cache.evictable_size_ += len(n.key)
+            cache._update_host_leaf_status(n)
+        if locked:  # its write-through is in flight: SGLang locks it until acknowledged
+            chain[-1].lock_ref = 1
+            cache.evictable_size_ -= len(chain[-1].key)
+        for n in chain:
+            cache._update_leaf_status(n)
+        return chain
+
+    a, b = on_gpu(0, 2), on_gpu(100_000, 1, locked=True)
+    assert pq.after_events("r", cache) == "r" and device_freed == [], "no budget: stock"
+    monkeypatch.setenv("DUALPATH_PLUGIN_CONFIG",
+                       '{"device_cache_tokens": 0, "host_cache_tokens": 0}')
+    _reread_config(cache)  # (not `fresh`: SGLang's methods above are bound to this object)
+    before = dict(pq.STATS)
+    assert pq.after_events("r", cache) == "r"
+    assert sorted(device_freed) == [2 * PAGE, 2 * PAGE], "a's two turns, leaf then parent"
+    assert all(n.evicted for n in a) and not b[0].evicted, "the locked write stays on the GPU"
+    assert cache.evictable_size_ == 0
+    assert pq.STATS["pf_device_trimmed_tokens"] == before["pf_device_trimmed_tokens"] + 4 * PAGE
+    assert sorted(freed) == [2 * PAGE, 2 * PAGE], "the demoted chain left the host pool too"
+    assert list(root.children) == [b[0].key.child_key(PAGE)]
+    monkeypatch.setenv("DUALPATH_PLUGIN_CONFIG", '{"device_cache_tokens": 0, "role": "decode"}')
+    b[0].lock_ref, cache.evictable_size_ = 0, 2 * PAGE
+    cache._update_leaf_status(b[0])
+    _reread_config(cache)
+    assert pq.trim_device(cache) == 0 and not b[0].evicted, "decode servers: never"

@@ -228,6 +228,7 @@ def run_config(name: str, args, out: Path, trajs, res: dict, save) -> dict:
                        mem_fraction=args.mem_fraction, pd_backend=args.pd_backend,
                        stack_sample=args.stack_sample, h2d_kernel=args.h2d_kernel,
                        host_cache_tokens=args.host_cache_tokens,
+                       device_cache_tokens=args.device_cache_tokens,
                        decode_max_total_tokens=args.decode_max_total_tokens,
                        decode_hicache_ratio=args.decode_hicache_ratio,
                        buffer_gb=args.buffer_gb, hicache_ratio=args.hicache_ratio,
@@ -312,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="prefill: host-only prefix pages its host pool may keep (-1 = no "
                          "limit); with a large --hicache-ratio the pool stages loads without "
                          "caching a share of the scaled-down working set")
+    ap.add_argument("--device-cache-tokens", type=int, default=ClusterSpec.device_cache_tokens,
+                    help="prefill: unlocked prefix tokens its GPU radix cache may keep (-1 = no "
+                         "limit; 0 = the paper's PE, whose HBM holds only requests in flight, "
+                         "so every turn's hit is read from storage), both arms alike")
     ap.add_argument("--stack-sample", action="store_true",
                     help="profile both schedulers' threads: OUT/<config>/stacks_<role>.txt "
                          "(whole server life) and stacks_<role>_replay.txt (the measured "
@@ -387,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
               "mem_fraction": args.mem_fraction, "pd_backend": args.pd_backend,
               "prefill_cuda_graph": args.prefill_cuda_graph,
               "host_cache_tokens": args.host_cache_tokens,
+              "device_cache_tokens": args.device_cache_tokens,
               "buffer_gb": args.buffer_gb, "slo": {"ttft_s": SLO_TTFT_S,
                                                                      "tpot_s": SLO_TPOT_S},
               "configs": [], "ok": False}

@@ -44,6 +44,7 @@ class ClusterSpec:
     h2d_kernel: str = "sglang"  # "ours": HiCache's host -> GPU load on dualpath.ops.copy_kv
     stack_sample: bool = False  # profile both schedulers: out/stacks_<role>.txt
     host_cache_tokens: int = -1  # prefill: host-only pages kept (-1: no limit)
+    device_cache_tokens: int = -1  # prefill: unlocked GPU cache tokens kept (-1: no limit)
     extra: list[str] = field(default_factory=list)  # more SGLang flags for both servers
 
 
@@ -79,6 +80,8 @@ def server(spec: ClusterSpec, role: str, out: Path) -> ServerProcess:
         flags += ["--disaggregation-bootstrap-port", str(BOOT_PORT)]
         if spec.host_cache_tokens >= 0:
             flags += ["--dualpath-host-cache-tokens", str(spec.host_cache_tokens)]
+        if spec.device_cache_tokens >= 0:
+            flags += ["--dualpath-device-cache-tokens", str(spec.device_cache_tokens)]
     if spec.dual_path:
         flags.append("--enable-dual-path")
     if spec.oracle:

@@ -194,6 +194,9 @@ PREFETCH_QUEUE_HOOKS: tuple[Hook, ...] = (
          "an aborted request leaves the prefetch queue"),
     Hook(_HRC + "reset", "AFTER", prefetch_queue.reset,
          "a flushed cache forgets queued prefetches (their nodes are gone)"),
+    Hook(_HRC + "check_hicache_events", "AFTER", prefetch_queue.after_events,
+         "--dualpath-device-cache-tokens / --dualpath-host-cache-tokens: the prefill's GPU "
+         "and host pools stage rather than cache (both arms)"),
     Hook(_HRC + "evict", "AFTER", prefetch_queue.evicted,
          "tokens the GPU eviction freed (pf_gpu_evicted_tokens)"),
     Hook("sglang.srt.mem_cache.radix_cache.RadixCache.cache_unfinished_req", "AFTER",

@@ -1,8 +1,9 @@
-"""The prefill's host pool as DualPath uses it (SGLang 0.5.17 HiRadixCache): room for prefetches,
+"""The prefill's pools as DualPath uses them (SGLang 0.5.17 HiRadixCache): room for prefetches,
 `trim` (--dualpath-host-cache-tokens: host-only pages beyond a budget are evicted, so the pool
-stages rather than caches), and holds that keep a request's prefix (prefetched, or matched on
-arrival) in the pool until the request has run. Why each exists, with the measurements, is in
-prefetch_queue's docstring. Everything runs on the scheduler thread.
+stages rather than caches; `trim_device` does the same for the GPU cache with
+--dualpath-device-cache-tokens), and holds that keep a request's prefix (prefetched, or matched
+on arrival) in the pool until the request has run. Why each exists, with the measurements, is
+in prefetch_queue's docstring. Everything runs on the scheduler thread.
 """
 
 from __future__ import annotations
@@ -98,6 +99,32 @@ def trim(cache) -> int:
     cache.evict_host(excess)
     freed = max(0, pool.available_size() - before)
     STATS["pf_trimmed_tokens"] += freed
+    return freed
+
+
+def trim_device(cache) -> int:
+    """With --dualpath-device-cache-tokens N: demote unlocked GPU-cache tokens beyond N (LRU) to
+    the host pool through SGLang's own eviction, at most every TRIM_EVERY_S; returns the tokens
+    freed. A node still being written through to the host is locked, so nothing is dropped
+    before its copy exists; the demoted pages are then host-only and `trim` evicts them. With
+    N = 0 the prefill's HBM holds only requests in flight, as the paper's PE does (layerwise
+    prefill, no HBM cache across requests): a scaled-down host's HBM would otherwise cache a
+    share of the working set (2x H100, 0fe34d5: 63% of the prompt tokens matched on arrival,
+    storage NIC 64% busy, the baseline never storage-bound)."""
+    budget = _settings(cache)[2]
+    if budget < 0 or getattr(cache, "tp_world_size", 1) > 1:
+        return 0
+    now = time.monotonic()
+    if now - getattr(cache, "_dualpath_device_trimmed_at", -1e9) < TRIM_EVERY_S:
+        return 0
+    cache._dualpath_device_trimmed_at = now
+    excess = cache.evictable_size() - budget
+    if excess <= 0:
+        return 0
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+    freed = int(cache.evict(EvictParams(num_tokens=excess)).num_tokens_evicted)
+    STATS["pf_device_trimmed_tokens"] += freed
     return freed
 
 

@@ -13,6 +13,8 @@ STATS = {"pf_queued": 0, "pf_waited_host": 0, "pf_started": 0, "pf_empty": 0,
          "pf_loadback_failed": 0, "pf_loadback_failed_tokens": 0,
          # host-only pages evicted by --dualpath-host-cache-tokens
          "pf_trimmed_tokens": 0,
+         # GPU cache tokens demoted to the host pool by --dualpath-device-cache-tokens
+         "pf_device_trimmed_tokens": 0,
          # completed prefetches held for their request; of those, released unused after
          # HOLD_TTL_S
          "pf_held": 0, "pf_hold_expired": 0,
@@ -96,16 +98,18 @@ def evicted(result, cache, *args, **kwargs):
     return result
 
 
-def _settings(cache) -> tuple[bool, int]:
-    """(queue on, host-cache budget) of this process: the launcher's config, read once (the
-    process's role does not change). Decode servers get neither."""
+def _settings(cache) -> tuple[bool, int, int]:
+    """(queue on, host-cache budget, device-cache budget) of this process: the launcher's
+    config, read once (the process's role does not change). Decode servers get none."""
     got = getattr(cache, SETTINGS, None)
     if got is None:
         from dualpath.sglang_plugin import launcher_config
 
         cfg = launcher_config()
         prefill = cfg is None or cfg.role != "decode"
-        got = (prefill, cfg.host_cache_tokens if cfg is not None and prefill else -1)
+        mine = cfg is not None and prefill
+        got = (prefill, cfg.host_cache_tokens if mine else -1,
+               cfg.device_cache_tokens if mine else -1)
         setattr(cache, SETTINGS, got)
         global _CACHE
         _CACHE = cache

@@ -77,6 +77,7 @@ from dualpath.sglang_plugin.host_holds import (  # noqa: F401
     evictable_host_tokens,
     host_room,
     trim,
+    trim_device,
     trimmable_host_tokens,
     unhold,
 )
@@ -202,6 +203,16 @@ def prefetch(original, cache, req_id, last_host_node, new_input_tokens, last_has
     result = original(cache, req_id, last_host_node, new_input_tokens, last_hash, prefix_keys)
     _started(cache, req_id, aligned)
     _hold_matched(cache, req_id, last_host_node)
+    return result
+
+
+def after_events(result, cache, *args, **kwargs):
+    """AFTER HiRadixCache.check_hicache_events (every scheduling pass, once finished
+    write-throughs are acknowledged and their nodes unlocked): apply the device-cache budget,
+    then the host-cache budget to what it demoted."""
+    if trim_device(cache):
+        cache._dualpath_trimmed_at = -1e9  # trim the demoted pages now, not 50 ms later
+    trim(cache)
     return result
 
 
