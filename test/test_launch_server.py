@@ -63,6 +63,11 @@ def test_stack_sampling_reaches_the_plugin_config():
     assert dev.device_cache_tokens == 0 and off.device_cache_tokens == -1
     with pytest.raises(ValueError, match="device_cache_tokens"):
         PluginConfig(device_cache_tokens=-2)
+    _, si = build(["--disaggregation-mode", "decode", "--dualpath-switch-interval-ms", "0.5"])
+    assert si.switch_interval_ms == 0.5 and off.switch_interval_ms == 0.2
+    for bad in (0, -1, 101):
+        with pytest.raises(ValueError, match="switch_interval_ms"):
+            PluginConfig(switch_interval_ms=bad)
     with pytest.raises(ValueError, match="need prefetch_queue"):  # its hooks apply the budgets
         PluginConfig(device_cache_tokens=0, prefetch_queue=False)
 

@@ -153,6 +153,12 @@ class PluginConfig:
     trims; -1 = no limit, stock). With 0 the prefill's HBM holds only the requests in flight,
     as the paper's PE does (layerwise prefill, no cross-request HBM cache): every turn's hit
     is read from storage, on either side. TP = 1 only."""
+    switch_interval_ms: float = 0.2
+    """The server processes' GIL switch interval (sys.setswitchinterval; Python's default is
+    5 ms). A storage-read thread that released the GIL for a syscall or a checksum waits up to
+    this long to win it back from the scheduler thread, which always runs Python: at 5 ms a
+    read next to a busy thread ran at 0.3 GB/s, at 0.2 ms at 2.5 (benchmark/storage/
+    bench_gil.py, CPU VM). Both arms get it (a launcher hook)."""
     h2d_kernel: str = "sglang"
     """The HiCache host -> GPU load (one layer at a time, page_first host pool): 'sglang' (its
     kernel) or 'ours' (dualpath.ops.copy_kv, CUDA implementation where built, else Triton;
@@ -195,6 +201,8 @@ class PluginConfig:
         if self.h2d_kernel not in ("sglang", "ours"):
             raise ValueError(f"PluginConfig.h2d_kernel: 'sglang' or 'ours', got "
                              f"{self.h2d_kernel!r}")
+        if not 0 < self.switch_interval_ms <= 100:
+            raise ValueError("PluginConfig.switch_interval_ms must be in (0, 100]")
         if not self.stack_sample_hz > 0:
             raise ValueError("PluginConfig.stack_sample_hz must be > 0")
         if self.io_threads < 1 or self.prefetch_io_threads < 1:

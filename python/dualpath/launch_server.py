@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "beyond it demoted to the host pool; -1 = no limit; 0 = HBM holds "
                          "only requests in flight, as the paper's PE): for benchmarks where "
                          "every hit must come from storage")
+    ap.add_argument("--dualpath-switch-interval-ms", type=float, default=d.switch_interval_ms,
+                    help="GIL switch interval of the server's processes (Python: 5 ms): how "
+                         "long a storage-read thread may wait for the GIL behind the "
+                         "scheduler thread after each syscall")
     ap.add_argument("--dualpath-h2d-kernel", choices=["sglang", "ours"], default=d.h2d_kernel,
                     help="HiCache's host -> GPU prefix load (page_first host pool): SGLang's "
                          "kernel or ours (dualpath.ops.copy_kv)")
@@ -117,7 +121,8 @@ def sglang_args(ours: argparse.Namespace, rest: list[str]) -> tuple[list[str], P
         prefetch_queue=ours.dualpath_prefetch_queue == "on", pd_engine=ours.dualpath_pd_engine,
         stack_sample=ours.dualpath_stack_sample, stack_sample_hz=ours.dualpath_stack_sample_hz,
         host_cache_tokens=ours.dualpath_host_cache_tokens,
-        device_cache_tokens=ours.dualpath_device_cache_tokens, h2d_kernel=ours.dualpath_h2d_kernel)
+        device_cache_tokens=ours.dualpath_device_cache_tokens,
+        switch_interval_ms=ours.dualpath_switch_interval_ms, h2d_kernel=ours.dualpath_h2d_kernel)
     if cfg.enable_dual_path and mode == "null":
         raise SystemExit("error: --enable-dual-path needs --disaggregation-mode prefill or decode")
     out = list(rest)

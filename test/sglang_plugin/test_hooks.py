@@ -22,6 +22,7 @@ PARAMS = {
     "prefetch_from_storage": ["self", "req_id", "last_host_node", "new_input_tokens",
                               "last_hash", "prefix_keys"],
     "check_prefetch_progress": ["self", "req_id"],
+    "check_hicache_events": ["self"],
     "release_aborted_request": ["self", "rid"],
     "reset": ["self"],
     "init_load_back": ["self", "params"],
@@ -263,3 +264,24 @@ def test_both_arms_give_the_router_the_same_engine_numbers(monkeypatch):
         assert t in off and t in on, t
     assert on - off == {h.target for h in hooks.HOOKS} - off
     assert "sglang.srt.managers.cache_controller.HiCacheController._page_get_zero_copy" in on - off
+
+
+def test_both_arms_set_the_gil_switch_interval(monkeypatch):
+    """A launcher-started server sets its GIL switch interval from the config (flag on or
+    off: a launcher hook); a process without the launcher's config keeps Python's."""
+    import sys
+
+    from dualpath.config import PluginConfig
+
+    before = sys.getswitchinterval()
+    try:
+        monkeypatch.setenv("DUALPATH_PLUGIN_CONFIG", PluginConfig(switch_interval_ms=0.3).to_json())
+        assert hooks.set_switch_interval("r", None) == "r"
+        assert sys.getswitchinterval() == pytest.approx(0.0003)
+        sys.setswitchinterval(before)
+        monkeypatch.delenv("DUALPATH_PLUGIN_CONFIG")
+        hooks.set_switch_interval(None, None)
+        assert sys.getswitchinterval() == pytest.approx(before)
+    finally:
+        sys.setswitchinterval(before)
+    assert any(h.fn is hooks.set_switch_interval for h in hooks.LAUNCHER_HOOKS)

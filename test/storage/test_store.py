@@ -215,3 +215,25 @@ def test_a_claimed_key_is_written_once(tmp_path):
     assert s.put(KEY, payload) is True and os.path.exists(s.path(KEY))
     assert not os.path.exists(claim)
     assert s.put(KEY, payload) is False  # stored: nothing to do
+
+
+def test_reads_survive_short_readv_calls(tmp_path, monkeypatch):
+    """A block read is one readv normally; a readv that returns less (a signal, a file system
+    that splits reads) is continued where it stopped, across buffer boundaries."""
+    from dualpath.storage import block_file
+
+    g = GEOMETRIES[1]
+    s = open_store(tmp_path, g)
+    s.put(key(3), payload(g, 3))
+    real, calls = os.readv, []
+
+    def short(fd, bufs):
+        calls.append(len(bufs))
+        first = bufs[0][:1000] if bufs[0].nbytes > 1000 else bufs[0]
+        return real(fd, [first])
+
+    monkeypatch.setattr(block_file.os, "readv", short)
+    out = np.zeros(g.payload_bytes, dtype=np.uint8)
+    assert s.get_into(key(3), out) is True
+    assert bytes(out) == bytes(payload(g, 3))
+    assert len(calls) > 2

@@ -140,6 +140,20 @@ def attach_scheduler(result, self, *args, **kwargs):
     return result
 
 
+def set_switch_interval(result, self, *args, **kwargs):
+    """The scheduler process's GIL switch interval from the launcher's config (its storage-read
+    and transfer threads wait up to this long for the GIL after each syscall)."""
+    import sys
+
+    from dualpath.sglang_plugin import launcher_config
+
+    cfg = launcher_config()
+    if cfg is not None:
+        sys.setswitchinterval(cfg.switch_interval_ms / 1e3)
+        log.info("dualpath: GIL switch interval %.2f ms", cfg.switch_interval_ms)
+    return result
+
+
 def add_http_routes(*args, **kwargs):
     """Serve GET /dualpath/stats on the server's own port (proxied to the agent), so the router
     needs only the server URL."""
@@ -159,6 +173,9 @@ LAUNCHER_HOOKS: tuple[Hook, ...] = (
     # prompt tokens finished); without them it keeps its own bookkeeping and initial rates
     Hook("sglang.srt.managers.scheduler.Scheduler.init_disaggregation", "AFTER",
          attach_scheduler, "engine stats (queues, free KV) for the router, flag on and off"),
+    Hook("sglang.srt.managers.scheduler.Scheduler.init_disaggregation", "AFTER",
+         set_switch_interval, "--dualpath-switch-interval-ms: storage-read threads win the "
+         "GIL back from the scheduler thread sooner (both arms)"),
     Hook("sglang.srt.entrypoints.http_server.launch_server", "BEFORE", add_http_routes,
          "GET /dualpath/stats on the server port, flag on and off"),
     Hook("sglang.srt.mem_cache.radix_cache.RadixCache.cache_finished_req", "AFTER",

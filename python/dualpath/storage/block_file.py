@@ -118,28 +118,52 @@ def check_header(raw: bytes, key: str, fp: bytes, geometry: BlockGeometry) -> in
     return digest
 
 
-READ_CHUNK = 256 << 10  # hash each chunk right after reading it, while it is still in cache
+def _readv_full(fd: int, bufs: list[memoryview]) -> int:
+    """Fill `bufs` in order from `fd` (one readv, normally); returns the bytes read, less than
+    their total only at end of file."""
+    total = got = 0
+    for b in bufs:
+        total += b.nbytes
+    while got < total:
+        rest, skip = [], got
+        for b in bufs:
+            if skip >= b.nbytes:
+                skip -= b.nbytes
+                continue
+            rest.append(b[skip:])
+            skip = 0
+        n = os.readv(fd, rest)
+        if n == 0:
+            break
+        got += n
+    return got
 
 
 def read_block_into(path: str, key: str, fp: bytes, geometry: BlockGeometry, out) -> None:
     """Read the payload at `path` into the writable buffer `out` (exactly payload_bytes long)
-    and verify it. On BlockError the contents of `out` are undefined."""
+    and verify it. On BlockError the contents of `out` are undefined.
+
+    Header, payload and one byte past them come in one readv, and the checksum is one call:
+    each call that releases the GIL must win it back, which takes up to the interpreter's
+    switch interval (5 ms) while another thread runs Python, as an SGLang scheduler always
+    does. Reading in 256 KiB chunks (64 such round trips per 8 MiB block) made a server's
+    storage reads ~0.3 GB/s per request on the GPU host, and 0.02 GB/s against a busy thread
+    on the CPU VM (benchmark/storage/bench_gil.py)."""
     view = memoryview(out).cast("B")
     if view.nbytes != geometry.payload_bytes:
         raise ValueError(f"buffer of {view.nbytes} bytes for a {geometry.payload_bytes}-byte block")
-    h = xxhash.xxh3_64()  # streaming XXH3-64 equals the one-shot digest written by write_block
-    with open(path, "rb", buffering=0) as f:
-        digest = check_header(f.read(HEADER_BYTES), key, fp, geometry)
-        got = 0
-        while got < view.nbytes:
-            n = f.readinto(view[got:got + READ_CHUNK])
-            if not n:
-                raise BlockError(f"short payload ({got} of {view.nbytes} bytes)")
-            h.update(view[got:got + n])
-            got += n
-        if f.read(1):
-            raise BlockError("file is longer than header + payload")
-    if h.intdigest() != digest:
+    header, extra = bytearray(HEADER_BYTES), bytearray(1)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got = _readv_full(fd, [memoryview(header), view, memoryview(extra)])
+    finally:
+        os.close(fd)
+    digest = check_header(bytes(header[:min(got, HEADER_BYTES)]), key, fp, geometry)
+    if got < HEADER_BYTES + view.nbytes:
+        raise BlockError(f"short payload ({got - HEADER_BYTES} of {view.nbytes} bytes)")
+    if got > HEADER_BYTES + view.nbytes:
+        raise BlockError("file is longer than header + payload")
+    if xxhash.xxh3_64_intdigest(view) != digest:
         raise BlockError("payload checksum mismatch")
 
 
