@@ -646,6 +646,15 @@ def test_arrival_match_and_gpu_eviction_are_counted():
     assert pq.STATS["pf_arrival_new_tokens"] == before["pf_arrival_new_tokens"] + PAGE // 2
     cache.prefetch_from_storage("u", root, list(range(PAGE // 2)), None, None)
     assert pq.STATS["pf_arrival_matched_tokens"] == before["pf_arrival_matched_tokens"] + 3 * PAGE
+    assert pq.STATS["pf_arrival_gpu_tokens"] == before["pf_arrival_gpu_tokens"], "host only"
+    assert pq.STATS["pf_arrival_pinned"] == before["pf_arrival_pinned"]
+    node.value = torch.arange(3 * PAGE)  # back on the GPU, and its storage write in flight
+    node.protect_host()
+    cache.ongoing_backup = {7: node}
+    cache.prefetch_from_storage("v", node, list(range(20_000, 20_000 + PAGE // 2)), None, None)
+    assert pq.STATS["pf_arrival_gpu_tokens"] == before["pf_arrival_gpu_tokens"] + 3 * PAGE
+    assert pq.STATS["pf_arrival_pinned"] == before["pf_arrival_pinned"] + 1
+    assert pq.STATS["pf_arrival_backup_pending"] == before["pf_arrival_backup_pending"] + 1
     r = EvictResult(num_tokens_evicted=5 * PAGE)
     assert pq.evicted(r, cache, None) is r
     assert pq.STATS["pf_gpu_evicted_tokens"] == before["pf_gpu_evicted_tokens"] + 5 * PAGE

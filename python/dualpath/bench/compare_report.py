@@ -105,7 +105,10 @@ def table(results: list[dict]) -> str:
                        ("PE WT no host", "pe_pf_write_through_failed"),
                        ("PE pf no host", "pe_pf_waited_host"), ("PE pf revoked", "pe_pf_empty"),
                        ("PE no GPU room", "pe_pf_loadback_failed"), ("PE pf held", "pe_pf_held"),
-                       ("PE hold expired", "pe_pf_hold_expired")):
+                       ("PE hold expired", "pe_pf_hold_expired"),
+                       ("PE match pinned", "pe_pf_arrival_pinned"),
+                       ("PE match writing", "pe_pf_arrival_backup_pending"),
+                       ("PE GPU trimmed", "pe_pf_device_trimmed_tokens")):
         lines.append(f"{label:16}" + "".join(cell((r["offline"].get("bytes") or {}).get(key))
                                              for r in results))
     lines.append(f"{'PE recomputed':16}" + "".join(cell(recomputed_share(r["offline"]))

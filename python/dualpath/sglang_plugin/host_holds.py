@@ -152,6 +152,25 @@ def _path_len(node, attr: str) -> int:
     return n
 
 
+def count_arrival(cache, node, new_tokens: int) -> None:
+    """Meter what a request's arrival match found (`node`: SGLang's last host node): tokens in
+    all, those still on the GPU, and whether its chain was pinned in the host pool, by a
+    storage write in flight or otherwise."""
+    STATS["pf_arrival_matched_tokens"] += _path_tokens(node)
+    STATS["pf_arrival_new_tokens"] += new_tokens
+    backing = {id(n) for n in getattr(cache, "ongoing_backup", {}).values()}
+    gpu = pinned = pending = 0
+    while node is not None and getattr(node, "parent", None) is not None:
+        if getattr(node, "value", None) is not None:
+            gpu += len(node.key)
+        pinned |= getattr(node, "host_ref_counter", 0) > 0
+        pending |= id(node) in backing
+        node = node.parent
+    STATS["pf_arrival_gpu_tokens"] += gpu
+    STATS["pf_arrival_pinned"] += int(pinned)
+    STATS["pf_arrival_backup_pending"] += int(pending)
+
+
 def _prefix_host_tokens(node) -> int:
     """Host-pool tokens on the path from the root to `node` (what holding `node` protects)."""
     return _path_len(node, "host_value")

@@ -26,6 +26,10 @@ STATS = {"pf_queued": 0, "pf_waited_host": 0, "pf_started": 0, "pf_empty": 0,
          # up to SGLang's last host node) and what was left to fetch or compute; and the tokens
          # SGLang's own GPU eviction freed: where the prefill's own reuse went
          "pf_arrival_matched_tokens": 0, "pf_arrival_new_tokens": 0,
+         # of the matched tokens, those still on the GPU; and the arrivals whose matched host
+         # chain was pinned (host_ref_counter > 0 on its path), of them by a storage write
+         # still in flight: why a host budget of 0 still leaves prefixes to match
+         "pf_arrival_gpu_tokens": 0, "pf_arrival_pinned": 0, "pf_arrival_backup_pending": 0,
          "pf_gpu_evicted_tokens": 0,
          # storage prefetches that raised and were terminated (hooks.guard_page_transfer)
          "pf_io_errors": 0,

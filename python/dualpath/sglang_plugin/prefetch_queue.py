@@ -74,6 +74,7 @@ from dualpath.sglang_plugin.host_holds import (  # noqa: F401
     _no_room,
     _path_tokens,
     cached,
+    count_arrival,
     evictable_host_tokens,
     host_room,
     trim,
@@ -175,8 +176,7 @@ def prefetch(original, cache, req_id, last_host_node, new_input_tokens, last_has
     taken or others already wait."""
     aligned = len(new_input_tokens) - len(new_input_tokens) % cache.page_size
     if not getattr(cache, DRAINING, False):  # a queued one was counted when it arrived
-        STATS["pf_arrival_matched_tokens"] += _path_tokens(last_host_node)
-        STATS["pf_arrival_new_tokens"] += len(new_input_tokens)
+        count_arrival(cache, last_host_node, len(new_input_tokens))
     if getattr(cache, DRAINING, False) or not _enabled(cache):
         result = original(cache, req_id, last_host_node, new_input_tokens, last_hash,
                           prefix_keys)
