@@ -13,6 +13,7 @@ from test_replay import fake_server
 
 from dualpath.bench import compare_1p1d as cmp
 from dualpath.bench import compare_report as report
+from dualpath.bench.pd_cluster import DEC_PORT, PRE_PORT
 from dualpath.bench.replay import TurnRecord
 from dualpath.bench.samplers import Sampler, gpu_sampler, mean_util, rates
 
@@ -84,7 +85,7 @@ def test_run_once_against_a_fake_cluster(monkeypatch, tmp_path):
     counters = {"pe": 0, "de": 0}
 
     def fake_stats(port, timeout):
-        node = "pe" if port == cmp.PRE_PORT else "de"
+        node = "pe" if port == PRE_PORT else "de"
         counters[node] += 64 << 20
         if node == "pe" and counters[node] == 64 << 20:  # the server logs during the run
             with open(tmp_path / "pre.log", "a") as f:
@@ -98,13 +99,13 @@ def test_run_once_against_a_fake_cluster(monkeypatch, tmp_path):
     srv, loop = served(fake_server(prompts))
     try:
         class P:
-            def __init__(self, name):
-                self.log_path = tmp_path / name
+            def __init__(self, name, port):
+                self.log_path, self.port = tmp_path / name, port
                 self.log_path.write_text("boot\n")
 
         class C:
             url = str(srv.make_url("")).rstrip("/")
-            pre, dec = P("pre.log"), P("dec.log")
+            pre, dec, gpus = P("pre.log", PRE_PORT), P("dec.log", DEC_PORT), (0, 1)
         res = cmp.run_once(C(), cmp.make_trace(args()), online=False, seed=0, cap_gbps=1.0)
     finally:
         asyncio.run_coroutine_threadsafe(srv.close(), loop).result(5)
@@ -123,15 +124,15 @@ def test_a_stalled_run_ends_with_the_servers_state(monkeypatch, tmp_path):
     error, and the result names it with both agents' stats (or why they could not be read)
     and each log's tail."""
     def fake_stats(port, timeout):
-        if port == cmp.PRE_PORT:
+        if port == PRE_PORT:
             return {"storage": {"read_bytes": 0}, "paths": {}, "pf_in_flight_now": 3}
         raise TimeoutError("decode agent did not answer")
     monkeypatch.setattr(cmp, "agent_stats", fake_stats)
     srv, loop = served(fake_server([], hang_rid="a0-t1"))
     try:
         class P:
-            def __init__(self, name):
-                self.log_path = tmp_path / name
+            def __init__(self, name, port=0):
+                self.log_path, self.port = tmp_path / name, port
                 self.log_path.write_text("boot\n" + f"{name} last words\n")
 
             def log_tail(self, n):
@@ -139,7 +140,8 @@ def test_a_stalled_run_ends_with_the_servers_state(monkeypatch, tmp_path):
 
         class C:
             url = str(srv.make_url("")).rstrip("/")
-            pre, dec, router = P("pre.log"), P("dec.log"), P("router.log")
+            pre, dec, router = P("pre.log", PRE_PORT), P("dec.log", DEC_PORT), P("router.log")
+            gpus = (0, 1)
         trajs = cmp.make_trace(args(agents=1, max_turns=3))
         res = cmp.run_once(C(), trajs, online=False, seed=0, cap_gbps=1.0, stall_s=0.5)
     finally:
@@ -223,10 +225,12 @@ def test_max_aps_within_slo():
     assert cmp.max_aps_within_slo(runs[2:]) == 0.0 and cmp.max_aps_within_slo([]) is None
 
 
-def test_main_runs_configs_sweep_and_online_end_to_end(monkeypatch, tmp_path):
+@pytest.mark.parametrize("parallel", [False, True])
+def test_main_runs_configs_sweep_and_online_end_to_end(monkeypatch, tmp_path, parallel):
     """main() with the cluster replaced by an in-process /generate: each config's offline run,
     a cap sweep point (cap set on the agents, caches flushed, store emptied between runs), an
-    online point, result.json saved, the tables printed."""
+    online point, result.json saved, the tables printed. --parallel-start: both clusters start
+    (on their own GPU pairs) before the first replay, and the results are the same."""
     prompts: list = []
     loop = asyncio.new_event_loop()
     srv = TestServer(fake_server(prompts))
@@ -235,38 +239,43 @@ def test_main_runs_configs_sweep_and_online_end_to_end(monkeypatch, tmp_path):
     calls = {"cap": [], "flush": [], "specs": []}
 
     class Proc:
-        def __init__(self, name):
-            self.url = f"http://{name}"
+        def __init__(self, name, port):
+            self.url, self.port = f"http://{name}", port
             self.log_path = tmp_path / f"{name}.log"
             self.log_path.write_text("")
 
     class FakeCluster:
         def __init__(self, spec, out, timeout):
             calls["specs"].append(spec)
+            self.spec, self.gpus = spec, (2 * spec.slot, 2 * spec.slot + 1)
             self.url = str(srv.make_url("")).rstrip("/")
-            self.pre, self.dec, self.startup_s = Proc("pre"), Proc("dec"), 0.1
+            self.pre, self.dec = Proc("pre", PRE_PORT), Proc("dec", DEC_PORT)
+            self.startup_s, self.running = None, False
             spec.root.mkdir(parents=True, exist_ok=True)
             (spec.root / "ab").mkdir(exist_ok=True)
             (spec.root / "ab" / "block").write_bytes(b"x")
 
-        def __enter__(self):
+        def start(self):
+            calls.setdefault("started", []).append((self.spec.slot, len(prompts)))
+            self.startup_s, self.running = 0.1, True
             return self
 
-        def __exit__(self, *exc):
-            return None
+        def stop(self):
+            self.running = False
 
     monkeypatch.setattr(cmp, "PDCluster", FakeCluster)
     monkeypatch.setattr(cmp, "set_snic_cap", lambda port, cap: calls["cap"].append((port, cap))
                         or True)
     monkeypatch.setattr(cmp, "_flush", lambda url: calls["flush"].append(url))
     monkeypatch.setattr(cmp, "agent_stats", lambda port, timeout=5: {"error": "no agent"})
-    monkeypatch.setattr(cmp, "gpu_facts", lambda: {"gpu_name": "fake"})
+    monkeypatch.setattr(cmp, "gpu_facts", lambda: {"gpu_name": "fake", "gpus": ["g"] * 4})
     out = tmp_path / "out"
     try:
         rc = cmp.main(["--out", str(out), "--configs", "stock,on", "--agents", "2",
                        "--max-turns", "2", "--initial", "256", "--scale", "0.02",
                        "--snic-sweep", "3", "--online-aps", "50", "--pd-backend", "dualpath",
-                       "--mem-fraction", "0.7", "--store-dir", str(tmp_path / "store")])
+                       "--mem-fraction", "0.7", "--store-dir", str(tmp_path / "store")]
+                      + (["--parallel-start"] if parallel else []))
     finally:
         asyncio.run_coroutine_threadsafe(srv.close(), loop).result(5)
         loop.call_soon_threadsafe(loop.stop)
@@ -283,13 +292,30 @@ def test_main_runs_configs_sweep_and_online_end_to_end(monkeypatch, tmp_path):
     assert {(sp.pd_backend, sp.mem_fraction) for sp in calls["specs"]} == {("dualpath", 0.7)}
     assert (res["pd_backend"], res["mem_fraction"]) == ("dualpath", 0.7)
     # cap: stock sets the prefill's only; on sets both, then restores the main cap
-    assert calls["cap"] == [(cmp.PRE_PORT, 3.0), (cmp.PRE_PORT, 6.25),
-                            (cmp.PRE_PORT, 3.0), (cmp.DEC_PORT, 3.0),
-                            (cmp.PRE_PORT, 6.25), (cmp.DEC_PORT, 6.25)]
+    assert calls["cap"] == [(PRE_PORT, 3.0), (PRE_PORT, 6.25),
+                            (PRE_PORT, 3.0), (DEC_PORT, 3.0),
+                            (PRE_PORT, 6.25), (DEC_PORT, 6.25)]
     # both servers after each warm-up and before each sweep and online run
     assert len(calls["flush"]) == 12
     assert stock["warmup_s"] > 0 and on["warmup_s"] > 0
     assert not (tmp_path / "store" / "on").exists()  # the store is removed after each config
+    if parallel:
+        assert [sp.slot for sp in calls["specs"]] == [0, 1]
+        assert sorted(calls["started"]) == [(0, 0), (1, 0)], "both up before any replay"
+    else:
+        assert [sp.slot for sp in calls["specs"]] == [0, 0]
+        assert calls["started"][0] == (0, 0) and calls["started"][1][1] > 0
+
+
+def test_parallel_start_needs_two_gpus_per_config(monkeypatch, tmp_path):
+    monkeypatch.setattr(cmp, "gpu_facts", lambda: {"gpu_name": "fake", "gpus": ["g"] * 2})
+    monkeypatch.setattr(cmp, "PDCluster", lambda *a: pytest.fail("nothing may start"))
+    out = tmp_path / "out"
+    assert cmp.main(["--out", str(out), "--configs", "off,on", "--agents", "1",
+                     "--max-turns", "1", "--parallel-start",
+                     "--store-dir", str(tmp_path / "store")]) == 1
+    assert "need 4 GPUs, this host has 2" in json.loads((out / "result.json").read_text())[
+        "failure"]
 
 
 def test_torch_profile_is_requested_from_both_servers(tmp_path):

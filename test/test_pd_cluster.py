@@ -89,3 +89,31 @@ def test_pd_transfer_reads_the_engines_own_times_from_the_log():
         "engine_descriptors": 2112, "engine_mb": 2147.4, "engine_prepare_ms": 1.5,
         "engine_copy_ms": 6.5}
     assert pd_transfer.engine_times(lines[:1]) == {}
+
+
+def test_a_second_slot_gets_its_own_gpu_pair_and_ports(tmp_path):
+    """Two clusters on one 4-GPU host (compare_1p1d --parallel-start): slot 1 runs on GPUs 2
+    and 3 with ports of its own, and its router points at its own servers."""
+    from dualpath.bench.pd_cluster import PDCluster, router, slot_ports
+
+    spec = ClusterSpec(model=Path("m"), root=tmp_path / "kv", slot=1)
+    (pre, pre_env), (dec, dec_env) = argv(spec, "prefill", tmp_path), argv(spec, "decode",
+                                                                             tmp_path)
+    val = lambda a, f: a[a.index(f) + 1]  # noqa: E731
+    assert pre_env["CUDA_VISIBLE_DEVICES"] == dec_env["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert val(pre, "--base-gpu-id") == "0" and val(dec, "--base-gpu-id") == "1"
+    p0, d0, b0, r0 = slot_ports(0)
+    p1, d1, b1, r1 = slot_ports(1)
+    assert len({p0, d0, b0, r0, p1, d1, b1, r1, p0 + 1000, d0 + 1000, p1 + 1000,
+                d1 + 1000}) == 12, "no port shared between slots or with an agent"
+    assert val(pre, "--port") == str(p1) and val(dec, "--port") == str(d1)
+    assert val(pre, "--disaggregation-bootstrap-port") == str(b1)
+    r = router(spec, tmp_path).args
+    assert val(r, "--prefill") == f"http://127.0.0.1:{p1}" and val(r, "--port") == str(r1)
+    assert r[r.index("--prefill") + 2] == str(b1)
+    assert PDCluster(spec, tmp_path).gpus == (2, 3)
+    own = ClusterSpec(model=Path("m"), root=tmp_path, slot=1, share_gpus=False)
+    assert argv(own, "decode", tmp_path)[1]["CUDA_VISIBLE_DEVICES"] == "3"
+    import pytest
+    with pytest.raises(ValueError, match="slot"):
+        slot_ports(-1)

@@ -31,8 +31,6 @@ from pathlib import Path
 from dualpath.bench import client, gpu_profile
 from dualpath.bench.compare_report import outputs_match, sweep_table, table
 from dualpath.bench.pd_cluster import (
-    DEC_PORT,
-    PRE_PORT,
     ClusterSpec,
     PDCluster,
     agent_stats,
@@ -113,7 +111,7 @@ def _flush(url: str) -> None:
 def stall_report(c: PDCluster, log_lines: int = 60) -> dict:
     """What the servers say when a replay stalls: each agent's stats and each log's tail."""
     out = {}
-    for role, port in (("pe", PRE_PORT), ("de", DEC_PORT)):
+    for role, port in (("pe", c.pre.port), ("de", c.dec.port)):
         try:
             out[f"{role}_stats"] = agent_stats(port, 5)
         except Exception as e:  # a hung server is part of the answer
@@ -128,8 +126,8 @@ def run_once(c: PDCluster, trajs, online: bool, seed: int, cap_gbps: float,
     logs = [LogCursor(p.log_path) for p in (c.pre, c.dec)]
     admitted0 = router_admission(c.url)
     gpus = gpu_sampler().start()
-    agents = agents_sampler({"pe": lambda: agent_stats(PRE_PORT, 2),
-                             "de": lambda: agent_stats(DEC_PORT, 2)}, path_bytes).start()
+    agents = agents_sampler({"pe": lambda: agent_stats(c.pre.port, 2),
+                             "de": lambda: agent_stats(c.dec.port, 2)}, path_bytes).start()
     summary, records = asyncio.run(replay(c.url, trajs, online=online, seed=seed,
                                           stop_ttft_s=SLO_TTFT_S,  # the paper's stop rule
                                           stall_s=stall_s, on_stall=lambda: stall_report(c)))
@@ -137,8 +135,8 @@ def run_once(c: PDCluster, trajs, online: bool, seed: int, cap_gbps: float,
     stages = parse_lines(x for cur in logs for x in cur.new_lines())
     wall = summary["wall_s"]
     out = {**summary, "slo_attainment": slo_attainment(records),
-           "gpu_util_mean": {"prefill": mean_util(g_rows, 0, 0, wall),
-                             "decode": mean_util(g_rows, 1, 0, wall)},
+           "gpu_util_mean": {"prefill": mean_util(g_rows, c.gpus[0], 0, wall),
+                             "decode": mean_util(g_rows, c.gpus[1], 0, wall)},
            "sampler_errors": {"gpu": gpus.error, "agents": agents.error},
            "stages": summarize_records(stages), "stage_records": stages,
            "prefill_timeline": prefill_timeline_or_none(stages),
@@ -173,8 +171,8 @@ def fresh(c: PDCluster, root: Path) -> None:
     clear_blocks(root)
 
 
-def set_cap(dual: bool, cap: float) -> None:
-    ok = set_snic_cap(PRE_PORT, cap) and (not dual or set_snic_cap(DEC_PORT, cap))
+def set_cap(c: PDCluster, dual: bool, cap: float) -> None:
+    ok = set_snic_cap(c.pre.port, cap) and (not dual or set_snic_cap(c.dec.port, cap))
     if not ok:
         raise RuntimeError(f"could not set the storage-NIC cap to {cap} GB/s")
 
@@ -218,12 +216,13 @@ def profile_later(c: PDCluster, out: Path, args) -> threading.Timer | None:
     return timer
 
 
-def run_config(name: str, args, out: Path, trajs, res: dict, save) -> dict:
-    """Fill `res` (already in the result) step by step, calling `save()` after each run."""
+def make_cluster(name: str, args, out: Path, res: dict, slot: int = 0) -> PDCluster:
+    """The (not yet started) cluster of config `name` on GPU pair `slot`, its store emptied;
+    `res` gets the config's description."""
     dual, side, oracle, queue = CONFIGS[name]
     root = Path(args.store_dir) / name
     shutil.rmtree(root, ignore_errors=True)
-    spec = ClusterSpec(model=args.model, root=root, dual_path=dual, read_side=side,
+    spec = ClusterSpec(slot=slot, model=args.model, root=root, dual_path=dual, read_side=side,
                        snic_gbps=args.snic_gbps, max_total_tokens=args.max_total_tokens,
                        mem_fraction=args.mem_fraction, pd_backend=args.pd_backend,
                        stack_sample=args.stack_sample, h2d_kernel=args.h2d_kernel,
@@ -238,54 +237,90 @@ def run_config(name: str, args, out: Path, trajs, res: dict, save) -> dict:
     res.update({"config": name, "dual_path": dual, "read_side": side, "oracle": oracle,
                 "prefetch_queue": queue,
                 "sweep": [], "online": []})
+    return PDCluster(spec, out / name, args.health_timeout)
+
+
+def start_all(clusters: list[PDCluster]) -> None:
+    """Start clusters at once (each waits for its servers' health); if one fails, all are
+    stopped and its error raised."""
+    errors: list[BaseException] = []
+
+    def go(c: PDCluster) -> None:
+        try:
+            c.start()
+        except BaseException as e:  # noqa: BLE001  (re-raised below, on the main thread)
+            errors.append(e)
+
+    t0 = time.time()
+    threads = [threading.Thread(target=go, args=(c,), daemon=True) for c in clusters]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        for c in clusters:
+            c.stop()
+        raise errors[0]
+    log.info("%d clusters started at once in %.0f s", len(clusters), time.time() - t0)
+
+
+def run_config(name: str, args, out: Path, trajs, res: dict, save,
+               started: PDCluster | None = None) -> dict:
+    """Fill `res` (already in the result) step by step, calling `save()` after each run. With
+    `started`, measure on that running cluster (parallel start) instead of starting one; it
+    is stopped afterwards either way."""
+    c = started or make_cluster(name, args, out, res)
+    dual, root = CONFIGS[name][0], c.spec.root
     try:
-        with PDCluster(spec, out / name, args.health_timeout) as c:
-            res["startup_s"] = c.startup_s
-            if args.warmup_agents > 0:
-                res["warmup_s"] = warm_up(c, root, args)
-            log.info("%s: offline replay of %d agents", name, len(trajs))
-            timer = profile_later(c, out / name / "torch_profile", args)
-            stacks_before = stack_files(out / name) if args.stack_sample else None
-            try:
-                res["offline"] = run_once(c, trajs, False, args.seed, args.snic_gbps,
-                                           args.stall_s or None)
-            finally:
-                if timer is not None:
-                    timer.cancel()
-            if stacks_before is not None:
-                stacks_of_replay(out / name, stacks_before)
+        if started is None:
+            c.start()
+        res["startup_s"] = c.startup_s
+        if args.warmup_agents > 0:
+            res["warmup_s"] = warm_up(c, root, args)
+        log.info("%s: offline replay of %d agents", name, len(trajs))
+        timer = profile_later(c, out / name / "torch_profile", args)
+        stacks_before = stack_files(out / name) if args.stack_sample else None
+        try:
+            res["offline"] = run_once(c, trajs, False, args.seed, args.snic_gbps,
+                                       args.stall_s or None)
+        finally:
             if timer is not None:
-                res["offline"]["gpu_profile"] = profile_summaries(out / name / "torch_profile")
-            if res["offline"].get("stall"):
-                log.error("%s: the replay stalled and was ended; the servers' state is in the "
-                          "result's offline.stall; the config's other runs are skipped (its "
-                          "servers still hold the stuck requests)", name)
-                save()
-                return res
-            log.info("%s offline: JCT %s s, errors %d, storage %s", name,
-                     res["offline"]["jct_s"], res["offline"]["errors"],
-                     res["offline"].get("storage_util"))
+                timer.cancel()
+        if stacks_before is not None:
+            stacks_of_replay(out / name, stacks_before)
+        if timer is not None:
+            res["offline"]["gpu_profile"] = profile_summaries(out / name / "torch_profile")
+        if res["offline"].get("stall"):
+            log.error("%s: the replay stalled and was ended; the servers' state is in the "
+                      "result's offline.stall; the config's other runs are skipped (its "
+                      "servers still hold the stuck requests)", name)
             save()
-            for k, cap in enumerate(args.snic_sweep):  # same trace, fresh token ids
-                set_cap(dual, cap)
-                fresh(c, root)
-                run = run_once(c, trajs, False, args.seed + 100 + k, cap, args.stall_s or None)
-                res["sweep"].append({"snic_gbps": cap, **run})
-                log.info("%s offline at %.2f GB/s: JCT %s s, errors %d, storage %s", name, cap,
-                         run["jct_s"], run["errors"], run.get("storage_util"))
-                save()
-            if args.snic_sweep:
-                set_cap(dual, args.snic_gbps)
-            for k, aps in enumerate(args.online_aps):
-                fresh(c, root)
-                run = run_once(c, make_trace(args, aps, seed=args.seed + 1 + k), True,
-                               args.seed + 1 + k, args.snic_gbps, args.stall_s or None)
-                res["online"].append({"aps": aps, **run, "within_slo": within_slo(run)})
-                res["max_aps_within_slo"] = max_aps_within_slo(res["online"])
-                log.info("%s online %.2f APS: SLO %.2f, TTFT p90 %s", name, aps,
-                         run["slo_attainment"] or 0, run["ttft_s_p90"])
-                save()
+            return res
+        log.info("%s offline: JCT %s s, errors %d, storage %s", name,
+                 res["offline"]["jct_s"], res["offline"]["errors"],
+                 res["offline"].get("storage_util"))
+        save()
+        for k, cap in enumerate(args.snic_sweep):  # same trace, fresh token ids
+            set_cap(c, dual, cap)
+            fresh(c, root)
+            run = run_once(c, trajs, False, args.seed + 100 + k, cap, args.stall_s or None)
+            res["sweep"].append({"snic_gbps": cap, **run})
+            log.info("%s offline at %.2f GB/s: JCT %s s, errors %d, storage %s", name, cap,
+                     run["jct_s"], run["errors"], run.get("storage_util"))
+            save()
+        if args.snic_sweep:
+            set_cap(c, dual, args.snic_gbps)
+        for k, aps in enumerate(args.online_aps):
+            fresh(c, root)
+            run = run_once(c, make_trace(args, aps, seed=args.seed + 1 + k), True,
+                           args.seed + 1 + k, args.snic_gbps, args.stall_s or None)
+            res["online"].append({"aps": aps, **run, "within_slo": within_slo(run)})
+            res["max_aps_within_slo"] = max_aps_within_slo(res["online"])
+            log.info("%s online %.2f APS: SLO %.2f, TTFT p90 %s", name, aps,
+                     run["slo_attainment"] or 0, run["ttft_s_p90"])
+            save()
     finally:
+        c.stop()
         shutil.rmtree(root, ignore_errors=True)  # the store lives in /dev/shm
     return res
 
@@ -367,6 +402,11 @@ def main(argv: list[str] | None = None) -> int:
                          "were in flight: those turns become errors, and the result's "
                          "'stall' names them with both agents' stats and the logs' tails "
                          "(0 = wait for the HTTP timeout)")
+    ap.add_argument("--parallel-start", action="store_true",
+                    help="start every config's servers at once, config k on GPUs 2k and 2k+1 "
+                         "(2 GPUs per config), then run the configs one after another, each "
+                         "stopped after its runs: one server start-up (~90 s on H100) instead "
+                         "of one per config; the configs waiting for their turn sit idle")
     ap.add_argument("--setup-s", type=float)
     args = ap.parse_args(argv)
     unknown = set(args.configs.split(",")) - set(CONFIGS)
@@ -401,11 +441,21 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         (args.out / "result.json").write_text(json.dumps(result) + "\n")
 
+    names = args.configs.split(",")
+    started: list[PDCluster | None] = [None] * len(names)
     try:
-        for name in args.configs.split(","):
+        if args.parallel_start and len(result["gpus"]) < 2 * len(names):
+            raise RuntimeError(f"--parallel-start: {len(names)} configs need "
+                               f"{2 * len(names)} GPUs, this host has {len(result['gpus'])}")
+        for k, name in enumerate(names):
             res: dict = {}
             result["configs"].append(res)
-            run_config(name, args, args.out, trajs, res, save)
+            if args.parallel_start:
+                started[k] = make_cluster(name, args, args.out, res, slot=k)
+        if args.parallel_start:
+            start_all([c for c in started if c is not None])
+        for name, res, c in zip(names, result["configs"], started, strict=True):
+            run_config(name, args, args.out, trajs, res, save, started=c)
         base = next((r for r in result["configs"] if r["config"] == "off"), None)
         for r in result["configs"]:
             if base is not None and r is not base and not r["oracle"]:
@@ -420,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
         result["failure"] = f"{type(e).__name__}: {e}"
         log.error("FAIL %s", result["failure"])
     finally:
+        for c in started:
+            if c is not None:
+                c.stop()
         save()
         archive_logs(args.out)
     return rc

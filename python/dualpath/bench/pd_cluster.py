@@ -1,6 +1,8 @@
 """One prefill + one decode server (`python -m dualpath.launch_server`) and the DualPath router
 on a 2-GPU host, as the GPU checks and benchmarks start them. Each server is its own storage
-"node" (its own storage-NIC meter and cap); each writes its log into the run's folder.
+"node" (its own storage-NIC meter and cap); each writes its log into the run's folder. On a
+larger host, cluster `slot` k uses GPUs 2k and 2k + 1 and its own ports, so several can be up
+at once.
 """
 
 from __future__ import annotations
@@ -14,7 +16,14 @@ from pathlib import Path
 
 from dualpath.bench.servers import ServerProcess
 
-PRE_PORT, DEC_PORT, BOOT_PORT, ROUTER_PORT = 30010, 30020, 8998, 8000
+PRE_PORT, DEC_PORT, BOOT_PORT, ROUTER_PORT = 30010, 30020, 8998, 8000  # slot 0
+
+
+def slot_ports(slot: int) -> tuple[int, int, int, int]:
+    """(prefill, decode, bootstrap, router) ports of cluster `slot` (agents: server + 1000)."""
+    if slot < 0:
+        raise ValueError(f"cluster slot must be >= 0, got {slot}")
+    return PRE_PORT + 100 * slot, DEC_PORT + 100 * slot, BOOT_PORT - slot, ROUTER_PORT + slot
 
 
 @dataclass
@@ -46,10 +55,13 @@ class ClusterSpec:
     host_cache_tokens: int = -1  # prefill: host-only pages kept (-1: no limit)
     device_cache_tokens: int = -1  # prefill: unlocked GPU cache tokens kept (-1: no limit)
     extra: list[str] = field(default_factory=list)  # more SGLang flags for both servers
+    slot: int = 0  # GPUs 2 slot (prefill) and 2 slot + 1 (decode), ports from slot_ports
 
 
 def server(spec: ClusterSpec, role: str, out: Path) -> ServerProcess:
-    port, gpu = (PRE_PORT, "0") if role == "prefill" else (DEC_PORT, "1")
+    pre, dec, boot, _ = slot_ports(spec.slot)
+    port, gpu = (pre, "0") if role == "prefill" else (dec, "1")  # gpu: within the pair
+    pair = (2 * spec.slot, 2 * spec.slot + 1)
     tokens, ratio = spec.max_total_tokens, spec.hicache_ratio
     if role == "decode":
         tokens = spec.decode_max_total_tokens or tokens
@@ -77,7 +89,7 @@ def server(spec: ClusterSpec, role: str, out: Path) -> ServerProcess:
              "--dualpath-root", str(spec.root), "--dualpath-node", f"{role}-node",
              "--dualpath-snic-gbps", str(spec.snic_gbps), *spec.extra]
     if role == "prefill":
-        flags += ["--disaggregation-bootstrap-port", str(BOOT_PORT)]
+        flags += ["--disaggregation-bootstrap-port", str(boot)]
         if spec.host_cache_tokens >= 0:
             flags += ["--dualpath-host-cache-tokens", str(spec.host_cache_tokens)]
         if spec.device_cache_tokens >= 0:
@@ -97,15 +109,17 @@ def server(spec: ClusterSpec, role: str, out: Path) -> ServerProcess:
     if spec.share_gpus:
         flags += ["--base-gpu-id", gpu]
     return ServerProcess(role, flags, port, out / f"server_{role}.log",
-                         env={"CUDA_VISIBLE_DEVICES": "0,1" if spec.share_gpus else gpu})
+                         env={"CUDA_VISIBLE_DEVICES": ",".join(map(str, pair)) if spec.share_gpus
+                              else str(pair[int(gpu)])})
 
 
 def router(spec: ClusterSpec, out: Path) -> ServerProcess:
+    pre, dec, boot, port = slot_ports(spec.slot)
     return ServerProcess("router", [
-        "-m", "dualpath.router", "--prefill", f"http://127.0.0.1:{PRE_PORT}", str(BOOT_PORT),
-        "--decode", f"http://127.0.0.1:{DEC_PORT}", "--port", str(ROUTER_PORT),
+        "-m", "dualpath.router", "--prefill", f"http://127.0.0.1:{pre}", str(boot),
+        "--decode", f"http://127.0.0.1:{dec}", "--port", str(port),
         "--read-side", spec.read_side, "--stats-interval-s", "0.5"],
-        ROUTER_PORT, out / "router.log")
+        port, out / "router.log")
 
 
 class PDCluster:
@@ -121,6 +135,11 @@ class PDCluster:
     @property
     def url(self) -> str:
         return self.router.url
+
+    @property
+    def gpus(self) -> tuple[int, int]:
+        """Host GPU indices of the prefill and the decode (as NVML numbers them)."""
+        return 2 * self.spec.slot, 2 * self.spec.slot + 1
 
     def start(self) -> PDCluster:
         t0 = time.time()
