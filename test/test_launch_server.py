@@ -70,6 +70,10 @@ def test_stack_sampling_reaches_the_plugin_config():
             PluginConfig(switch_interval_ms=bad)
     with pytest.raises(ValueError, match="need prefetch_queue"):  # its hooks apply the budgets
         PluginConfig(device_cache_tokens=0, prefetch_queue=False)
+    with pytest.raises(ValueError, match="need prefetch_queue"):
+        PluginConfig(refetch_host_hits=True, prefetch_queue=False)
+    _, rf = build(["--disaggregation-mode", "prefill", "--dualpath-refetch-host-hits"])
+    assert rf.refetch_host_hits and not off.refetch_host_hits
 
 
 def test_pd_engine_selects_mooncake():

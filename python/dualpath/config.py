@@ -153,6 +153,13 @@ class PluginConfig:
     trims; -1 = no limit, stock). With 0 the prefill's HBM holds only the requests in flight,
     as the paper's PE does (layerwise prefill, no cross-request HBM cache): every turn's hit
     is read from storage, on either side. TP = 1 only."""
+    refetch_host_hits: bool = False
+    """Prefill, benchmark emulation: a prefix a request matches in the host pool only (no
+    longer on the GPU) is read from storage again, as if DRAM did not hold it; the pages read
+    are dropped as duplicates, and the request waits for the read. With host_cache_tokens 0
+    the pool still holds an agent's last turn while its pages are written to storage (2x
+    H100, 4c4ecf3: 66% of prompt tokens matched there on arrival), which the paper's setting
+    (3FS, no DRAM cache) never serves. Needs the prefetch queue (its hooks). TP = 1 only."""
     switch_interval_ms: float = 0.2
     """The server processes' GIL switch interval (sys.setswitchinterval; Python's default is
     5 ms). A storage-read thread that released the GIL for a syscall or a checksum waits up to
@@ -195,9 +202,11 @@ class PluginConfig:
             raise ValueError("PluginConfig.host_cache_tokens must be >= -1 (-1 = no limit)")
         if self.device_cache_tokens < -1:
             raise ValueError("PluginConfig.device_cache_tokens must be >= -1 (-1 = no limit)")
-        if not self.prefetch_queue and max(self.host_cache_tokens, self.device_cache_tokens) >= 0:
-            raise ValueError("PluginConfig: host_cache_tokens / device_cache_tokens are applied "
-                             "by the prefetch queue's hooks; they need prefetch_queue on")
+        if not self.prefetch_queue and (max(self.host_cache_tokens, self.device_cache_tokens) >= 0
+                                        or self.refetch_host_hits):
+            raise ValueError("PluginConfig: host_cache_tokens / device_cache_tokens / "
+                             "refetch_host_hits are applied by the prefetch queue's hooks; they "
+                             "need prefetch_queue on")
         if self.h2d_kernel not in ("sglang", "ours"):
             raise ValueError(f"PluginConfig.h2d_kernel: 'sglang' or 'ours', got "
                              f"{self.h2d_kernel!r}")

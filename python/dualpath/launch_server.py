@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "beyond it demoted to the host pool; -1 = no limit; 0 = HBM holds "
                          "only requests in flight, as the paper's PE): for benchmarks where "
                          "every hit must come from storage")
+    ap.add_argument("--dualpath-refetch-host-hits", action="store_true",
+                    help="prefill, benchmarks: a prefix matched in the host pool only is read "
+                         "from storage again, as if DRAM did not hold it (the paper's setting)")
     ap.add_argument("--dualpath-switch-interval-ms", type=float, default=d.switch_interval_ms,
                     help="GIL switch interval of the server's processes (Python: 5 ms): how "
                          "long a storage-read thread may wait for the GIL behind the "
@@ -122,7 +125,8 @@ def sglang_args(ours: argparse.Namespace, rest: list[str]) -> tuple[list[str], P
         stack_sample=ours.dualpath_stack_sample, stack_sample_hz=ours.dualpath_stack_sample_hz,
         host_cache_tokens=ours.dualpath_host_cache_tokens,
         device_cache_tokens=ours.dualpath_device_cache_tokens,
-        switch_interval_ms=ours.dualpath_switch_interval_ms, h2d_kernel=ours.dualpath_h2d_kernel)
+        switch_interval_ms=ours.dualpath_switch_interval_ms,
+        refetch_host_hits=ours.dualpath_refetch_host_hits, h2d_kernel=ours.dualpath_h2d_kernel)
     if cfg.enable_dual_path and mode == "null":
         raise SystemExit("error: --enable-dual-path needs --disaggregation-mode prefill or decode")
     out = list(rest)

@@ -788,3 +788,58 @@ def test_device_budget_demotes_unlocked_gpu_pages_through_sglangs_eviction(monke
     cache._update_leaf_status(b[0])
     _reread_config(cache)
     assert pq.trim_device(cache) == 0 and not b[0].evicted, "decode servers: never"
+
+
+def test_refetch_reads_a_host_only_match_from_storage_again(monkeypatch):
+    """--dualpath-refetch-host-hits: the previous turn's prompt is in the host pool only (its
+    first turn still on the GPU). SGLang's own prefetch_from_storage is asked, from the
+    deepest GPU node, for the host-only tokens plus the new ones, with that node's hash chain;
+    the read protects that node (stock), and the host-only pages below it are free to go (the
+    completed read inserts its own). Off: stock's call."""
+    import torch
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    def setup():
+        cache = make_cache(stored_tokens=None)
+        root, _ = _real_tree(cache)
+        cache.hicache_storage_pass_prefix_keys = True
+        cache.get_prefix_hash_values = types.MethodType(HRC.get_prefix_hash_values, cache)
+        turn1, turn2 = list(range(2 * PAGE)), list(range(2 * PAGE, 4 * PAGE))
+        cache._insert_helper_host(root, RadixKey(turn1), torch.arange(2 * PAGE), ["h1", "h2"])
+        gpu = root.children[RadixKey(turn1).child_key(PAGE)]
+        gpu.value = torch.arange(2 * PAGE)  # turn 1's pages are still on the GPU
+        cache._insert_helper_host(root, RadixKey(turn1 + turn2), torch.arange(4 * PAGE),
+                                  ["h1", "h2", "h3", "h4"])
+        host = gpu.children[RadixKey(turn2).child_key(PAGE)]
+        return cache, gpu, host, turn2
+
+    new = list(range(10_000, 10_000 + 2 * PAGE))
+    cache, gpu, host, _ = setup()
+    cache.prefetch_from_storage("off", host, new, "h4", ["h1", "h2", "h3"])
+    assert cache.cache_controller.started == [("off", 2 * PAGE)]
+    assert cache.ongoing_prefetch["off"][0] is host
+
+    monkeypatch.setenv("DUALPATH_PLUGIN_CONFIG", '{"refetch_host_hits": true}')
+    cache, gpu, host, turn2 = setup()
+    seen = {}
+    cc = cache.cache_controller
+
+    def prefetch(req_id, key, last_hash, prefix_keys):
+        seen.update(key=list(key.token_ids), last_hash=last_hash, prefix_keys=prefix_keys)
+        cc.started.append((req_id, len(key)))
+        return types.SimpleNamespace(request_id=req_id)
+    cc.prefetch = prefetch
+    before = pq.STATS["pf_refetched_tokens"]
+    cache.prefetch_from_storage("r", host, new, "h4", ["h1", "h2", "h3"])
+    assert cc.started == [("r", 4 * PAGE)], "turn 2's host-only pages and the new ones"
+    # what SGLang's _prefetch_kvcache passes for a match that ended at the GPU node
+    assert seen == {"key": turn2 + new, "last_hash": "h2",
+                    "prefix_keys": cache.get_prefix_hash_values(gpu)}
+    assert cache.ongoing_prefetch["r"][0] is gpu
+    assert gpu.host_ref_counter == 1 and host.host_ref_counter == 0
+    assert pq.STATS["pf_refetched_tokens"] == before + 2 * PAGE
+    # all on the GPU: nothing to read again
+    cache2, gpu2, host2, _ = setup()
+    host2.value = torch.arange(2 * PAGE)
+    cache2.prefetch_from_storage("g", host2, new, "h4", ["h1", "h2", "h3"])
+    assert cache2.cache_controller.started == [("g", 2 * PAGE)]

@@ -228,6 +228,7 @@ def make_cluster(name: str, args, out: Path, res: dict, slot: int = 0) -> PDClus
                        stack_sample=args.stack_sample, h2d_kernel=args.h2d_kernel,
                        host_cache_tokens=args.host_cache_tokens,
                        device_cache_tokens=args.device_cache_tokens,
+                       refetch_host_hits=args.refetch_host_hits,
                        decode_max_total_tokens=args.decode_max_total_tokens,
                        decode_hicache_ratio=args.decode_hicache_ratio,
                        buffer_gb=args.buffer_gb, hicache_ratio=args.hicache_ratio,
@@ -352,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="prefill: unlocked prefix tokens its GPU radix cache may keep (-1 = no "
                          "limit; 0 = the paper's PE, whose HBM holds only requests in flight, "
                          "so every turn's hit is read from storage), both arms alike")
+    ap.add_argument("--refetch-host-hits", action="store_true",
+                    help="prefill: a prefix matched in its host pool only is read from storage "
+                         "again (the paper's setting: no DRAM cache), both arms alike")
     ap.add_argument("--stack-sample", action="store_true",
                     help="profile both schedulers' threads: OUT/<config>/stacks_<role>.txt "
                          "(whole server life) and stacks_<role>_replay.txt (the measured "
@@ -433,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
               "prefill_cuda_graph": args.prefill_cuda_graph,
               "host_cache_tokens": args.host_cache_tokens,
               "device_cache_tokens": args.device_cache_tokens,
+              "refetch_host_hits": args.refetch_host_hits,
               "buffer_gb": args.buffer_gb, "slo": {"ttft_s": SLO_TTFT_S,
                                                                      "tpot_s": SLO_TPOT_S},
               "configs": [], "ok": False}

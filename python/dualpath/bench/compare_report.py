@@ -108,7 +108,8 @@ def table(results: list[dict]) -> str:
                        ("PE hold expired", "pe_pf_hold_expired"),
                        ("PE match pinned", "pe_pf_arrival_pinned"),
                        ("PE match writing", "pe_pf_arrival_backup_pending"),
-                       ("PE GPU trimmed", "pe_pf_device_trimmed_tokens")):
+                       ("PE GPU trimmed", "pe_pf_device_trimmed_tokens"),
+                       ("PE refetched", "pe_pf_refetched_tokens")):
         lines.append(f"{label:16}" + "".join(cell((r["offline"].get("bytes") or {}).get(key))
                                              for r in results))
     lines.append(f"{'PE recomputed':16}" + "".join(cell(recomputed_share(r["offline"]))
@@ -168,7 +169,7 @@ def sweep_table(results: list[dict], main_cap: float) -> str:
 
 _SAME = ("git_sha", "model", "snic_gbps", "trace", "device_pool_tokens", "host_pool_tokens",
          "decode_pool_tokens", "mem_fraction", "pd_backend", "host_cache_tokens",
-         "device_cache_tokens")
+         "device_cache_tokens", "refetch_host_hits")
 
 
 def merge(results: list[dict]) -> dict:

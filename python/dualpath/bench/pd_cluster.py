@@ -54,6 +54,7 @@ class ClusterSpec:
     stack_sample: bool = False  # profile both schedulers: out/stacks_<role>.txt
     host_cache_tokens: int = -1  # prefill: host-only pages kept (-1: no limit)
     device_cache_tokens: int = -1  # prefill: unlocked GPU cache tokens kept (-1: no limit)
+    refetch_host_hits: bool = False  # prefill: host-only prefix hits read from storage again
     extra: list[str] = field(default_factory=list)  # more SGLang flags for both servers
     slot: int = 0  # GPUs 2 slot (prefill) and 2 slot + 1 (decode), ports from slot_ports
 
@@ -94,6 +95,8 @@ def server(spec: ClusterSpec, role: str, out: Path) -> ServerProcess:
             flags += ["--dualpath-host-cache-tokens", str(spec.host_cache_tokens)]
         if spec.device_cache_tokens >= 0:
             flags += ["--dualpath-device-cache-tokens", str(spec.device_cache_tokens)]
+        if spec.refetch_host_hits:
+            flags.append("--dualpath-refetch-host-hits")
     if spec.dual_path:
         flags.append("--enable-dual-path")
     if spec.oracle:

@@ -171,6 +171,18 @@ def count_arrival(cache, node, new_tokens: int) -> None:
     STATS["pf_arrival_backup_pending"] += int(pending)
 
 
+def host_only_suffix(node) -> tuple[object, list[int]]:
+    """(anchor, tokens): the deepest node on `node`'s path that is still on the GPU (or the
+    root), and the tokens of the host-only nodes below it down to `node`, in order: what a
+    prefetch anchored there reads again."""
+    parts = []
+    while (node is not None and getattr(node, "parent", None) is not None
+           and getattr(node, "value", None) is None):
+        parts.append(list(node.key.token_ids))
+        node = node.parent
+    return node, [t for p in reversed(parts) for t in p]
+
+
 def _prefix_host_tokens(node) -> int:
     """Host-pool tokens on the path from the root to `node` (what holding `node` protects)."""
     return _path_len(node, "host_value")

@@ -30,6 +30,8 @@ STATS = {"pf_queued": 0, "pf_waited_host": 0, "pf_started": 0, "pf_empty": 0,
          # chain was pinned (host_ref_counter > 0 on its path), of them by a storage write
          # still in flight: why a host budget of 0 still leaves prefixes to match
          "pf_arrival_gpu_tokens": 0, "pf_arrival_pinned": 0, "pf_arrival_backup_pending": 0,
+         # host-only matched tokens read from storage again (--dualpath-refetch-host-hits)
+         "pf_refetched_tokens": 0,
          "pf_gpu_evicted_tokens": 0,
          # storage prefetches that raised and were terminated (hooks.guard_page_transfer)
          "pf_io_errors": 0,
@@ -102,9 +104,10 @@ def evicted(result, cache, *args, **kwargs):
     return result
 
 
-def _settings(cache) -> tuple[bool, int, int]:
-    """(queue on, host-cache budget, device-cache budget) of this process: the launcher's
-    config, read once (the process's role does not change). Decode servers get none."""
+def _settings(cache) -> tuple[bool, int, int, bool]:
+    """(queue on, host-cache budget, device-cache budget, refetch host hits) of this process:
+    the launcher's config, read once (the process's role does not change). Decode servers
+    get none."""
     got = getattr(cache, SETTINGS, None)
     if got is None:
         from dualpath.sglang_plugin import launcher_config
@@ -113,7 +116,7 @@ def _settings(cache) -> tuple[bool, int, int]:
         prefill = cfg is None or cfg.role != "decode"
         mine = cfg is not None and prefill
         got = (prefill, cfg.host_cache_tokens if mine else -1,
-               cfg.device_cache_tokens if mine else -1)
+               cfg.device_cache_tokens if mine else -1, mine and cfg.refetch_host_hits)
         setattr(cache, SETTINGS, got)
         global _CACHE
         _CACHE = cache

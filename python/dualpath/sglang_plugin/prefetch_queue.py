@@ -76,6 +76,7 @@ from dualpath.sglang_plugin.host_holds import (  # noqa: F401
     cached,
     count_arrival,
     evictable_host_tokens,
+    host_only_suffix,
     host_room,
     trim,
     trim_device,
@@ -174,9 +175,20 @@ def prefetch(original, cache, req_id, last_host_node, new_input_tokens, last_has
              prefix_keys=None):
     """AROUND HiRadixCache.prefetch_from_storage: queue instead of dropping when the budget is
     taken or others already wait."""
-    aligned = len(new_input_tokens) - len(new_input_tokens) % cache.page_size
+    matched = last_host_node
     if not getattr(cache, DRAINING, False):  # a queued one was counted when it arrived
         count_arrival(cache, last_host_node, len(new_input_tokens))
+        if _enabled(cache) and _settings(cache)[3]:  # --dualpath-refetch-host-hits
+            anchor, again = host_only_suffix(last_host_node)
+            if again:
+                STATS["pf_refetched_tokens"] += len(again)
+                last_host_node, new_input_tokens = anchor, again + list(new_input_tokens)
+                last_hash = (anchor.get_last_hash_value()
+                             if getattr(anchor, "hash_value", None) else None)
+                prefix_keys = (cache.get_prefix_hash_values(anchor)
+                               if getattr(cache, "hicache_storage_pass_prefix_keys", False)
+                               else None)
+    aligned = len(new_input_tokens) - len(new_input_tokens) % cache.page_size
     if getattr(cache, DRAINING, False) or not _enabled(cache):
         result = original(cache, req_id, last_host_node, new_input_tokens, last_hash,
                           prefix_keys)
@@ -202,7 +214,9 @@ def prefetch(original, cache, req_id, last_host_node, new_input_tokens, last_has
         return None
     result = original(cache, req_id, last_host_node, new_input_tokens, last_hash, prefix_keys)
     _started(cache, req_id, aligned)
-    _hold_matched(cache, req_id, last_host_node)
+    # `matched`, not the anchor: a re-anchored read protects the anchor, and the host-only
+    # pages below it may go meanwhile (its completed read inserts its own copies)
+    _hold_matched(cache, req_id, matched)
     return result
 
 
