@@ -157,9 +157,9 @@ class PluginConfig:
     """Prefill, benchmark emulation: a prefix a request matches in the host pool only (no
     longer on the GPU) is read from storage again, as if DRAM did not hold it; the pages read
     are dropped as duplicates, and the request waits for the read. With host_cache_tokens 0
-    the pool still holds an agent's last turn while its pages are written to storage (2x
-    H100, 4c4ecf3: 66% of prompt tokens matched there on arrival), which the paper's setting
-    (3FS, no DRAM cache) never serves. Needs the prefetch queue (its hooks). TP = 1 only."""
+    the pool still served 66% of prompt tokens on arrival (2x H100, 4c4ecf3; likely an agent's
+    last turn, pinned while its pages are written to storage), which the paper's setting (3FS,
+    no DRAM cache) never serves. Needs the prefetch queue (its hooks). TP = 1 only."""
     switch_interval_ms: float = 0.2
     """The server processes' GIL switch interval (sys.setswitchinterval; Python's default is
     5 ms). A storage-read thread that released the GIL for a syscall or a checksum waits up to
