@@ -74,6 +74,8 @@ def test_stack_sampling_reaches_the_plugin_config():
         PluginConfig(refetch_host_hits=True, prefetch_queue=False)
     _, rf = build(["--disaggregation-mode", "prefill", "--dualpath-refetch-host-hits"])
     assert rf.refetch_host_hits and not off.refetch_host_hits
+    _, ap = build(["--disaggregation-mode", "prefill", "--dualpath-async-page-indices"])
+    assert ap.async_page_indices and not off.async_page_indices
 
 
 def test_pd_engine_selects_mooncake():

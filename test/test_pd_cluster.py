@@ -52,13 +52,15 @@ def test_roles_get_their_pools_gpus_and_backend(tmp_path):
     assert "--dualpath-device-cache-tokens" not in pre
     assert "--dualpath-refetch-host-hits" not in pre
     spec = ClusterSpec(model=Path("m"), root=tmp_path, host_cache_tokens=4096,
-                       device_cache_tokens=0, refetch_host_hits=True)
+                       device_cache_tokens=0, refetch_host_hits=True,
+                       async_page_indices=True)
     (p_argv, _), (d_argv, _) = argv(spec, "prefill", tmp_path), argv(spec, "decode", tmp_path)
     assert val(p_argv, "--dualpath-host-cache-tokens") == "4096"
     assert val(p_argv, "--dualpath-device-cache-tokens") == "0"
     assert "--dualpath-host-cache-tokens" not in d_argv  # the prefill's pool only
     assert "--dualpath-device-cache-tokens" not in d_argv
     assert "--dualpath-refetch-host-hits" in p_argv and "--dualpath-refetch-host-hits" not in d_argv
+    assert "--dualpath-async-page-indices" in p_argv
     assert sglang_args(*build_parser().parse_known_args(p_argv))[1].device_cache_tokens == 0
     assert "--dualpath-h2d-kernel" not in p_argv
     ours, _ = argv(ClusterSpec(model=Path("m"), root=tmp_path, h2d_kernel="ours"), "prefill",

@@ -160,6 +160,10 @@ class PluginConfig:
     the pool still served 66% of prompt tokens on arrival (2x H100, 4c4ecf3; likely an agent's
     last turn, pinned while its pages are written to storage), which the paper's setting (3FS,
     no DRAM cache) never serves. Needs the prefetch queue (its hooks). TP = 1 only."""
+    async_page_indices: bool = False
+    """Prefill: a finished request's KV page indices are read on a side stream instead of with
+    a `.cpu()` that waits for the forward launched after it (sglang_plugin/page_indices.py;
+    27% of the prefill scheduler thread on 2x H100). Opt-in until measured on a GPU."""
     switch_interval_ms: float = 0.2
     """The server processes' GIL switch interval (sys.setswitchinterval; Python's default is
     5 ms). A storage-read thread that released the GIL for a syscall or a checksum waits up to

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dualpath-refetch-host-hits", action="store_true",
                     help="prefill, benchmarks: a prefix matched in the host pool only is read "
                          "from storage again, as if DRAM did not hold it (the paper's setting)")
+    ap.add_argument("--dualpath-async-page-indices", action="store_true",
+                    help="prefill: read a finished request's KV page indices without waiting "
+                         "for the next forward (side-stream copy; not yet measured on a GPU)")
     ap.add_argument("--dualpath-switch-interval-ms", type=float, default=d.switch_interval_ms,
                     help="GIL switch interval of the server's processes (Python: 5 ms): how "
                          "long a storage-read thread may wait for the GIL behind the "
@@ -126,7 +129,8 @@ def sglang_args(ours: argparse.Namespace, rest: list[str]) -> tuple[list[str], P
         host_cache_tokens=ours.dualpath_host_cache_tokens,
         device_cache_tokens=ours.dualpath_device_cache_tokens,
         switch_interval_ms=ours.dualpath_switch_interval_ms,
-        refetch_host_hits=ours.dualpath_refetch_host_hits, h2d_kernel=ours.dualpath_h2d_kernel)
+        refetch_host_hits=ours.dualpath_refetch_host_hits,
+        async_page_indices=ours.dualpath_async_page_indices, h2d_kernel=ours.dualpath_h2d_kernel)
     if cfg.enable_dual_path and mode == "null":
         raise SystemExit("error: --enable-dual-path needs --disaggregation-mode prefill or decode")
     out = list(rest)

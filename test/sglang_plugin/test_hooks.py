@@ -23,6 +23,9 @@ PARAMS = {
                               "last_hash", "prefix_keys"],
     "check_prefetch_progress": ["self", "req_id"],
     "check_hicache_events": ["self"],
+    "process_batch_result_disagg_prefill": ["self", "batch", "result"],
+    "send_kv_chunk": ["self", "req", "last_chunk", "end_idx"],
+    "kv_to_page_indices": ["kv_indices", "page_size"],
     "release_aborted_request": ["self", "rid"],
     "reset": ["self"],
     "init_load_back": ["self", "params"],
@@ -41,7 +44,7 @@ PARAMS = {
                               "dst_device_data_ptrs"],
 }
 ALL_HOOKS = (hooks.LAUNCHER_HOOKS + hooks.PREFETCH_QUEUE_HOOKS + hooks.PD_ENGINE_HOOKS
-             + hooks.H2D_HOOKS + hooks.HOOKS)
+             + hooks.H2D_HOOKS + hooks.PAGE_INDEX_HOOKS + hooks.HOOKS)
 
 
 def test_every_hook_names_a_version_and_a_reason():
@@ -106,7 +109,7 @@ def test_load_registers_by_flag(monkeypatch):
     monkeypatch.delenv("DUALPATH_PLUGIN_CONFIG", raising=False)
     called = []
     monkeypatch.setattr(hooks, "register_all",
-                        lambda dual_path, prefetch_queue_on, pd_engine, h2d_ours:
+                        lambda dual_path, prefetch_queue_on, pd_engine, h2d_ours, async_pages:
                         called.append((dual_path, prefetch_queue_on)))
     sglang_plugin.load()
     assert called == [], "not started by our launcher: SGLang stays untouched"
@@ -118,6 +121,11 @@ def test_load_registers_by_flag(monkeypatch):
     monkeypatch.setenv("DUALPATH_PLUGIN_CONFIG", '{"prefetch_queue": false}')
     sglang_plugin.load()
     assert called == [(False, True), (True, True), (False, False)]
+    got = []
+    monkeypatch.setattr(hooks, "register_all", lambda **kw: got.append(kw["async_pages"]))
+    monkeypatch.setenv("DUALPATH_PLUGIN_CONFIG", '{"async_page_indices": true}')
+    sglang_plugin.load()
+    assert got == [True]
 
 
 def test_prefetch_io_runs_on_several_threads(monkeypatch):

@@ -229,6 +229,7 @@ def make_cluster(name: str, args, out: Path, res: dict, slot: int = 0) -> PDClus
                        host_cache_tokens=args.host_cache_tokens,
                        device_cache_tokens=args.device_cache_tokens,
                        refetch_host_hits=args.refetch_host_hits,
+                       async_page_indices=args.async_page_indices,
                        decode_max_total_tokens=args.decode_max_total_tokens,
                        decode_hicache_ratio=args.decode_hicache_ratio,
                        buffer_gb=args.buffer_gb, hicache_ratio=args.hicache_ratio,
@@ -356,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--refetch-host-hits", action="store_true",
                     help="prefill: a prefix matched in its host pool only is read from storage "
                          "again (the paper's setting: no DRAM cache), both arms alike")
+    ap.add_argument("--async-page-indices", action="store_true",
+                    help="prefill: KV page indices read without waiting for the next forward "
+                         "(--dualpath-async-page-indices), both arms alike")
     ap.add_argument("--stack-sample", action="store_true",
                     help="profile both schedulers' threads: OUT/<config>/stacks_<role>.txt "
                          "(whole server life) and stacks_<role>_replay.txt (the measured "
@@ -438,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
               "host_cache_tokens": args.host_cache_tokens,
               "device_cache_tokens": args.device_cache_tokens,
               "refetch_host_hits": args.refetch_host_hits,
+              "async_page_indices": args.async_page_indices,
               "buffer_gb": args.buffer_gb, "slo": {"ttft_s": SLO_TTFT_S,
                                                                      "tpot_s": SLO_TPOT_S},
               "configs": [], "ok": False}

@@ -55,6 +55,7 @@ class ClusterSpec:
     host_cache_tokens: int = -1  # prefill: host-only pages kept (-1: no limit)
     device_cache_tokens: int = -1  # prefill: unlocked GPU cache tokens kept (-1: no limit)
     refetch_host_hits: bool = False  # prefill: host-only prefix hits read from storage again
+    async_page_indices: bool = False  # prefill: page indices without the forward wait
     extra: list[str] = field(default_factory=list)  # more SGLang flags for both servers
     slot: int = 0  # GPUs 2 slot (prefill) and 2 slot + 1 (decode), ports from slot_ports
 
@@ -97,6 +98,8 @@ def server(spec: ClusterSpec, role: str, out: Path) -> ServerProcess:
             flags += ["--dualpath-device-cache-tokens", str(spec.device_cache_tokens)]
         if spec.refetch_host_hits:
             flags.append("--dualpath-refetch-host-hits")
+        if spec.async_page_indices:
+            flags.append("--dualpath-async-page-indices")
     if spec.dual_path:
         flags.append("--enable-dual-path")
     if spec.oracle:

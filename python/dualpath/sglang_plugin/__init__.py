@@ -35,6 +35,7 @@ def load() -> None:
     from dualpath.sglang_plugin.hooks import register_all
 
     register_all(dual_path=cfg.enable_dual_path, prefetch_queue_on=cfg.prefetch_queue,
-                 pd_engine=cfg.pd_engine, h2d_ours=cfg.h2d_kernel == "ours")
+                 pd_engine=cfg.pd_engine, h2d_ours=cfg.h2d_kernel == "ours",
+                 async_pages=cfg.async_page_indices)
     log.info("dualpath plugin loaded (dual path %s, role %s, agent port %d)",
              "on" if cfg.enable_dual_path else "off", cfg.role or "-", cfg.agent_port)

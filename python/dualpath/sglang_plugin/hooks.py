@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dualpath.sglang_plugin import h2d_load, pd_poll, pd_send, prefetch_queue
+from dualpath.sglang_plugin import h2d_load, page_indices, pd_poll, pd_send, prefetch_queue
 
 log = logging.getLogger("dualpath.hooks")
 _IO_ERRORS_LOCK = threading.Lock()
@@ -246,6 +246,19 @@ H2D_HOOKS: tuple[Hook, ...] = (
          "HiCache's one-layer host -> GPU load through dualpath.ops.copy_kv (page_first pools)"),
 )
 
+# registered only with --dualpath-async-page-indices (flag on or off)
+_PMX = "sglang.srt.disaggregation.prefill.SchedulerDisaggregationPrefillMixin."
+PAGE_INDEX_HOOKS: tuple[Hook, ...] = (
+    Hook(_PMX + "process_batch_result_disagg_prefill", "AROUND",
+         page_indices.in_result_processing,
+         "marks result processing, after the batch's results (copy_done) were waited for"),
+    Hook(_PMX + "send_kv_chunk", "AROUND", page_indices.send_kv_chunk,
+         "marks a last chunk sent from result processing"),
+    Hook("sglang.srt.disaggregation.prefill.kv_to_page_indices", "AROUND",
+         page_indices.kv_to_page_indices,
+         "such a chunk's page indices copied on a side stream: no wait for the next forward"),
+)
+
 # registered only with --enable-dual-path
 HOOKS: tuple[Hook, ...] = (
     Hook("sglang.srt.managers.cache_controller.HiCacheController._page_get_zero_copy",
@@ -257,11 +270,13 @@ HOOKS: tuple[Hook, ...] = (
 
 
 def register_all(dual_path: bool = True, prefetch_queue_on: bool = True,
-                 pd_engine: bool = False, h2d_ours: bool = False) -> None:
+                 pd_engine: bool = False, h2d_ours: bool = False,
+                 async_pages: bool = False) -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     hooks = (LAUNCHER_HOOKS + (PREFETCH_QUEUE_HOOKS if prefetch_queue_on else ())
              + (PD_ENGINE_HOOKS if pd_engine else ()) + (H2D_HOOKS if h2d_ours else ())
+             + (PAGE_INDEX_HOOKS if async_pages else ())
              + (HOOKS if dual_path else ()))
     for h in hooks:
         # a REPLACE hook's fn returns the replacement class (imported only when registered)

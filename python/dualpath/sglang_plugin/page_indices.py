@@ -1,0 +1,86 @@
+"""A finished prefill's KV page indices read without waiting for the forward that follows it
+(--dualpath-async-page-indices; SGLang 0.5.17, overlap event loop of the PD prefill).
+
+After launching batch N, SGLang's overlap loop applies its write-after-read barrier: for an
+eager prefill the schedule stream waits for the whole forward N (`_apply_war_barrier`, the
+coarse `wait_stream`). It then processes batch N-1, and `send_kv_chunk` reads each finished
+request's KV indices with `kv_to_page_indices`, a `.cpu()` on the schedule stream, so the CPU
+waits for forward N before it can send N-1's KV or schedule N+1. On 2x H100 (a4d1e69, stack
+samples of a 1P1D run) 27% of the prefill scheduler thread waited there, and the prefill GPU
+was 66% busy.
+
+The indices are a row slice of `req_to_token`, written on the schedule stream before forward
+N-1 ran; `process_batch_result_disagg_prefill` has waited for N-1's results (`copy_done`), so
+they are in place. For a request's last chunk nothing rewrites that slice before it is sent
+(batch N's preparation touches only the requests in batch N; a chunked request's slice can be
+rewritten when its cache insert deduplicates, so its earlier chunks keep stock's read). Inside
+result processing and for a last chunk, the hooks copy the slice to pinned memory on a side
+stream (the copy engine, no kernel) and wait for that copy only; anywhere else, and for a
+slice not contiguous or not on a GPU, SGLang's function runs unchanged.
+
+Not yet measured on a GPU: opt-in until a 1P1D run shows the same outputs with it on and off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import numpy as np
+
+_STATE = threading.local()  # the scheduler thread's: inside result processing / a last chunk
+_STREAMS: dict = {}
+
+
+def in_result_processing(original, self, *args, **kwargs):
+    """AROUND SchedulerDisaggregationPrefillMixin.process_batch_result_disagg_prefill."""
+    _STATE.result = True
+    try:
+        return original(self, *args, **kwargs)
+    finally:
+        _STATE.result = False
+
+
+def send_kv_chunk(original, self, req, last_chunk: bool = False, end_idx=None):
+    """AROUND SchedulerDisaggregationPrefillMixin.send_kv_chunk: marks a last chunk sent from
+    result processing (the only sends whose index slice is known to be final)."""
+    _STATE.fast = bool(getattr(_STATE, "result", False) and last_chunk)
+    try:
+        return original(self, req, last_chunk=last_chunk, end_idx=end_idx)
+    finally:
+        _STATE.fast = False
+
+
+def kv_to_page_indices(original, kv_indices, page_size: int) -> np.ndarray:
+    """AROUND sglang.srt.disaggregation.prefill.kv_to_page_indices (SGLang's
+    `(kv_indices[::page_size] // page_size).cpu().numpy()`)."""
+    if (not getattr(_STATE, "fast", False) or not getattr(kv_indices, "is_cuda", False)
+            or not kv_indices.is_contiguous()):
+        return original(kv_indices, page_size)
+    return copy_page_indices(kv_indices, page_size, _side_stream(kv_indices.device))
+
+
+def copy_page_indices(kv_indices, page_size: int, stream=None) -> np.ndarray:
+    """The same values as SGLang's function: the contiguous slice copied whole to pinned host
+    memory on `stream` (None: the current stream, as on the CPU), then strided and divided on
+    the CPU. Waits for this copy only."""
+    import torch
+
+    on_gpu = stream is not None
+    host = torch.empty(kv_indices.shape, dtype=kv_indices.dtype, pin_memory=on_gpu)
+    ctx = torch.cuda.stream(stream) if on_gpu else contextlib.nullcontext()
+    with ctx:
+        host.copy_(kv_indices, non_blocking=on_gpu)
+    if on_gpu:
+        stream.synchronize()
+    return host.numpy()[::page_size] // page_size
+
+
+def _side_stream(device):
+    import torch
+
+    key = (device.type, device.index)
+    s = _STREAMS.get(key)
+    if s is None:
+        s = _STREAMS[key] = torch.cuda.Stream(device=device)
+    return s
