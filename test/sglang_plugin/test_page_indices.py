@@ -1,6 +1,8 @@
 """--dualpath-async-page-indices (sglang_plugin/page_indices.py): which sends take the side-stream
 read, and that it gives SGLang's values. The stream itself needs a GPU (scripts/ on the host)."""
 
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -48,16 +50,19 @@ def test_only_last_chunks_sent_from_result_processing_take_the_side_read(monkeyp
     def result_processing(self, batch, result):  # ... and its result processing
         return [pi.send_kv_chunk(send, self, r, last_chunk=last) for r, last in batch]
 
-    gpu = GpuSlice()
+    gpu, overlap = GpuSlice(), types.SimpleNamespace(copy_done=object())
     assert pi.in_result_processing(result_processing, None, [(gpu, True), (gpu, False)],
-                                   None) == ["S", "O"]
+                                   overlap) == ["S", "O"]
     assert pi.send_kv_chunk(send, None, gpu, last_chunk=True) == "O"  # outside: stock
     assert pi.in_result_processing(result_processing, None, [(torch.arange(8), True)],
-                                   None) == ["O"]
-    assert calls == ["side", "stock", "stock", "stock"]
+                                   overlap) == ["O"]
+    # no copy_done (the normal loop): SGLang did not wait for the batch there
+    assert pi.in_result_processing(result_processing, None, [(gpu, True)],
+                                   types.SimpleNamespace(copy_done=None)) == ["O"]
+    assert calls == ["side", "stock", "stock", "stock", "stock"]
 
     def boom(self, batch, result):
         raise RuntimeError("x")
     with pytest.raises(RuntimeError):
-        pi.in_result_processing(boom, None, [], None)
+        pi.in_result_processing(boom, None, [], overlap)
     assert pi.send_kv_chunk(send, None, gpu, last_chunk=True) == "O", "flag cleared on error"

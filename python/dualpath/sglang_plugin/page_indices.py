@@ -32,11 +32,13 @@ _STATE = threading.local()  # the scheduler thread's: inside result processing /
 _STREAMS: dict = {}
 
 
-def in_result_processing(original, self, *args, **kwargs):
-    """AROUND SchedulerDisaggregationPrefillMixin.process_batch_result_disagg_prefill."""
-    _STATE.result = True
+def in_result_processing(original, self, batch, result, *args, **kwargs):
+    """AROUND SchedulerDisaggregationPrefillMixin.process_batch_result_disagg_prefill. Marks
+    it only when SGLang waits there for the batch's results (`copy_done`: the overlap loop),
+    which orders everything the batch's forward depended on before the reads."""
+    _STATE.result = getattr(result, "copy_done", None) is not None
     try:
-        return original(self, *args, **kwargs)
+        return original(self, batch, result, *args, **kwargs)
     finally:
         _STATE.result = False
 
