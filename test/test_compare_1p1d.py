@@ -473,3 +473,33 @@ def test_router_admission_wait_from_its_metrics():
         loop.call_soon_threadsafe(loop.stop)
     assert cmp.admission_mean(None, after) is None and cmp.admission_mean(after, after) is None
     assert cmp.router_admission("http://127.0.0.1:9") is None
+
+
+def test_same_outputs_across_commits_and_setups(tmp_path, capsys):
+    """--same-outputs: two runs of one trace from different commits or knobs, compared per
+    config by every turn's output; a different trace is refused."""
+    import copy
+
+    a = synthetic_result()
+    for c in a["configs"]:
+        c["offline"]["turn_records"] = [{"agent": 0, "turn": 0, "output_digest": "d"},
+                                        {"agent": 0, "turn": 1, "output_digest": "x"}]
+    b = copy.deepcopy(a)
+    b["git_sha"], b["snic_gbps"] = "other", 3.0  # what merge would refuse
+    names = {c["config"] for c in a["configs"]}
+    assert report.same_outputs(a, b) == dict.fromkeys(names, True)
+    b["configs"][0]["offline"]["turn_records"][1]["output_digest"] = "y"
+    assert report.same_outputs(a, b)[b["configs"][0]["config"]] is False
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    assert report.main(["--same-outputs", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 1
+    assert "same outputs: False" in capsys.readouterr().out
+    b["configs"][0]["offline"]["turn_records"][1]["output_digest"] = "x"
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    assert report.main(["--same-outputs", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    b["trace"] = {**a["trace"], "max_turns": 1, "turns": 1}  # truncated: its turns compared
+    b["configs"][0]["offline"]["turn_records"].pop()
+    assert report.same_outputs(a, b) == dict.fromkeys(names, True)
+    b["trace"] = {**a["trace"], "seed": 1}
+    with pytest.raises(ValueError, match="traces"):
+        report.same_outputs(a, b)

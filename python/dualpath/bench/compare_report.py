@@ -198,6 +198,24 @@ def merge(results: list[dict]) -> dict:
     return merged
 
 
+# what fixes the trajectories (max_turns only truncates them)
+_TRAJECTORIES = ("preset", "scale", "initial", "seed", "agents")
+
+
+def same_outputs(a: dict, b: dict) -> dict[str, bool | None]:
+    """Per config name found in both results: the same greedy outputs turn by turn? For checking
+    that a change meant for speed (another commit, a scheduling or I/O knob) left every token
+    as it was: the same model and trajectories (a run with fewer turns per agent compares its
+    turns with the other's first ones); nothing else needs to be the same."""
+    ta, tb = a.get("trace") or {}, b.get("trace") or {}
+    if (a.get("model") != b.get("model")
+            or any(ta.get(k) != tb.get(k) for k in _TRAJECTORIES)):
+        raise ValueError("different traces or models: outputs are not comparable")
+    ca = {c["config"]: c for c in a["configs"] if c.get("offline")}
+    cb = {c["config"]: c for c in b["configs"] if c.get("offline")}
+    return {n: outputs_match(ca[n]["offline"], cb[n]["offline"]) for n in ca if n in cb}
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -207,7 +225,21 @@ def main(argv: list[str] | None = None) -> int:
                                              "merged into one comparison.")
     ap.add_argument("results", nargs="+", type=Path, help="result.json (or .json.xz) files")
     ap.add_argument("--out", type=Path, help="write the merged result here")
+    ap.add_argument("--same-outputs", action="store_true",
+                    help="two results of the same trace from different setups or commits: "
+                         "say per config whether every turn's output is the same (exit 1 if "
+                         "any differs)")
     args = ap.parse_args(argv)
+    if args.same_outputs:
+        if len(args.results) != 2:
+            ap.error("--same-outputs compares two results")
+        try:
+            got = same_outputs(*(load_result(p) for p in args.results))
+        except (ValueError, KeyError) as e:
+            ap.error(str(e))
+        for name, ok in got.items():
+            print(f"{name}: same outputs: {ok}")
+        return 0 if got and all(got.values()) else 1
     try:
         merged = merge([load_result(p) for p in args.results])
     except (ValueError, KeyError) as e:
