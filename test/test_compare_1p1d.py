@@ -417,6 +417,9 @@ def test_where_the_prefills_reuse_came_from():
                              {"type": "prefill", "input_len": 400},
                              {"type": "decode", "input_len": 1000}]}
     assert report.arrival_match_share(run) == 0.3
+    assert report.read_rate_per_prefetch(run) is None
+    run["bytes"].update(pe_pf_read_s_total=2.0, pe_pf_read_tokens_total=96_000)
+    assert report.read_rate_per_prefetch(run) == 48.0
     assert report.storage_share(run) == 0.5
     assert report.arrival_match_share({}) is None and report.storage_share({}) is None
     tl = {"mean_in_queue": 6.95, "mean_in_forward": 2.6, "no_forward_share": 0.199,

@@ -325,10 +325,15 @@ def _held(rid, tokens):
 
 
 def test_a_completed_prefetch_is_held_until_its_request_runs():
+    import time
+
     tokens = list(range(4 * PAGE))
     cache, root = _tree_after_prefetch("r", tokens)
+    setattr(cache, pq.STARTED, {"r": time.monotonic() - 0.5})  # started half a second ago
     before = dict(pq.STATS)
     assert cache.check("r") is True
+    assert pq.STATS["pf_read_tokens_total"] == before["pf_read_tokens_total"] + 4 * PAGE
+    assert 0.5 <= pq.STATS["pf_read_s_total"] - before["pf_read_s_total"] < 5
     leaf = root.children[next(iter(root.children))].children
     leaf = leaf[next(iter(leaf))]
     assert leaf.host_ref_counter == 1 and root.host_ref_counter == 0

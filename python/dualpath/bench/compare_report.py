@@ -53,6 +53,17 @@ def arrival_match_share(run: dict) -> float | None:
     return round(m / (m + n), 3)
 
 
+def read_rate_per_prefetch(run: dict) -> float | None:
+    """Thousands of tokens per second one storage prefetch of the prefill loaded, on average:
+    tokens loaded over seconds from start to completion (many in flight share the NIC; an
+    8B-shaped token is 128 KiB, so 48 k tokens/s is a 6.25 GB/s link)."""
+    b = run.get("bytes") or {}
+    s, n = b.get("pe_pf_read_s_total"), b.get("pe_pf_read_tokens_total")
+    if not s or not n:
+        return None
+    return round(n / s / 1e3, 1)
+
+
 def prefill_sum(run: dict, field: str) -> int:
     """Sum of one field of a run's prefill request records (e.g. input_len, cached_input_len)."""
     return sum(int(s.get(field) or 0) for s in run.get("stage_records") or ()
@@ -115,7 +126,8 @@ def table(results: list[dict]) -> str:
     lines.append(f"{'PE recomputed':16}" + "".join(cell(recomputed_share(r["offline"]))
                                                   for r in results))
     for label, fn in (("PE arrival match", arrival_match_share),
-                      ("PE from storage", storage_share)):
+                      ("PE from storage", storage_share),
+                      ("PE pf ktok/s", read_rate_per_prefetch)):
         lines.append(f"{label:16}" + "".join(cell(fn(r["offline"])) for r in results))
     for label, key in (("to prefill s", "to_prefill_s"), ("after prefill s", "after_prefill_s")):
         lines.append(f"{label:16}" + "".join(

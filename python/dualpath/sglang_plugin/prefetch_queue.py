@@ -121,7 +121,7 @@ def _started(cache, req_id, tokens: int) -> None:
     if started is None:
         started = {}
         setattr(cache, STARTED, started)
-    started[req_id] = tokens
+    started[req_id] = time.monotonic()
     STATS["pf_started"] += 1
     STATS["pf_asked_tokens"] += tokens
 
@@ -271,10 +271,13 @@ def check(original, cache, req_id) -> bool:
         started = getattr(cache, STARTED, None)
         loaded = cache.prefetch_loaded_tokens_by_reqid.get(req_id, 0)
         if started and req_id in started:
-            started.pop(req_id)
+            t0 = started.pop(req_id)
             STATS["pf_loaded_tokens"] += loaded
             if loaded == 0:  # revoked: too few pages stored, or no host memory
                 STATS["pf_empty"] += 1
+            else:  # start to completion as the scheduler saw it: one request's read rate
+                STATS["pf_read_s_total"] += time.monotonic() - t0
+                STATS["pf_read_tokens_total"] += loaded
         if pending is not None and _enabled(cache):
             deepest = _deepest(cache, pending[0], pending[1])
             if deepest is not pending[0]:  # loaded, or inserted meanwhile by another request
