@@ -269,6 +269,7 @@ def test_main_runs_configs_sweep_and_online_end_to_end(monkeypatch, tmp_path, pa
     monkeypatch.setattr(cmp, "_flush", lambda url: calls["flush"].append(url))
     monkeypatch.setattr(cmp, "agent_stats", lambda port, timeout=5: {"error": "no agent"})
     monkeypatch.setattr(cmp, "gpu_facts", lambda: {"gpu_name": "fake", "gpus": ["g"] * 4})
+    monkeypatch.setattr(cmp, "stop_servers_on_sigterm", lambda: calls.setdefault("sig", True))
     out = tmp_path / "out"
     try:
         rc = cmp.main(["--out", str(out), "--configs", "stock,on", "--agents", "2",
@@ -299,6 +300,7 @@ def test_main_runs_configs_sweep_and_online_end_to_end(monkeypatch, tmp_path, pa
     assert len(calls["flush"]) == 12
     assert stock["warmup_s"] > 0 and on["warmup_s"] > 0
     assert not (tmp_path / "store" / "on").exists()  # the store is removed after each config
+    assert calls.get("sig", False) is parallel  # threads cannot install the handler
     if parallel:
         assert [sp.slot for sp in calls["specs"]] == [0, 1]
         assert sorted(calls["started"]) == [(0, 0), (1, 0)], "both up before any replay"
@@ -506,3 +508,26 @@ def test_same_outputs_across_commits_and_setups(tmp_path, capsys):
     b["trace"] = {**a["trace"], "seed": 1}
     with pytest.raises(ValueError, match="traces"):
         report.same_outputs(a, b)
+
+
+def test_start_all_stops_every_cluster_when_one_fails():
+    class C:
+        def __init__(self, fail):
+            self.fail, self.stops = fail, 0
+
+        def start(self):
+            if self.fail:
+                raise RuntimeError("decode not healthy")
+            time.sleep(0.05)
+            return self
+
+        def stop(self):
+            self.stops += 1
+
+    cs = [C(False), C(True)]
+    with pytest.raises(RuntimeError, match="not healthy"):
+        cmp.start_all(cs)
+    assert all(c.stops >= 1 for c in cs)
+    ok = [C(False), C(False)]
+    cmp.start_all(ok)
+    assert [c.stops for c in ok] == [0, 0]

@@ -26,6 +26,7 @@ PARAMS = {
     "process_batch_result_disagg_prefill": ["self", "batch", "result"],
     "send_kv_chunk": ["self", "req", "last_chunk", "end_idx"],
     "kv_to_page_indices": ["kv_indices", "page_size"],
+    "insert": ["self", "params"],
     "release_aborted_request": ["self", "rid"],
     "reset": ["self"],
     "init_load_back": ["self", "params"],

@@ -25,17 +25,40 @@ def test_copy_gives_sglangs_values(n, page, dtype):
     assert not np.shares_memory(got, kv.numpy())
 
 
-def test_only_last_chunks_sent_from_result_processing_take_the_side_read(monkeypatch):
-    """Inside result processing a last chunk's read skips SGLang's function; an earlier chunk,
-    a send from anywhere else (scheduling, the inflight queue) and a slice not on a GPU use it."""
+class Table:  # req_to_token: slices of it share its storage
+    def __init__(self):
+        self.req_to_token = torch.zeros(4, 64, dtype=torch.int32)
+
+
+class Req:
+    def __init__(self, protected):
+        self.cache_protected_len = protected
+
+
+def insert_finding(prefix_len):
+    """SGLang's cache_unfinished_req stand-in: its insert found `prefix_len` tokens cached."""
+    def cache_unfinished_req(cache, req):
+        return pi.insert(lambda c, params: types.SimpleNamespace(prefix_len=prefix_len),
+                         cache, None)
+    return cache_unfinished_req
+
+
+def test_the_side_read_only_for_a_final_row_of_req_to_token(monkeypatch):
+    """Inside result processing, a last chunk whose cache insert found nothing beyond the
+    request's protected prefix (its row stays as it is) takes the side read. Stock's read for:
+    an insert that found more (SGLang frees the duplicates and rewrites the row behind the next
+    forward), an earlier chunk, a send outside result processing (scheduling, the inflight
+    queue), the normal loop (no copy_done), a tensor that is not a slice of req_to_token (a
+    sliding-window model's translated indices), and a second send without a new insert."""
     calls = []
+    sched = types.SimpleNamespace(req_to_token_pool=Table())
+    row = sched.req_to_token_pool.req_to_token[1, 8:40]
+    other = torch.zeros(32, dtype=torch.int32)
 
-    class GpuSlice:  # what the hook checks before reading
-        is_cuda = True
-        device = torch.device("cuda", 0)
-
-        def is_contiguous(self):
-            return True
+    def on_gpu(t):  # the hook reads these attributes; CPU tensors stand in for GPU ones
+        return types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0),
+                                     is_contiguous=t.is_contiguous,
+                                     untyped_storage=t.untyped_storage)
 
     monkeypatch.setattr(pi, "copy_page_indices", lambda kv, ps, s: calls.append("side") or "S")
     monkeypatch.setattr(pi, "_side_stream", lambda d: None)
@@ -45,24 +68,36 @@ def test_only_last_chunks_sent_from_result_processing_take_the_side_read(monkeyp
         return "O"
 
     def send(self, req, last_chunk=False, end_idx=None):  # stands in for SGLang's send_kv_chunk
-        return pi.kv_to_page_indices(original, req, 64)
+        return pi.kv_to_page_indices(original, req.kv, 64)
 
     def result_processing(self, batch, result):  # ... and its result processing
-        return [pi.send_kv_chunk(send, self, r, last_chunk=last) for r, last in batch]
+        out = []
+        for req, last, found in batch:
+            pi.cache_unfinished_req(insert_finding(found), None, req)  # maybe_cache_unfinished
+            out.append(pi.send_kv_chunk(send, self, req, last_chunk=last))
+        return out
 
-    gpu, overlap = GpuSlice(), types.SimpleNamespace(copy_done=object())
-    assert pi.in_result_processing(result_processing, None, [(gpu, True), (gpu, False)],
-                                   overlap) == ["S", "O"]
-    assert pi.send_kv_chunk(send, None, gpu, last_chunk=True) == "O"  # outside: stock
-    assert pi.in_result_processing(result_processing, None, [(torch.arange(8), True)],
-                                   overlap) == ["O"]
-    # no copy_done (the normal loop): SGLang did not wait for the batch there
-    assert pi.in_result_processing(result_processing, None, [(gpu, True)],
+    overlap = types.SimpleNamespace(copy_done=object())
+    clean, dedup, early = Req(256), Req(256), Req(256)
+    clean.kv = dedup.kv = early.kv = on_gpu(row)
+    assert pi.in_result_processing(result_processing, sched,
+                                   [(clean, True, 256), (dedup, True, 320),
+                                    (early, False, 128)], overlap) == ["S", "O", "O"]
+    assert calls == ["side", "stock", "stock"]
+    calls.clear()
+    assert pi.send_kv_chunk(send, sched, clean, last_chunk=True) == "O"  # outside, no verdict
+    pi.cache_unfinished_req(insert_finding(0), None, clean)
+    assert pi.send_kv_chunk(send, sched, clean, last_chunk=True) == "O"  # outside
+    swa = Req(256)
+    swa.kv = on_gpu(other)
+    assert pi.in_result_processing(result_processing, sched, [(swa, True, 0)], overlap) == ["O"]
+    assert pi.in_result_processing(result_processing, sched, [(clean, True, 0)],
                                    types.SimpleNamespace(copy_done=None)) == ["O"]
-    assert calls == ["side", "stock", "stock", "stock", "stock"]
+    assert calls == ["stock"] * 4
 
     def boom(self, batch, result):
         raise RuntimeError("x")
     with pytest.raises(RuntimeError):
-        pi.in_result_processing(boom, None, [], overlap)
-    assert pi.send_kv_chunk(send, None, gpu, last_chunk=True) == "O", "flag cleared on error"
+        pi.in_result_processing(boom, sched, [], overlap)
+    pi.cache_unfinished_req(insert_finding(0), None, clean)
+    assert pi.send_kv_chunk(send, sched, clean, last_chunk=True) == "O", "flag cleared on error"

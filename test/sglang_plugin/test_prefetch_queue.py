@@ -4,6 +4,7 @@ HiCacheController.prefetch_rate_limited / _storage_hit_query, run on a stand-in 
 (a real HiRadixCache needs GPU memory pools). Needs SGLang importable, as CI installs it."""
 
 import types
+from array import array
 
 import pytest
 
@@ -731,10 +732,12 @@ def _reread_config(cache):
 
 
 def test_device_budget_demotes_unlocked_gpu_pages_through_sglangs_eviction(monkeypatch):
-    """--dualpath-device-cache-tokens 0: after a scheduling pass, SGLang's own write-through
-    eviction demotes every unlocked GPU page to the host pool (whole chains, parents after
-    their children), a node whose write-through is still in flight (locked) stays, and the
-    host budget then frees the demoted pages in the same pass. Without a budget: stock."""
+    """--dualpath-device-cache-tokens 0: after a scheduling pass, SGLang's own demotion
+    (`_evict_backuped`) moves every unlocked GPU page with a host copy to the host pool (whole
+    chains, parents after their children); a node whose write-through is still in flight
+    (locked) stays, and so does one that never got a host copy (SGLang's `evict` would drop
+    it: recomputed next turn); the host budget then frees the demoted pages in the same pass.
+    Without a budget: stock."""
     import torch
     from sglang.srt.mem_cache.radix_cache import RadixKey
 
@@ -776,6 +779,9 @@ def test_device_budget_demotes_unlocked_gpu_pages_through_sglangs_eviction(monke
         return chain
 
     a, b = on_gpu(0, 2), on_gpu(100_000, 1, locked=True)
+    c = on_gpu(200_000, 1)
+    c[0].host_value = None  # its write-through found no host room: no copy anywhere else
+    cache.evictable_host_leaves.discard(c[0])
     assert pq.after_events("r", cache) == "r" and device_freed == [], "no budget: stock"
     monkeypatch.setenv("DUALPATH_PLUGIN_CONFIG",
                        '{"device_cache_tokens": 0, "host_cache_tokens": 0}')
@@ -784,12 +790,13 @@ def test_device_budget_demotes_unlocked_gpu_pages_through_sglangs_eviction(monke
     assert pq.after_events("r", cache) == "r"
     assert sorted(device_freed) == [2 * PAGE, 2 * PAGE], "a's two turns, leaf then parent"
     assert all(n.evicted for n in a) and not b[0].evicted, "the locked write stays on the GPU"
-    assert cache.evictable_size_ == 0
+    assert not c[0].evicted and c[0].parent is root, "no host copy: kept, not dropped"
+    assert cache.evictable_size_ == 2 * PAGE  # c's
     assert pq.STATS["pf_device_trimmed_tokens"] == before["pf_device_trimmed_tokens"] + 4 * PAGE
     assert sorted(freed) == [2 * PAGE, 2 * PAGE], "the demoted chain left the host pool too"
-    assert list(root.children) == [b[0].key.child_key(PAGE)]
+    assert sorted(root.children) == sorted([b[0].key.child_key(PAGE), c[0].key.child_key(PAGE)])
     monkeypatch.setenv("DUALPATH_PLUGIN_CONFIG", '{"device_cache_tokens": 0, "role": "decode"}')
-    b[0].lock_ref, cache.evictable_size_ = 0, 2 * PAGE
+    b[0].lock_ref, cache.evictable_size_ = 0, 4 * PAGE
     cache._update_leaf_status(b[0])
     _reread_config(cache)
     assert pq.trim_device(cache) == 0 and not b[0].evicted, "decode servers: never"
@@ -809,7 +816,8 @@ def test_refetch_reads_a_host_only_match_from_storage_again(monkeypatch):
         root, _ = _real_tree(cache)
         cache.hicache_storage_pass_prefix_keys = True
         cache.get_prefix_hash_values = types.MethodType(HRC.get_prefix_hash_values, cache)
-        turn1, turn2 = list(range(2 * PAGE)), list(range(2 * PAGE, 4 * PAGE))
+        # token ids as SGLang keeps them (its RadixKey.match asserts equal types)
+        turn1, turn2 = array("q", range(2 * PAGE)), array("q", range(2 * PAGE, 4 * PAGE))
         cache._insert_helper_host(root, RadixKey(turn1), torch.arange(2 * PAGE), ["h1", "h2"])
         gpu = root.children[RadixKey(turn1).child_key(PAGE)]
         gpu.value = torch.arange(2 * PAGE)  # turn 1's pages are still on the GPU
@@ -818,7 +826,7 @@ def test_refetch_reads_a_host_only_match_from_storage_again(monkeypatch):
         host = gpu.children[RadixKey(turn2).child_key(PAGE)]
         return cache, gpu, host, turn2
 
-    new = list(range(10_000, 10_000 + 2 * PAGE))
+    new = array("q", range(10_000, 10_000 + 2 * PAGE))
     cache, gpu, host, _ = setup()
     cache.prefetch_from_storage("off", host, new, "h4", ["h1", "h2", "h3"])
     assert cache.cache_controller.started == [("off", 2 * PAGE)]
@@ -838,8 +846,16 @@ def test_refetch_reads_a_host_only_match_from_storage_again(monkeypatch):
     cache.prefetch_from_storage("r", host, new, "h4", ["h1", "h2", "h3"])
     assert cc.started == [("r", 4 * PAGE)], "turn 2's host-only pages and the new ones"
     # what SGLang's _prefetch_kvcache passes for a match that ended at the GPU node
-    assert seen == {"key": turn2 + new, "last_hash": "h2",
+    assert seen == {"key": list(turn2 + new), "last_hash": "h2",
                     "prefix_keys": cache.get_prefix_hash_values(gpu)}
+    # completion, as SGLang's check_prefetch_progress inserts it: turn 2's pages are found
+    # (dropped as duplicates), the new ones added; the hold then finds the deepest node
+    key = cache.ongoing_prefetch["r"][1]
+    assert isinstance(key.token_ids, array)
+    assert cache._insert_helper_host(gpu, key, torch.arange(4 * PAGE),
+                                     ["h3", "h4", "h5", "h6"]) == 2 * PAGE
+    deepest = pq._deepest(cache, gpu, key)
+    assert deepest.parent is host and len(deepest.key) == 2 * PAGE
     assert cache.ongoing_prefetch["r"][0] is gpu
     assert gpu.host_ref_counter == 1 and host.host_ref_counter == 0
     assert pq.STATS["pf_refetched_tokens"] == before + 2 * PAGE

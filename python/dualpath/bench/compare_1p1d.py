@@ -51,7 +51,7 @@ from dualpath.bench.run_evidence import (
     storage_util,
 )
 from dualpath.bench.samplers import agents_sampler, gpu_sampler, mean_util, rates
-from dualpath.bench.servers import ServerError
+from dualpath.bench.servers import ServerError, stop_servers_on_sigterm
 from dualpath.bench.smoke import DEFAULT_MODEL, gpu_facts
 from dualpath.bench.stage_stats import LogCursor, parse_lines, summarize_records
 from dualpath.bench.trace import PRESETS, Trajectory, describe, generate
@@ -257,11 +257,20 @@ def start_all(clusters: list[PDCluster]) -> None:
     threads = [threading.Thread(target=go, args=(c,), daemon=True) for c in clusters]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.join()
+    except BaseException:  # interrupted (SIGTERM/Ctrl-C) while they start
+        errors.append(None)
     if errors:
+        for c in clusters:  # their health waits then fail fast; stop what they started after
+            c.stop()
+        for t in threads:
+            t.join(30)
         for c in clusters:
             c.stop()
+        if errors[0] is None:
+            raise KeyboardInterrupt("interrupted while the clusters started")
         raise errors[0]
     log.info("%d clusters started at once in %.0f s", len(clusters), time.time() - t0)
 
@@ -463,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.parallel_start:
                 started[k] = make_cluster(name, args, args.out, res, slot=k)
         if args.parallel_start:
+            stop_servers_on_sigterm()  # servers started from threads install no handler
             start_all([c for c in started if c is not None])
         for name, res, c in zip(names, result["configs"], started, strict=True):
             run_config(name, args, args.out, trajs, res, save, started=c)

@@ -116,7 +116,9 @@ def server(spec: ClusterSpec, role: str, out: Path) -> ServerProcess:
         flags += ["--base-gpu-id", gpu]
     return ServerProcess(role, flags, port, out / f"server_{role}.log",
                          env={"CUDA_VISIBLE_DEVICES": ",".join(map(str, pair)) if spec.share_gpus
-                              else str(pair[int(gpu)])})
+                              else str(pair[int(gpu)]),
+                              # CUDA numbers GPUs as nvidia-smi/NVML do (the samplers' indices)
+                              "CUDA_DEVICE_ORDER": "PCI_BUS_ID"})
 
 
 def router(spec: ClusterSpec, out: Path) -> ServerProcess:

@@ -8,8 +8,11 @@ in prefetch_queue's docstring. Everything runs on the scheduler thread.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import time
+from array import array
 
 from dualpath.sglang_plugin.prefetch_meters import STATS, _settings
 
@@ -104,13 +107,15 @@ def trim(cache) -> int:
 
 def trim_device(cache) -> int:
     """With --dualpath-device-cache-tokens N: demote unlocked GPU-cache tokens beyond N (LRU) to
-    the host pool through SGLang's own eviction, at most every TRIM_EVERY_S; returns the tokens
-    freed. A node still being written through to the host is locked, so nothing is dropped
-    before its copy exists; the demoted pages are then host-only and `trim` evicts them. With
-    N = 0 the prefill's HBM holds only requests in flight, as the paper's PE does (layerwise
-    prefill, no HBM cache across requests): a scaled-down host's HBM would otherwise cache a
-    share of the working set (2x H100, 0fe34d5: 63% of the prompt tokens matched on arrival,
-    storage NIC 64% busy, the baseline never storage-bound)."""
+    the host pool, at most every TRIM_EVERY_S; returns the tokens freed. Only nodes with a host
+    copy are demoted, through SGLang's own `_evict_backuped` (its `evict` would also drop
+    leaves without one: a write-through that found no host room, or whose parent had none);
+    a node still being written through is locked and stays. The demoted pages are then
+    host-only and `trim` evicts them. With N = 0 the prefill's HBM holds only requests in
+    flight, as the paper's PE does (layerwise prefill, no HBM cache across requests): a
+    scaled-down host's HBM would otherwise cache a share of the working set (2x H100, 0fe34d5:
+    63% of the prompt tokens matched on arrival, storage NIC 64% busy, the baseline never
+    storage-bound)."""
     budget = _settings(cache)[2]
     if budget < 0 or getattr(cache, "tp_world_size", 1) > 1:
         return 0
@@ -121,9 +126,19 @@ def trim_device(cache) -> int:
     excess = cache.evictable_size() - budget
     if excess <= 0:
         return 0
-    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
-
-    freed = int(cache.evict(EvictParams(num_tokens=excess)).num_tokens_evicted)
+    prio = cache.eviction_strategy.get_priority
+    heap = [(prio(n), n) for n in cache.evictable_leaves if n.backuped]
+    heapq.heapify(heap)
+    freed = 0
+    while freed < excess and heap:
+        _, x = heapq.heappop(heap)
+        if x.lock_ref > 0 or x.evicted or not x.backuped:
+            continue
+        freed += cache._evict_backuped(x)
+        p = x.parent
+        if (p is not cache.root_node and p.backuped and not p.evicted and p.lock_ref == 0
+                and all(c.evicted for c in p.children.values())):
+            heapq.heappush(heap, (prio(p), p))  # a parent becomes a leaf once its children go
     STATS["pf_device_trimmed_tokens"] += freed
     return freed
 
@@ -171,16 +186,25 @@ def count_arrival(cache, node, new_tokens: int) -> None:
     STATS["pf_arrival_backup_pending"] += int(pending)
 
 
-def host_only_suffix(node) -> tuple[object, list[int]]:
+def join_tokens(*parts):
+    """Concatenate token sequences as SGLang keeps them: an array('q') if any part is one (its
+    RadixKey.match asserts both sides have the same type), else a list."""
+    arr = next((p for p in parts if isinstance(p, array)), None)
+    chained = itertools.chain.from_iterable(parts)
+    return array(arr.typecode, chained) if arr is not None else list(chained)
+
+
+def host_only_suffix(node):
     """(anchor, tokens): the deepest node on `node`'s path that is still on the GPU (or the
-    root), and the tokens of the host-only nodes below it down to `node`, in order: what a
-    prefetch anchored there reads again."""
+    root), and the tokens of the host-only nodes below it down to `node`, in order (SGLang's
+    token type): what a prefetch anchored there reads again."""
     parts = []
     while (node is not None and getattr(node, "parent", None) is not None
            and getattr(node, "value", None) is None):
-        parts.append(list(node.key.token_ids))
+        key = node.key
+        parts.append(key.raw_token_ids() if hasattr(key, "raw_token_ids") else key.token_ids)
         node = node.parent
-    return node, [t for p in reversed(parts) for t in p]
+    return node, join_tokens(*reversed(parts))
 
 
 def _prefix_host_tokens(node) -> int:

@@ -78,6 +78,7 @@ from dualpath.sglang_plugin.host_holds import (  # noqa: F401
     evictable_host_tokens,
     host_only_suffix,
     host_room,
+    join_tokens,
     trim,
     trim_device,
     trimmable_host_tokens,
@@ -178,11 +179,13 @@ def prefetch(original, cache, req_id, last_host_node, new_input_tokens, last_has
     matched = last_host_node
     if not getattr(cache, DRAINING, False):  # a queued one was counted when it arrived
         count_arrival(cache, last_host_node, len(new_input_tokens))
-        if _enabled(cache) and _settings(cache)[3]:  # --dualpath-refetch-host-hits
+        # --dualpath-refetch-host-hits (not for EAGLE's bigram keys, whose node keys overlap)
+        if _enabled(cache) and _settings(cache)[3] and not getattr(cache, "is_eagle", False):
             anchor, again = host_only_suffix(last_host_node)
-            if again:
+            if len(again):
                 STATS["pf_refetched_tokens"] += len(again)
-                last_host_node, new_input_tokens = anchor, again + list(new_input_tokens)
+                last_host_node = anchor
+                new_input_tokens = join_tokens(again, new_input_tokens)
                 last_hash = (anchor.get_last_hash_value()
                              if getattr(anchor, "hash_value", None) else None)
                 prefix_keys = (cache.get_prefix_hash_values(anchor)
