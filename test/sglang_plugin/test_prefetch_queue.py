@@ -7,6 +7,7 @@ import types
 from array import array
 
 import pytest
+import torch
 
 hrc = pytest.importorskip("sglang.srt.mem_cache.hiradix_cache")
 ccm = pytest.importorskip("sglang.srt.managers.cache_controller")
@@ -751,7 +752,9 @@ def test_device_budget_demotes_unlocked_gpu_pages_through_sglangs_eviction(monke
     cache.metrics_collector, cache.evictable_size_ = None, 0
     cc = cache.cache_controller
     cc.write_policy, device_freed = "write_through", []
-    cc.evict_device = lambda v: device_freed.append(len(v))
+    cc.evict_device = lambda v: pytest.fail("free() syncs the GPU per node: free_segment")
+    cc.mem_pool_device_allocator = types.SimpleNamespace(
+        free_segment=lambda v, start_pos: device_freed.append((len(v), start_pos)))
     pool = cc.mem_pool_host = HostPool(free=0)
     cc.evict_host = lambda hv: freed.append(len(hv)) or setattr(
         pool, "free", pool.free + len(hv)) or len(hv)
@@ -788,7 +791,7 @@ def test_device_budget_demotes_unlocked_gpu_pages_through_sglangs_eviction(monke
     _reread_config(cache)  # (not `fresh`: SGLang's methods above are bound to this object)
     before = dict(pq.STATS)
     assert pq.after_events("r", cache) == "r"
-    assert sorted(device_freed) == [2 * PAGE, 2 * PAGE], "a's two turns, leaf then parent"
+    assert device_freed == [(2 * PAGE, 0), (2 * PAGE, 0)], "a's two turns, leaf then parent"
     assert all(n.evicted for n in a) and not b[0].evicted, "the locked write stays on the GPU"
     assert not c[0].evicted and c[0].parent is root, "no host copy: kept, not dropped"
     assert cache.evictable_size_ == 2 * PAGE  # c's
@@ -864,3 +867,22 @@ def test_refetch_reads_a_host_only_match_from_storage_again(monkeypatch):
     host2.value = torch.arange(2 * PAGE)
     cache2.prefetch_from_storage("g", host2, new, "h4", ["h1", "h2", "h3"])
     assert cache2.cache_controller.started == [("g", 2 * PAGE)]
+
+
+def test_a_nodes_pages_freed_without_unique_are_the_pages_free_releases():
+    """trim_device frees a demoted node's pages with SGLang's free_segment (no torch.unique, so
+    no GPU sync per node): on SGLang's own paged allocator it releases exactly the pages its
+    free() does, for a node of whole pages anywhere in a request's row."""
+    from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+
+    def allocator():
+        return PagedTokenToKVPoolAllocator(64 * PAGE, PAGE, torch.bfloat16, "cpu",
+                                           types.SimpleNamespace(), need_sort=False)
+
+    a, b = allocator(), allocator()
+    rows = a.alloc(7 * PAGE), b.alloc(7 * PAGE)
+    assert torch.equal(*rows)
+    a.free(rows[0][2 * PAGE:5 * PAGE])
+    b.free_segment(rows[1][2 * PAGE:5 * PAGE], start_pos=0)
+    assert a.available_size() == b.available_size()
+    assert sorted(a.free_pages.tolist()) == sorted(b.free_pages.tolist())

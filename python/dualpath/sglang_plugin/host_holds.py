@@ -108,7 +108,7 @@ def trim(cache) -> int:
 def trim_device(cache) -> int:
     """With --dualpath-device-cache-tokens N: demote unlocked GPU-cache tokens beyond N (LRU) to
     the host pool, at most every TRIM_EVERY_S; returns the tokens freed. Only nodes with a host
-    copy are demoted, through SGLang's own `_evict_backuped` (its `evict` would also drop
+    copy are demoted, as SGLang's own `_evict_backuped` does (its `evict` would also drop
     leaves without one: a write-through that found no host room, or whose parent had none);
     a node still being written through is locked and stays. The demoted pages are then
     host-only and `trim` evicts them. With N = 0 the prefill's HBM holds only requests in
@@ -127,6 +127,7 @@ def trim_device(cache) -> int:
     if excess <= 0:
         return 0
     prio = cache.eviction_strategy.get_priority
+    alloc = cache.cache_controller.mem_pool_device_allocator
     heap = [(prio(n), n) for n in cache.evictable_leaves if n.backuped]
     heapq.heapify(heap)
     freed = 0
@@ -134,7 +135,12 @@ def trim_device(cache) -> int:
         _, x = heapq.heappop(heap)
         if x.lock_ref > 0 or x.evicted or not x.backuped:
             continue
-        freed += cache._evict_backuped(x)
+        pages = x.value
+        freed += cache._detach_backuped(x)  # SGLang's _evict_backuped, but the pages are
+        # freed without the allocator's free(), whose torch.unique syncs the GPU once per node
+        # (5% of the prefill scheduler thread at a4d1e69): a node's pages are whole and its
+        # tokens consecutive per page, which free_segment relies on
+        alloc.free_segment(pages, start_pos=0)
         p = x.parent
         if (p is not cache.root_node and p.backuped and not p.evicted and p.lock_ref == 0
                 and all(c.evicted for c in p.children.values())):
