@@ -27,6 +27,8 @@ PARAMS = {
     "send_kv_chunk": ["self", "req", "last_chunk", "end_idx"],
     "kv_to_page_indices": ["kv_indices", "page_size"],
     "insert": ["self", "params"],
+    "_sync_hicache_ready_counts": ["self"],
+    "loading_check": ["self", "finish_count"],
     "release_aborted_request": ["self", "rid"],
     "reset": ["self"],
     "init_load_back": ["self", "params"],

@@ -2,7 +2,6 @@
 real one-rank gloo group, and SGLang's functions unchanged when a group has more ranks."""
 
 import random
-import socket
 from types import SimpleNamespace
 
 import pytest
@@ -11,22 +10,6 @@ utils = pytest.importorskip("sglang.srt.disaggregation.utils")
 dist = pytest.importorskip("torch.distributed")
 
 from dualpath.sglang_plugin import pd_poll  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def group():
-    if not dist.is_available():
-        pytest.skip("torch.distributed not built")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ours = not dist.is_initialized()
-    if ours:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
-                                world_size=1)
-    yield dist.new_group([0], backend="gloo")
-    if ours:
-        dist.destroy_process_group()
 
 
 class Poller:

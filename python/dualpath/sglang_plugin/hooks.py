@@ -14,7 +14,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dualpath.sglang_plugin import h2d_load, page_indices, pd_poll, pd_send, prefetch_queue
+from dualpath.sglang_plugin import (
+    h2d_load,
+    hicache_sync,
+    page_indices,
+    pd_poll,
+    pd_send,
+    prefetch_queue,
+)
 
 log = logging.getLogger("dualpath.hooks")
 _IO_ERRORS_LOCK = threading.Lock()
@@ -198,6 +205,14 @@ LAUNCHER_HOOKS: tuple[Hook, ...] = (
     Hook("sglang.srt.disaggregation.utils.poll_and_all_reduce_attn_cp_tp_group", "AROUND",
          pd_poll.poll_and_all_reduce_attn_cp_tp_group,
          "the same for the prefill's TP-then-CP poll"),
+    Hook("sglang.srt.mem_cache.hiradix_cache.HiRadixCache._sync_hicache_ready_counts",
+         "AROUND", hicache_sync.sync_ready_counts,
+         "HiCache's per-pass ready counts without a tensor when one rank (6-8% of the prefill "
+         "scheduler thread)"),
+    Hook("sglang.srt.mem_cache.hiradix_cache.HiRadixCache.loading_check", "AROUND",
+         hicache_sync.loading_check,
+         "the decode's per-request load check without a tensor when one rank (9% of its "
+         "thread with dual path on)"),
 )
 
 # registered with the launcher's --dualpath-prefetch-queue on (the default), flag on or off
