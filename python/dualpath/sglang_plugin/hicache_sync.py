@@ -4,10 +4,11 @@ SGLang 0.5.17's HiRadixCache makes its ranks agree on how many write-throughs, l
 storage operations finished with a MIN all-reduce over a small CPU tensor: every scheduling
 pass (`_sync_hicache_ready_counts`, from `check_hicache_events`) and, on a decode, once per
 request waiting for a restored prefix (`loading_check` from `is_load_back_event_done`). With
-one rank the reduction is skipped, but the tensor's creation and `.tolist()`/`.item()` remain;
-each releases and re-takes the GIL, which the scheduler thread must win back from the storage
-and transfer threads. On 2x H100 (stack samples, 4c4ecf3/a4d1e69) that was 6-8% of the prefill
-scheduler thread and 9% of the decode's with dual path on.
+one rank the reduction is skipped, but the tensor's creation and `.tolist()`/`.item()` remain.
+On 2x H100 (stack samples, 4c4ecf3/a4d1e69) the samples at those lines were 6-8% of the prefill
+scheduler thread and 9% of the decode's with dual path on; far more than such calls cost on
+their own, so most likely the thread was waiting there to win the GIL back from the storage and
+transfer threads.
 
 With one rank in every group involved (no pipeline, TP 1, one-rank attention groups) the hooks
 compute the same counts in plain Python; otherwise SGLang's own functions run.
