@@ -862,6 +862,13 @@ def test_refetch_reads_a_host_only_match_from_storage_again(monkeypatch):
     assert cache.ongoing_prefetch["r"][0] is gpu
     assert gpu.host_ref_counter == 1 and host.host_ref_counter == 0
     assert pq.STATS["pf_refetched_tokens"] == before + 2 * PAGE
+    # a salted request (extra_key) whose whole match is host-only keeps its host hit: a read
+    # anchored at the root (no extra_key) would land in another namespace
+    cache3, gpu3, host3, _ = setup()
+    gpu3.value = None
+    host3.key.extra_key = gpu3.key.extra_key = "salt"
+    cache3.prefetch_from_storage("s", host3, new, "h4", ["h1", "h2", "h3"])
+    assert cache3.cache_controller.started == [("s", 2 * PAGE)]
     # all on the GPU: nothing to read again
     cache2, gpu2, host2, _ = setup()
     host2.value = torch.arange(2 * PAGE)

@@ -182,7 +182,11 @@ def prefetch(original, cache, req_id, last_host_node, new_input_tokens, last_has
         # --dualpath-refetch-host-hits (not for EAGLE's bigram keys, whose node keys overlap)
         if _enabled(cache) and _settings(cache)[3] and not getattr(cache, "is_eagle", False):
             anchor, again = host_only_suffix(last_host_node)
-            if len(again):
+            # the root's key has no extra_key (LoRA, cache salt): a read anchored there would
+            # land in the wrong namespace, so such a request keeps its host hit
+            salted = (getattr(anchor, "parent", None) is None
+                      and getattr(last_host_node.key, "extra_key", None) is not None)
+            if len(again) and not salted:
                 STATS["pf_refetched_tokens"] += len(again)
                 last_host_node = anchor
                 new_input_tokens = join_tokens(again, new_input_tokens)
