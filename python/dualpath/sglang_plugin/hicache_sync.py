@@ -18,13 +18,20 @@ from __future__ import annotations
 
 from dualpath.sglang_plugin.pd_poll import one_rank
 
+ALONE = "_dualpath_alone"
+
 
 def alone(cache) -> bool:
-    """True when the cache's MIN all-reduce has no other rank to agree with."""
-    if getattr(cache, "pp_size", 1) != 1 or getattr(cache, "tp_world_size", 1) != 1:
-        return False
-    return all(g is None or one_rank(g) for g in (getattr(cache, "attn_cp_group", None),
-                                                 getattr(cache, "attn_tp_group", None)))
+    """True when the cache's MIN all-reduce has no other rank to agree with; asked once per
+    cache (its groups do not change), as this runs every scheduling pass."""
+    got = getattr(cache, ALONE, None)
+    if got is None:
+        got = (getattr(cache, "pp_size", 1) == 1 and getattr(cache, "tp_world_size", 1) == 1
+               and all(g is None or one_rank(g)
+                       for g in (getattr(cache, "attn_cp_group", None),
+                                 getattr(cache, "attn_tp_group", None))))
+        setattr(cache, ALONE, got)
+    return got
 
 
 def sync_ready_counts(original, cache):

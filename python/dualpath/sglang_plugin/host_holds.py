@@ -87,7 +87,7 @@ def trim(cache) -> int:
     leaves freed one turn of each agent's chain per call, so a prefix outlived the gap to its
     agent's next turn and the host pool cached the working set (2x H100, fea747e: 76% of the
     prompt tokens came from host memory unread, storage NIC 36% busy)."""
-    budget = _settings(cache)[1]
+    budget = _settings(cache).host_budget
     if budget < 0 or getattr(cache, "tp_world_size", 1) > 1:  # TP ranks would evict apart
         return 0
     now = time.monotonic()
@@ -116,7 +116,7 @@ def trim_device(cache) -> int:
     scaled-down host's HBM would otherwise cache a share of the working set (2x H100, 0fe34d5:
     63% of the prompt tokens matched on arrival, storage NIC 64% busy, the baseline never
     storage-bound)."""
-    budget = _settings(cache)[2]
+    budget = _settings(cache).device_budget
     if budget < 0 or getattr(cache, "tp_world_size", 1) > 1:
         return 0
     now = time.monotonic()
@@ -177,16 +177,17 @@ def count_arrival(cache, node, new_tokens: int) -> None:
     """Meter what a request's arrival match found (`node`: SGLang's last host node): tokens in
     all, those still on the GPU, and whether its chain was pinned in the host pool, by a
     storage write in flight or otherwise."""
-    STATS["pf_arrival_matched_tokens"] += _path_tokens(node)
     STATS["pf_arrival_new_tokens"] += new_tokens
     backing = {id(n) for n in getattr(cache, "ongoing_backup", {}).values()}
-    gpu = pinned = pending = 0
+    matched = gpu = pinned = pending = 0
     while node is not None and getattr(node, "parent", None) is not None:
+        matched += len(node.key)
         if getattr(node, "value", None) is not None:
             gpu += len(node.key)
         pinned |= getattr(node, "host_ref_counter", 0) > 0
         pending |= id(node) in backing
         node = node.parent
+    STATS["pf_arrival_matched_tokens"] += matched
     STATS["pf_arrival_gpu_tokens"] += gpu
     STATS["pf_arrival_pinned"] += int(pinned)
     STATS["pf_arrival_backup_pending"] += int(pending)
@@ -216,11 +217,6 @@ def host_only_suffix(node):
 def _prefix_host_tokens(node) -> int:
     """Host-pool tokens on the path from the root to `node` (what holding `node` protects)."""
     return _path_len(node, "host_value")
-
-
-def _path_tokens(node) -> int:
-    """Prompt tokens a match ending at `node` found (its path's keys)."""
-    return _path_len(node, "key")
 
 
 def _hold_matched(cache, req_id, node) -> None:

@@ -4,6 +4,8 @@ the prefetch hooks read; counters only, no behaviour of their own (SGLang 0.5.17
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 SETTINGS = "_dualpath_settings"
 
 # cumulative, for the agent's stats (written on the scheduler thread only)
@@ -107,10 +109,17 @@ def evicted(result, cache, *args, **kwargs):
     return result
 
 
-def _settings(cache) -> tuple[bool, int, int, bool]:
-    """(queue on, host-cache budget, device-cache budget, refetch host hits) of this process:
-    the launcher's config, read once (the process's role does not change). Decode servers
-    get none."""
+class Settings(NamedTuple):
+    """This process's prefetch-queue settings (sglang_plugin/prefetch_queue.py)."""
+    queue: bool  # the queue's hooks act (prefill servers)
+    host_budget: int  # --dualpath-host-cache-tokens (-1: none)
+    device_budget: int  # --dualpath-device-cache-tokens (-1: none)
+    refetch: bool  # --dualpath-refetch-host-hits
+
+
+def _settings(cache) -> Settings:
+    """The launcher's config for this process, read once (the process's role does not
+    change). Decode servers get none of it."""
     got = getattr(cache, SETTINGS, None)
     if got is None:
         from dualpath.sglang_plugin import launcher_config
@@ -118,8 +127,8 @@ def _settings(cache) -> tuple[bool, int, int, bool]:
         cfg = launcher_config()
         prefill = cfg is None or cfg.role != "decode"
         mine = cfg is not None and prefill
-        got = (prefill, cfg.host_cache_tokens if mine else -1,
-               cfg.device_cache_tokens if mine else -1, mine and cfg.refetch_host_hits)
+        got = Settings(prefill, cfg.host_cache_tokens if mine else -1,
+                       cfg.device_cache_tokens if mine else -1, mine and cfg.refetch_host_hits)
         setattr(cache, SETTINGS, got)
         global _CACHE
         _CACHE = cache

@@ -72,7 +72,6 @@ from dualpath.sglang_plugin.host_holds import (  # noqa: F401
     _hold_matched,
     _hold_node,
     _no_room,
-    _path_tokens,
     cached,
     count_arrival,
     evictable_host_tokens,
@@ -136,7 +135,7 @@ def _queue(cache) -> OrderedDict:
 
 
 def _enabled(cache) -> bool:
-    return getattr(cache, "tp_world_size", 1) <= 1 and _settings(cache)[0]
+    return getattr(cache, "tp_world_size", 1) <= 1 and _settings(cache).queue
 
 
 def stored_prefix(cache, node, tokens, last_hash, prefix_keys) -> bool:
@@ -180,7 +179,7 @@ def prefetch(original, cache, req_id, last_host_node, new_input_tokens, last_has
     if not getattr(cache, DRAINING, False):  # a queued one was counted when it arrived
         count_arrival(cache, last_host_node, len(new_input_tokens))
         # --dualpath-refetch-host-hits (not for EAGLE's bigram keys, whose node keys overlap)
-        if _enabled(cache) and _settings(cache)[3] and not getattr(cache, "is_eagle", False):
+        if _enabled(cache) and _settings(cache).refetch and not getattr(cache, "is_eagle", False):
             anchor, again = host_only_suffix(last_host_node)
             # the root's key has no extra_key (LoRA, cache salt): a read anchored there would
             # land in the wrong namespace, so such a request keeps its host hit
