@@ -118,6 +118,9 @@ if [ $PROJECT = 1 ]; then
   grep -m1 "dualpath: CUDA sources" "$TARGET/_build.log" || true
 fi
 
+# the shipped model dirs keep tokenizer.json xz-compressed (python/dualpath/models.py)
+"$PY" "$REPO/python/dualpath/models.py" "$REPO"/configs/models/*/
+
 if [ $CHECK = 1 ]; then
   step "bytecode (compileall, all cores)"
   wait "$PRECOMPILE_PID" || true

@@ -66,4 +66,5 @@ dev_flags=()
 if [ "$test_sglang" = 1 ]; then dev_flags=(--no-warn-conflicts); fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${dev_flags[@]}" -e '.[dev]'
 "$VENV/bin/python" -m ruff check .
+"$VENV/bin/python" python/dualpath/models.py  # unpack configs/models/*/tokenizer.json
 exec "$VENV/bin/python" -m pytest "$@"

@@ -78,3 +78,40 @@ def test_committed_tokenizer_is_reproducible(repo_root, tmp_path):
         old = hashlib.sha256(
             (repo_root / "configs/models/llama-3.1-8b-dummy" / name).read_bytes()).hexdigest()
         assert new == old, f"{name} differs from scripts/make_tokenizer.py output: rebuild it"
+
+
+def test_unpack_writes_missing_or_stale_copy_and_follows_links(tmp_path):
+    import lzma
+    import os
+
+    from dualpath.models import ensure_unpacked
+
+    big, small = tmp_path / "big", tmp_path / "small"
+    big.mkdir()
+    small.mkdir()
+    (big / "tokenizer.json.xz").write_bytes(lzma.compress(b'{"v": 1}'))
+    (small / "tokenizer.json").symlink_to("../big/tokenizer.json")
+    assert ensure_unpacked(small) == [big / "tokenizer.json"]  # unpacked at the link's target
+    assert (small / "tokenizer.json").read_bytes() == b'{"v": 1}'
+    assert ensure_unpacked(big) == []  # up to date: left alone
+    (big / "tokenizer.json.xz").write_bytes(lzma.compress(b'{"v": 2}'))
+    os.utime(big / "tokenizer.json", (1, 1))  # older than the new .xz: unpacked again
+    assert ensure_unpacked(big) == [big / "tokenizer.json"]
+    assert (big / "tokenizer.json").read_bytes() == b'{"v": 2}'
+    assert sorted(p.name for p in big.iterdir()) == ["tokenizer.json", "tokenizer.json.xz"]
+    assert ensure_unpacked(tmp_path) == []  # not a packed model dir
+
+
+def test_unpack_keeps_old_copy_on_corrupt_archive(tmp_path):
+    import lzma
+    import os
+
+    from dualpath.models import ensure_unpacked
+
+    (tmp_path / "tokenizer.json").write_bytes(b"old")
+    os.utime(tmp_path / "tokenizer.json", (1, 1))
+    (tmp_path / "tokenizer.json.xz").write_bytes(lzma.compress(b"new")[:-8])
+    with pytest.raises((lzma.LZMAError, EOFError)):
+        ensure_unpacked(tmp_path)
+    assert (tmp_path / "tokenizer.json").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json", "tokenizer.json.xz"]

@@ -187,6 +187,12 @@ def main(argv: list[str] | None = None) -> None:
               f"{' '.join(shlex.quote(a) for a in args)}")
         return
     os.environ["DUALPATH_PLUGIN_CONFIG"] = cfg.to_json()
+    from dualpath.models import ensure_unpacked
+
+    for flag in ("--model-path", "--tokenizer-path"):
+        path = _flag_value(args, flag)
+        if path and os.path.isdir(path):
+            ensure_unpacked(path)  # our shipped model dirs keep tokenizer.json xz-compressed
     print(f"dualpath.launch_server: dual path {'ON' if cfg.enable_dual_path else 'off'} "
           f"(role {cfg.role or '-'}, node {cfg.node}, storage-NIC cap "
           f"{cfg.snic_gbps or 'none'} GB/s, agent :{cfg.agent_port}); "
