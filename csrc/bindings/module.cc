@@ -9,6 +9,7 @@
 namespace py = pybind11;
 
 void bind_transfer(py::module_& m);  // transfer_bindings.cc
+void bind_storage(py::module_& m);   // storage_bindings.cc
 
 namespace {
 
@@ -41,6 +42,7 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "DualPath native module: build info, the transfer engine, the KV copy kernels";
   bind_transfer(m);
+  bind_storage(m);
   m.def("build_info", &build_info,
         "How this module was built: version, git sha, compilers, whether CUDA sources are in.");
 #ifdef DUALPATH_WITH_CUDA

@@ -28,11 +28,17 @@ def key(i):
     return f"{i:064x}"
 
 
+@pytest.fixture(params=[True, False], ids=["native", "python"])
+def native(request):
+    """Both readers: the native one (dualpath._C) and the Python reference."""
+    return request.param
+
+
 @pytest.mark.parametrize("with_nic", [False, True])
-def test_round_trip_and_layer_major_blocks(tmp_path, with_nic):
+def test_round_trip_and_layer_major_blocks(tmp_path, with_nic, native):
     nic = StorageNic("pf-node") if with_nic else None
     store = BlockStore(str(tmp_path), G, fingerprint("m", G), description={}, nic=nic)
-    a = PageFirstAdapter(store)
+    a = PageFirstAdapter(store, native=native)
     src = host_pool(5 * PS, 0)
     keys = [key(i) for i in range(3)]
     assert a.set_pages(keys, *page_ptrs(src, [4, 0, 2])) == [True] * 3
@@ -59,9 +65,9 @@ def test_round_trip_and_layer_major_blocks(tmp_path, with_nic):
     a.close()
 
 
-def test_damaged_block_does_not_touch_the_page(tmp_path):
+def test_damaged_block_does_not_touch_the_page(tmp_path, native):
     store = BlockStore(str(tmp_path), G, fingerprint("m", G), description={})
-    a = PageFirstAdapter(store)
+    a = PageFirstAdapter(store, native=native)
     src = host_pool(PS, 2)
     a.set_pages([key(1)], *page_ptrs(src, [0]))
     path = store.path(key(1))
@@ -82,3 +88,133 @@ def test_mismatched_lists_and_mla_are_refused(tmp_path):
     with pytest.raises(ValueError, match="MLA"):
         PageFirstAdapter(BlockStore(str(tmp_path / "mla"), g1, fingerprint("m", g1),
                                     description={}))
+
+
+# ---- the native reader against the Python reference ----
+
+ODD = BlockGeometry(num_layers=5, page_size=3, num_kv_heads=3, head_dim=7, dtype_bytes=2)
+OROW = ODD.num_kv_heads * ODD.head_dim * ODD.dtype_bytes
+
+
+def odd_pool(slots, seed):
+    return np.random.default_rng(seed).integers(0, 256, (2, slots, ODD.num_layers, OROW),
+                                                dtype=np.uint8)
+
+
+def odd_ptrs(pool, pages):
+    base, v_off = pool.ctypes.data, pool[1].ctypes.data - pool.ctypes.data
+    k = [base + p * ODD.page_size * ODD.num_layers * OROW for p in pages]
+    return k, [x + v_off for x in k]
+
+
+def test_native_and_python_fill_identical_bytes_odd_geometry(tmp_path):
+    pytest.importorskip("dualpath._C")
+    store = BlockStore(str(tmp_path), ODD, fingerprint("m", ODD), description={},
+                       nic=StorageNic("n"))
+    writer = PageFirstAdapter(store, native=False)
+    n = 23  # more blocks than threads, not a multiple of them
+    src = odd_pool(n * ODD.page_size, 7)
+    keys = [key(i) for i in range(n)]
+    assert writer.set_pages(keys, *odd_ptrs(src, list(range(n)))) == [True] * n
+    order = [int(x) for x in np.random.default_rng(8).permutation(n + 2)]  # 2 pages stay free
+    asked = keys + [key(100)]  # one miss
+    dsts = []
+    for native_ in (True, False):
+        dst = odd_pool((n + 2) * ODD.page_size, 9)
+        a = PageFirstAdapter(store, io_threads=3, native=native_)
+        got = a.get_pages(asked, *odd_ptrs(dst, order[:n + 1]))
+        assert got == [True] * n + [False]
+        a.close()
+        dsts.append(dst)
+    assert np.array_equal(dsts[0], dsts[1])
+    for i in range(n):
+        p, q = i * ODD.page_size, order[i] * ODD.page_size
+        assert np.array_equal(dsts[0][:, q:q + ODD.page_size], src[:, p:p + ODD.page_size])
+    snap = store.nic.snapshot()
+    assert snap.read_ops == 2 * n and snap.read_queue_tokens == 0 and snap.reads_in_flight == 0
+    assert snap.read_bytes == 2 * n * store.block_bytes
+
+
+def _damage(path, how):
+    data = bytearray(open(path, "rb").read())
+    if how == "checksum":
+        data[-1] ^= 0xFF
+    elif how == "truncated":
+        data = data[:-5]
+    elif how == "longer":
+        data += b"x"
+    elif how == "header":
+        data[40] ^= 0x01  # inside the fingerprint
+    elif how == "empty":
+        data = bytearray()
+    open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["checksum", "truncated", "longer", "header", "empty",
+                                 "other_key"])
+def test_native_rejects_damage_leaves_page_and_removes_block(tmp_path, how):
+    pytest.importorskip("dualpath._C")
+    store = BlockStore(str(tmp_path), ODD, fingerprint("m", ODD), description={},
+                       nic=StorageNic("n"))
+    a = PageFirstAdapter(store, native=True)
+    src = odd_pool(2 * ODD.page_size, 1)
+    a.set_pages([key(1), key(2)], *odd_ptrs(src, [0, 1]))
+    if how == "other_key":  # a valid block of another key under this key's name
+        import shutil
+        shutil.copy(store.path(key(2)), store.path(key(1)))
+    else:
+        _damage(store.path(key(1)), how)
+    dst = odd_pool(2 * ODD.page_size, 2)
+    before = dst.copy()
+    assert a.get_pages([key(1), key(2)], *odd_ptrs(dst, [0, 1])) == [False, True]
+    assert np.array_equal(dst[:, :ODD.page_size], before[:, :ODD.page_size])
+    assert np.array_equal(dst[:, ODD.page_size:], src[:, ODD.page_size:])
+    import os
+    assert not os.path.exists(store.path(key(1))), "an unusable block is removed"
+    assert store.nic.snapshot().read_queue_tokens == 0
+
+
+def test_native_io_error_is_a_logged_miss(tmp_path, caplog):
+    pytest.importorskip("dualpath._C")
+    import os
+    store = BlockStore(str(tmp_path), ODD, fingerprint("m", ODD), description={})
+    a = PageFirstAdapter(store, native=True)
+    os.makedirs(store.path(key(3)))  # reading a directory fails with EISDIR
+    dst = odd_pool(ODD.page_size, 2)
+    before = dst.copy()
+    with caplog.at_level("WARNING"):
+        assert a.get_pages([key(3)], *odd_ptrs(dst, [0])) == [False]
+    assert np.array_equal(dst, before)
+    assert "unreadable" in caplog.text and "directory" in caplog.text.lower()
+
+
+def test_native_reads_keep_the_nic_cap(tmp_path):
+    pytest.importorskip("dualpath._C")
+    import time
+    nic = StorageNic("n", cap_gbps=None)
+    store = BlockStore(str(tmp_path), ODD, fingerprint("m", ODD), description={}, nic=nic)
+    a = PageFirstAdapter(store, io_threads=4, native=True)
+    n = 12
+    src = odd_pool(n * ODD.page_size, 3)
+    keys = [key(i) for i in range(n)]
+    a.set_pages(keys, *odd_ptrs(src, list(range(n))))
+    rate = n * store.block_bytes / 0.3  # the batch's bytes at line rate take 0.3 s
+    nic.set_cap(rate / 1e9)
+    dst = odd_pool(n * ODD.page_size, 4)
+    t0 = time.monotonic()
+    assert a.get_pages(keys, *odd_ptrs(dst, list(range(n)))) == [True] * n
+    took = time.monotonic() - t0
+    assert 0.29 < took < 2.0, took
+    assert np.array_equal(dst, src)
+
+
+def test_env_selects_the_python_reader(tmp_path, monkeypatch):
+    monkeypatch.setenv("DUALPATH_NATIVE_READS", "0")
+    store = BlockStore(str(tmp_path), ODD, fingerprint("m", ODD), description={})
+    assert PageFirstAdapter(store)._native is None
+    monkeypatch.setenv("DUALPATH_NATIVE_READS", "1")
+    from dualpath.storage.page_first import native_reader
+    assert (PageFirstAdapter(store)._native is None) == (native_reader() is None)
+    monkeypatch.setenv("DUALPATH_NATIVE_READS", "maybe")
+    with pytest.raises(ValueError, match="DUALPATH_NATIVE_READS"):
+        PageFirstAdapter(store)

@@ -30,6 +30,7 @@ MAGIC = b"DPKVBLK\x00"
 VERSION = 1
 HEADER_BYTES = 4096
 _FIXED = struct.Struct("<8sHHIQQ32sIIIIHH")
+DIGEST_OFFSET = struct.calcsize("<8sHHIQ")  # the payload checksum's place in the header
 MAX_KEY_BYTES = HEADER_BYTES - _FIXED.size
 
 

@@ -67,6 +67,17 @@ class LinkClock:
             return self._end
 
 
+@dataclass
+class BatchTransfer:
+    """n transfers done by one call (`StorageNic.transfers`): `ends` are their line-rate finish
+    times (time.monotonic; None without a cap), `ok` is set by the caller to the number that
+    moved their bytes."""
+
+    n: int
+    ends: list[float] | None = None
+    ok: int = 0
+
+
 class StorageNic:
     def __init__(self, node: str, cap_gbps: float | None = None, burst_bytes: int = 0):
         self.node = node
@@ -147,6 +158,41 @@ class StorageNic:
                 _OPS.labels(self.node, op).inc()
             if queued:
                 self._retire_read(nbytes, tokens)
+
+    @contextmanager
+    def transfers(self, op: str, n: int, nbytes: int, tokens: int = 0,
+                  queued: bool = False) -> Iterator[BatchTransfer]:
+        """`transfer` for n blocks of `nbytes` that one native call moves: each is reserved on
+        the clock now, in order (the call waits for `ends` itself, without the GIL); at exit the
+        batch's `ok` count is counted as moved and, for reads submitted with `submit_read`, all
+        n leave the queue."""
+        if op not in ("read", "write"):
+            raise ValueError(f"op must be 'read' or 'write', got {op!r}")
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        clock = self._clocks.get(op)
+        batch = BatchTransfer(n, [clock.reserve(nbytes) for _ in range(n)] if clock else None)
+        with self._lock:
+            self._c[f"{op}s_in_flight"] += n
+            if op == "read" and n and self._c["reads_in_flight"] == n:
+                self._busy_since = time.monotonic()
+        _IN_FLIGHT.labels(self.node, op).inc(n)
+        try:
+            yield batch
+        finally:
+            ok = min(max(batch.ok, 0), n)
+            with self._lock:
+                self._c[f"{op}s_in_flight"] -= n
+                self._c[f"{op}_bytes"] += ok * nbytes
+                self._c[f"{op}_ops"] += ok
+                if op == "read" and n and self._c["reads_in_flight"] == 0:
+                    self._busy_s += time.monotonic() - self._busy_since
+            _IN_FLIGHT.labels(self.node, op).dec(n)
+            if ok:
+                _BYTES.labels(self.node, op).inc(ok * nbytes)
+                _OPS.labels(self.node, op).inc(ok)
+            if queued:
+                self._retire_read(n * nbytes, n * tokens)
 
     def snapshot(self) -> NicSnapshot:
         with self._lock:
