@@ -115,13 +115,11 @@ def server(spec: ClusterSpec, role: str, out: Path) -> ServerProcess:
     if spec.share_gpus:
         flags += ["--base-gpu-id", gpu]
     env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, pair)) if spec.share_gpus
-           else str(pair[int(gpu)])}
-    if spec.slot > 0:
-        # CUDA numbers GPUs as nvidia-smi/NVML do (the samplers' indices). Slot 0 (GPUs 0 and
-        # 1 of a 2-GPU host) goes without: all four arms of session 18 with it set stalled ~10
-        # s on their first PD requests (NIXL's per-peer preparation), none before it; suspected,
-        # not proven. On a host of identical GPUs CUDA's default order is the PCI order anyway.
-        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+           else str(pair[int(gpu)]),
+           # CUDA numbers GPUs as nvidia-smi/NVML do (the samplers' indices). Session 18 ruled it
+           # out as the cause of the ~10 s first PD request (NIXL's per-peer descriptor lists):
+           # without it the first request still took 9.5 s.
+           "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
     return ServerProcess(role, flags, port, out / f"server_{role}.log", env=env)
 
 
