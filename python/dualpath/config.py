@@ -85,6 +85,13 @@ class RouterConfig:
     = the prompt rounded down to whole blocks (an upper bound: agentic turns hit ~95%);
     'none' = 0 (every read is planned on the PE side)."""
 
+    warm_pairs: bool = True
+    """Send one 1-token request through each new prefill/decode pair before /health reports
+    ready (router/warmup.py): a pair's first PD request pays its transfer backend's set-up
+    (SGLang's NIXL: ~10 s for a 300K-token decode pool on H100)."""
+    warm_timeout_s: float = 300.0
+    """How long a pair's warm-up is retried before it is given up on (with a warning)."""
+
     def __post_init__(self) -> None:
         if self.hit_estimate not in ("prompt", "none"):
             raise ValueError(f"RouterConfig.hit_estimate: unknown mode {self.hit_estimate!r}")
@@ -95,7 +102,7 @@ class RouterConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"RouterConfig.{name} must be >= 1")
         for name in ("request_timeout_s", "connect_timeout_s", "queue_timeout_s",
-                     "stats_interval_s", "chars_per_token"):
+                     "stats_interval_s", "chars_per_token", "warm_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"RouterConfig.{name} must be > 0")
         if not 0 < self.port < 65536:

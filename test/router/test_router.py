@@ -1,6 +1,7 @@
 """The router over real HTTP against in-process fake prefill/decode servers."""
 
 import asyncio
+import dataclasses
 import json
 import socket
 from contextlib import asynccontextmanager
@@ -23,7 +24,8 @@ def dead_url() -> str:
 
 
 @asynccontextmanager
-async def cluster(n_pre=1, n_de=1, cfg=None, sched=None, dead_pre=0, kv=1 << 40, **fake):
+async def cluster(n_pre=1, n_de=1, cfg=None, sched=None, dead_pre=0, kv=1 << 40, warm=False,
+                  **fake):
     rooms = Rooms()
     pres = [await FakeEngine("prefill", rooms, **fake).start() for _ in range(n_pre)]
     des = [await FakeEngine("decode", rooms, **fake).start() for _ in range(n_de)]
@@ -34,7 +36,8 @@ async def cluster(n_pre=1, n_de=1, cfg=None, sched=None, dead_pre=0, kv=1 << 40,
                 for i, p in enumerate(pres)]
     engines += [Engine.from_dict({"role": "decode", "url": d.url, "kv_capacity": kv})
                 for d in des]
-    router = Router(cfg or RouterConfig(stats_interval_s=0.05), engines, sched)
+    cfg = dataclasses.replace(cfg or RouterConfig(stats_interval_s=0.05), warm_pairs=warm)
+    router = Router(cfg, engines, sched)
     client = TestClient(TestServer(make_app(router)))
     await client.start_server()
     try:
@@ -255,7 +258,8 @@ def test_cli_starts_serves_and_stops(tmp_path):
         port = s.getsockname()[1]
     srv = ServerProcess("router", ["-m", "dualpath.router", "--prefill", dead_url(), "8998",
                                    "--decode", dead_url(), "--port", str(port),
-                                   "--stats-interval-s", "60"], port, tmp_path / "router.log",
+                                   "--stats-interval-s", "60", "--warm-timeout-s", "1"],
+                        port, tmp_path / "router.log",
                         python=sys.executable)
     srv.start()
     try:
@@ -266,7 +270,9 @@ def test_cli_starts_serves_and_stops(tmp_path):
         assert engines[0]["bootstrap_port"] == 8998
     finally:
         srv.stop()
-    assert "router config" in (tmp_path / "router.log").read_text()
+    text = (tmp_path / "router.log").read_text()
+    assert "router config" in text
+    assert "not warmed within 1 s" in text  # dead engines: given up on, then healthy
 
 
 def test_request_larger_than_any_decode_engine_is_413():
@@ -333,3 +339,62 @@ def test_plans_reach_both_agents_before_the_request(side):
                 assert f.events.index(f"plan:{pb['rid']}") < f.events.index(
                     f"request:{pb['rid']}")
     run(main())
+
+
+async def _health(client):
+    r = await client.get("/health")
+    return r.status, await r.json()
+
+
+def test_pairs_are_warmed_before_health_and_again_when_added():
+    async def main():
+        async with cluster(n_de=2, warm=True, delay_s=0.3) as (client, router, (pre,), des):
+            status, body = await _health(client)
+            assert status == 503 and len(body["warming"]) == 2  # one per pair, in flight
+            for _ in range(100):
+                if (await _health(client))[0] == 200:
+                    break
+                await asyncio.sleep(0.05)
+            assert (await _health(client))[0] == 200
+            assert len(pre.bodies) == 2 and all(len(d.bodies) == 1 for d in des)
+            rooms = sorted(b["bootstrap_room"] for b in pre.bodies)
+            assert rooms == sorted(d.bodies[0]["bootstrap_room"] for d in des)
+            for b in pre.bodies:
+                assert b["input_ids"] == [0] and b["sampling_params"]["max_new_tokens"] == 1
+                assert b["rid"].startswith("dualpath-warmup-")
+            # an engine added later: only its new pair is warmed
+            extra = await FakeEngine("prefill", pre.rooms).start()
+            try:
+                r = await client.post("/engines", json={"role": "prefill", "url": extra.url,
+                                                        "bootstrap_port": 9000, "name": "p2"})
+                assert r.status == 201
+                for _ in range(100):
+                    if (await _health(client))[0] == 200 and len(extra.bodies) == 2:
+                        break
+                    await asyncio.sleep(0.05)
+                assert len(extra.bodies) == 2 and len(pre.bodies) == 2
+                assert router.warmer.done == dict.fromkeys(router.warmer.done, True)
+                assert len(router.warmer.done) == 4
+                assert (await client.delete("/engines/p2")).status == 200
+                assert len(router.warmer.done) == 2  # re-added: warmed again
+            finally:
+                await extra.close()
+    run(main())
+
+
+def test_failing_pair_is_retried_then_given_up_and_health_recovers(caplog):
+    async def main():
+        cfg = RouterConfig(stats_interval_s=30, warm_timeout_s=0.6)
+        async with cluster(cfg=cfg, warm=True, status=500) as (client, router, (pre,), (dec,)):
+            assert (await _health(client))[0] == 503
+            for _ in range(60):
+                if (await _health(client))[0] == 200:
+                    break
+                await asyncio.sleep(0.05)
+            status, body = await _health(client)
+            assert status == 200 and body["warming"] == []
+            assert list(router.warmer.done.values()) == [False]
+            assert len(pre.bodies) >= 2  # retried before giving up
+    with caplog.at_level("WARNING", logger="dualpath.router"):
+        run(main())
+    assert "not warmed within" in caplog.text

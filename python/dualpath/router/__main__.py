@@ -51,13 +51,20 @@ def parse_args(argv=None) -> tuple[RouterConfig, SchedulerConfig, list[Engine]]:
     ap.add_argument("--stats-interval-s", type=float, default=rc.stats_interval_s)
     ap.add_argument("--max-body-bytes", type=int, default=rc.max_body_bytes)
     ap.add_argument("--max-prompt-tokens", type=int, default=rc.max_prompt_tokens)
+    ap.add_argument("--warm-pairs", action=argparse.BooleanOptionalAction, default=rc.warm_pairs,
+                    help="send one 1-token request through each new prefill/decode pair before "
+                         "/health reports ready: a pair's first request pays the PD transfer "
+                         "backend's set-up (SGLang's NIXL: ~10 s for a 300K-token decode pool)")
+    ap.add_argument("--warm-timeout-s", type=float, default=rc.warm_timeout_s,
+                    help="give a pair's warm-up up after this long (with a warning)")
     args = ap.parse_args(argv)
     cfg = RouterConfig(host=args.host, port=args.port, policy=args.policy,
                        max_queue=args.max_queue, queue_timeout_s=args.queue_timeout_s,
                        max_attempts=args.max_attempts, stats_interval_s=args.stats_interval_s,
                        max_body_bytes=args.max_body_bytes,
                        max_prompt_tokens=args.max_prompt_tokens,
-                       hit_estimate=args.hit_estimate)
+                       hit_estimate=args.hit_estimate, warm_pairs=args.warm_pairs,
+                       warm_timeout_s=args.warm_timeout_s)
     engines = [Engine.from_dict({"role": "prefill", "url": u, "bootstrap_port": int(p)})
                for u, p in args.prefill]
     engines += [Engine.from_dict({"role": "decode", "url": u}) for u in args.decode]

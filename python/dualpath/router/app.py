@@ -1,7 +1,8 @@
 """HTTP surface of the router (aiohttp).
 
   POST /generate, /v1/completions, /v1/chat/completions   proxied to a prefill + decode pair
-  GET  /health      200 when at least one prefill and one decode engine take requests
+  GET  /health      200 when at least one prefill and one decode engine take requests and no
+                    engine pair is still being warmed (router/warmup.py)
   GET  /metrics     Prometheus text
   GET  /engines     the registry with each engine's state;  POST /engines {engine}  adds one;
   DELETE /engines/{name}  removes one
@@ -139,8 +140,10 @@ def make_app(router: Router) -> web.Application:
 
     async def health(request: web.Request) -> web.Response:
         roles = {router.engines[n].role for n, up in router.up.items() if up}
-        ok = {"prefill", "decode"} <= roles
-        return web.json_response({"ok": ok, "engines": router.up}, status=200 if ok else 503)
+        warming = router.warmer.warming
+        ok = {"prefill", "decode"} <= roles and not warming
+        return web.json_response({"ok": ok, "engines": router.up, "warming": warming},
+                                 status=200 if ok else 503)
 
     async def metrics(request: web.Request) -> web.Response:
         data = generate_latest(router.metrics.registry)

@@ -24,6 +24,7 @@ from dualpath.config import RouterConfig, SchedulerConfig
 from dualpath.router.contract import STATS_PATH, ContractError, EngineStats
 from dualpath.router.engines import Engine
 from dualpath.router.metrics import RouterMetrics
+from dualpath.router.warmup import PairWarmer
 from dualpath.scheduler import GlobalScheduler, PairScheduler, Plan, Request
 
 log = logging.getLogger("dualpath.router")
@@ -57,6 +58,7 @@ class Router:
         self._poller: asyncio.Task | None = None
         self.up: dict[str, bool] = dict.fromkeys(self.engines, True)
         self.agents: dict[str, str] = {}  # engine -> its dualpath agent URL (from its stats)
+        self.warmer = PairWarmer(self)
 
     # ---- engine set ----
     def _rebuild(self) -> None:
@@ -82,11 +84,13 @@ class Router:
         self.up[e.name] = True
         self._rebuild()
         self._pump()
+        self.warmer.start_new()
         log.info("engine added: %s", e.to_dict())
 
     def remove_engine(self, name: str) -> Engine:
         e = self.engines.pop(name)  # KeyError if unknown
         self.up.pop(name, None)
+        self.warmer.forget(name)
         self._rebuild()
         self._pump()
         log.info("engine removed: %s", name)
@@ -288,10 +292,12 @@ class Router:
         # no connection cap: the scheduler, not the HTTP pool, decides how much runs at once
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         self._poller = asyncio.create_task(self._poll_forever())
+        self.warmer.start_new()
 
     async def stop(self, app: web.Application | None = None) -> None:
         if self._poller:
             self._poller.cancel()
+        await self.warmer.stop()
         if self.session:
             await self.session.close()
 
