@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prefill, benchmarks: a prefix matched in the host pool only is read "
                          "from storage again, as if DRAM did not hold it (the paper's setting)")
     ap.add_argument("--dualpath-async-page-indices", action="store_true",
-                    help="prefill: read a finished request's KV page indices without waiting "
-                         "for the next forward (side-stream copy; not yet measured on a GPU)")
+                    help="prefill: read KV page indices without waiting for a forward "
+                         "(side-stream copies): a finished request's last chunk, and SGLang's "
+                         "early send of a cached prefix, deferred until its copy is done")
     ap.add_argument("--dualpath-switch-interval-ms", type=float, default=d.switch_interval_ms,
                     help="GIL switch interval of the server's processes (Python: 5 ms): how "
                          "long a storage-read thread may wait for the GIL behind the "

@@ -279,6 +279,8 @@ PAGE_INDEX_HOOKS: tuple[Hook, ...] = (
     Hook("sglang.srt.disaggregation.prefill.kv_to_page_indices", "AROUND",
          page_indices.kv_to_page_indices,
          "such a chunk's page indices copied on a side stream: no wait for the next forward"),
+    Hook(_PMX + "maybe_send_cached_prefix_chunk", "AROUND", page_indices.early_send,
+         "the early send of a cached prefix deferred until its side-stream index copy is done"),
 )
 
 # registered only with --enable-dual-path
