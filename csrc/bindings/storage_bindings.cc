@@ -17,7 +17,8 @@ void bind_storage(py::module_& m) {
       [](const std::vector<std::string>& paths, const py::bytes& expect_headers,
          const std::vector<uint64_t>& k_ptrs, const std::vector<uint64_t>& v_ptrs,
          const std::vector<double>& not_before_s, size_t num_layers, size_t page_size,
-         size_t row_bytes, size_t header_bytes, size_t digest_offset) {
+         size_t row_bytes, size_t header_bytes, size_t digest_offset, size_t reserved_offset,
+         size_t fixed_bytes) {
         const size_t n = paths.size();
         std::string headers = expect_headers;  // a copy: read without the GIL below
         if (k_ptrs.size() != n || v_ptrs.size() != n)
@@ -26,19 +27,22 @@ void bind_storage(py::module_& m) {
           throw py::value_error("not_before_s: empty or one time per path");
         if (headers.size() != n * header_bytes)
           throw py::value_error("expect_headers: header_bytes per path");
-        if (num_layers == 0 || page_size == 0 || row_bytes == 0 || header_bytes < 8 ||
-            digest_offset + 8 > header_bytes)
-          throw py::value_error("bad geometry");
-        st::PageFirstGeometry g{header_bytes, digest_offset, num_layers, page_size, row_bytes};
+        if (num_layers == 0 || page_size == 0 || row_bytes == 0 || reserved_offset < 12 ||
+            reserved_offset + 4 > digest_offset || digest_offset + 8 > fixed_bytes ||
+            fixed_bytes > header_bytes)
+          throw py::value_error("bad geometry or header layout");
+        st::PageFirstGeometry g{header_bytes, digest_offset, reserved_offset, fixed_bytes,
+                                num_layers, page_size, row_bytes};
         std::vector<int> status(n), errnos(n);
         {
           py::gil_scoped_release release;
-          thread_local std::vector<uint8_t> staging;
-          staging.resize(g.payload_bytes());
+          thread_local std::vector<uint8_t> staging, header;
+          staging.resize(g.payload_bytes());  // may throw bad_alloc: before any read
+          header.resize(header_bytes);
           for (size_t i = 0; i < n; ++i) {
             status[i] = static_cast<int>(st::read_block_to_page(
                 paths[i], reinterpret_cast<const uint8_t*>(headers.data()) + i * header_bytes,
-                g, staging.data(), reinterpret_cast<uint8_t*>(k_ptrs[i]),
+                g, header.data(), staging.data(), reinterpret_cast<uint8_t*>(k_ptrs[i]),
                 reinterpret_cast<uint8_t*>(v_ptrs[i]),
                 not_before_s.empty() ? 0.0 : not_before_s[i], &errnos[i]));
           }
@@ -48,6 +52,7 @@ void bind_storage(py::module_& m) {
       py::arg("paths"), py::arg("expect_headers"), py::arg("k_ptrs"), py::arg("v_ptrs"),
       py::arg("not_before_s"), py::arg("num_layers"), py::arg("page_size"),
       py::arg("row_bytes"), py::arg("header_bytes"), py::arg("digest_offset"),
+      py::arg("reserved_offset"), py::arg("fixed_bytes"),
       "Read Full Blocks into page_first host pages with the GIL released for the whole batch. "
       "Per path: status (0 ok, 1 missing, 2 invalid: header/size/checksum, 3 I/O error) and "
       "errno. A page is written only after its block verified. not_before_s: per read, the "

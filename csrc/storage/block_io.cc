@@ -66,8 +66,9 @@ uint64_t load_le64(const uint8_t* p) {
 uint64_t xxh3_64(const void* data, size_t len) { return XXH3_64bits(data, len); }
 
 ReadStatus read_block_to_page(const std::string& path, const uint8_t* expect_header,
-                              const PageFirstGeometry& g, uint8_t* staging, uint8_t* k_region,
-                              uint8_t* v_region, double not_before_s, int* errno_out) {
+                              const PageFirstGeometry& g, uint8_t* header, uint8_t* staging,
+                              uint8_t* k_region, uint8_t* v_region, double not_before_s,
+                              int* errno_out) noexcept {
   *errno_out = 0;
   const size_t payload = g.payload_bytes();
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -76,9 +77,8 @@ ReadStatus read_block_to_page(const std::string& path, const uint8_t* expect_hea
     return errno == ENOENT ? ReadStatus::kMiss : ReadStatus::kIoError;
   }
   // header, payload and one byte past them in one readv: a longer file is not a block
-  std::vector<uint8_t> header(g.header_bytes);
   uint8_t extra = 0;
-  iovec iov[3] = {{header.data(), g.header_bytes}, {staging, payload}, {&extra, 1}};
+  iovec iov[3] = {{header, g.header_bytes}, {staging, payload}, {&extra, 1}};
   ssize_t got = readv_full(fd, iov, 3);
   int read_errno = errno;
   ::close(fd);
@@ -87,11 +87,17 @@ ReadStatus read_block_to_page(const std::string& path, const uint8_t* expect_hea
     return ReadStatus::kIoError;
   }
   if (static_cast<size_t>(got) != g.header_bytes + payload) return ReadStatus::kInvalid;
-  const size_t d = g.digest_offset;
-  if (std::memcmp(header.data(), expect_header, d) != 0 ||
-      std::memcmp(header.data() + d + 8, expect_header + d + 8, g.header_bytes - d - 8) != 0)
+  // block_file.check_header: magic, version, key_len, payload_len, fingerprint, geometry and
+  // the key; not the reserved u32, not the padding after the key
+  const size_t d = g.digest_offset, r = g.reserved_offset;
+  const size_t key_len = static_cast<size_t>(expect_header[10]) |
+                         (static_cast<size_t>(expect_header[11]) << 8);
+  const size_t end = g.fixed_bytes + key_len;
+  if (end > g.header_bytes || std::memcmp(header, expect_header, r) != 0 ||
+      std::memcmp(header + r + 4, expect_header + r + 4, d - r - 4) != 0 ||
+      std::memcmp(header + d + 8, expect_header + d + 8, end - d - 8) != 0)
     return ReadStatus::kInvalid;
-  if (XXH3_64bits(staging, payload) != load_le64(header.data() + d)) return ReadStatus::kInvalid;
+  if (XXH3_64bits(staging, payload) != load_le64(header + d)) return ReadStatus::kInvalid;
   // layer-major block (layer, K|V, token, row) -> page_first regions (token, layer, row)
   const size_t row = g.row_bytes, part = g.page_size * row;
   for (size_t l = 0; l < g.num_layers; ++l) {

@@ -25,6 +25,8 @@ enum class ReadStatus : int8_t {
 struct PageFirstGeometry {
   size_t header_bytes;  // 4096
   size_t digest_offset;  // where the header keeps the payload's XXH3-64 (little-endian u64)
+  size_t reserved_offset;  // a u32 the Python reader ignores
+  size_t fixed_bytes;  // the fixed fields; the key (key_len at offset 10, u16) follows them
   size_t num_layers;
   size_t page_size;
   size_t row_bytes;  // one token of one layer's K (or V)
@@ -32,13 +34,17 @@ struct PageFirstGeometry {
 };
 
 // Reads the block at `path` into `staging` (payload_bytes long), checks its header against
-// `expect_header` (every byte but the digest's 8) and the payload against the digest, and only
+// `expect_header` (what block_file.check_header checks: the fixed fields but the reserved u32
+// and the digest, then the key; not the padding after it) and the payload against the digest,
+// and only
 // then scatters it into the page's K and V regions (token-major rows: [page_size][num_layers]
 // [row_bytes]). If `not_before_s` > 0, returns no earlier than that CLOCK_MONOTONIC time (the
 // emulated storage NIC's line rate). Never throws; on anything but kOk the regions are untouched.
+// `header` is a header_bytes scratch buffer.
 ReadStatus read_block_to_page(const std::string& path, const uint8_t* expect_header,
-                              const PageFirstGeometry& g, uint8_t* staging, uint8_t* k_region,
-                              uint8_t* v_region, double not_before_s, int* errno_out);
+                              const PageFirstGeometry& g, uint8_t* header, uint8_t* staging,
+                              uint8_t* k_region, uint8_t* v_region, double not_before_s,
+                              int* errno_out) noexcept;
 
 // XXH3-64 of a buffer: the checksum the block format uses (tests compare it with Python's).
 uint64_t xxh3_64(const void* data, size_t len);

@@ -213,13 +213,42 @@ def test_deferred_early_send_goes_before_its_requests_next_send(monkeypatch):
     on_gpu_table(monkeypatch)
     a = EReq("a", 1, 12)
     sched.early(a)
-    sched.early(a)  # still copying: not deferred twice
-    assert len(copies) == 1
+    a.cached_end = 16  # a later round (chunked prefill) with more cached: the older one first
+    sched.early(a)
+    assert copies[0].waited and len(copies) == 2
+    assert a.disagg_kv_sender.sent == [(pages_of(table, 1, 0, 12), 12)]
+    sched.early(a)  # nothing new: the pending one goes out, no empty chunk
+    assert len(copies) == 2
+    assert a.disagg_kv_sender.sent[1:] == [(pages_of(table, 1, 12, 16), 4)]
+    sched.early(a)
     sched.send_kv_chunk(a, last_chunk=False, end_idx=20)
-    assert copies[0].waited
-    assert a.disagg_kv_sender.sent == [(pages_of(table, 1, 0, 12), 12),
-                                       (pages_of(table, 1, 12, 20), 8)]
-    assert stock_reads == [8]
+    assert a.disagg_kv_sender.sent[2:] == [(pages_of(table, 1, 16, 20), 4)]
+    assert stock_reads == [4]
+
+
+def test_result_processing_error_drops_pending_and_keeps_the_error(monkeypatch):
+    sched, _, _, copies = make_sched(monkeypatch)
+    on_gpu_table(monkeypatch)
+    a = EReq("a", 1, 8)
+    sched.early(a)
+
+    def boom(self, batch, result):
+        raise ValueError("original")
+    with pytest.raises(ValueError, match="original"):
+        pi.in_result_processing(boom, sched, None, types.SimpleNamespace(copy_done=object()))
+    assert pi._pending(sched) == {} and a.disagg_kv_sender.sent == []
+    assert not copies[0].waited
+
+
+def test_every_loop_iteration_sends_finished_copies(monkeypatch):
+    sched, table, _, copies = make_sched(monkeypatch)
+    on_gpu_table(monkeypatch)
+    a = EReq("a", 1, 8)
+    sched.early(a)
+    assert pi.after_inflight_queue(["r"], sched) == ["r"] and a.disagg_kv_sender.sent == []
+    copies[0].ready = True
+    pi.after_inflight_queue([], sched)
+    assert a.disagg_kv_sender.sent == [(pages_of(table, 1, 0, 8), 8)]
 
 
 def test_deferred_early_send_dropped_when_finished_or_moved(monkeypatch):

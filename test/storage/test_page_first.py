@@ -218,3 +218,41 @@ def test_env_selects_the_python_reader(tmp_path, monkeypatch):
     monkeypatch.setenv("DUALPATH_NATIVE_READS", "maybe")
     with pytest.raises(ValueError, match="DUALPATH_NATIVE_READS"):
         PageFirstAdapter(store)
+
+
+def test_native_ignores_what_the_python_check_ignores(tmp_path, monkeypatch):
+    """The reserved u32 and the padding after the key are not checked by block_file's reader:
+    the native one accepts such a block itself (no fallback read, block kept)."""
+    pytest.importorskip("dualpath._C")
+    store = BlockStore(str(tmp_path), ODD, fingerprint("m", ODD), description={})
+    a = PageFirstAdapter(store, native=True)
+    src = odd_pool(ODD.page_size, 5)
+    a.set_pages([key(1)], *odd_ptrs(src, [0]))
+    path = store.path(key(1))
+    data = bytearray(open(path, "rb").read())
+    data[12] ^= 0x5A  # reserved
+    data[4000] ^= 0x01  # padding after the key
+    open(path, "wb").write(bytes(data))
+    monkeypatch.setattr(a, "_get_one", lambda *x: pytest.fail("fell back to the Python reader"))
+    dst = odd_pool(ODD.page_size, 6)
+    assert a.get_pages([key(1)], *odd_ptrs(dst, [0])) == [True]
+    assert np.array_equal(dst, src)
+    import os
+    assert os.path.exists(path)
+
+
+def test_native_batch_reads_leave_the_queue_at_their_line_rate_ends():
+    """A native call reads its whole share at once; its queued reads still leave the read queue
+    one by one, at their reserved end times, as the Python reader's do."""
+    import time
+    nic = StorageNic("n", cap_gbps=1e-9 * 1000 / 0.1)  # 1000-byte blocks: 0.1 s each
+    for _ in range(5):
+        nic.submit_read(1000, 64)
+    with nic.transfers("read", 5, 1000, 64, queued=True) as batch:
+        assert nic.snapshot().read_queue_tokens == 5 * 64
+        time.sleep(0.25)
+        assert nic.snapshot().read_queue_tokens == 3 * 64
+        batch.ok = 5
+    snap = nic.snapshot()
+    assert snap.read_queue_tokens == 0 and snap.read_queue_bytes == 0
+    assert snap.read_ops == 5 and snap.reads_in_flight == 0

@@ -281,6 +281,9 @@ PAGE_INDEX_HOOKS: tuple[Hook, ...] = (
          "such a chunk's page indices copied on a side stream: no wait for the next forward"),
     Hook(_PMX + "maybe_send_cached_prefix_chunk", "AROUND", page_indices.early_send,
          "the early send of a cached prefix deferred until its side-stream index copy is done"),
+    Hook(_PMX + "process_disagg_prefill_inflight_queue", "AFTER",
+         page_indices.after_inflight_queue,
+         "deferred early sends whose copies are done go out every loop iteration"),
 )
 
 # registered only with --enable-dual-path

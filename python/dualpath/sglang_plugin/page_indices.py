@@ -32,7 +32,8 @@ before it can launch N+1 (17-22% of the prefill scheduler thread in session 18's
 stream, ordered after the schedule stream's work so far by an event (no CPU wait), and returns;
 the send itself (SGLang's `send_kv_chunk`, handed the copied indices) happens once the copy is
 done: at the end of the next result processing (which waited for forward N), before any other
-send of that request, or at the next early-send round if the copy finished by then. The range
+send of that request (its next early send included), or in a later loop iteration once the copy
+finished (the inflight-queue pass runs every iteration). The range
 and `start_send_idx` are checked again then; a request that finished or whose range moved is
 not sent early (its later sends cover the range, as when stock skips an early send).
 
@@ -60,10 +61,22 @@ def in_result_processing(original, self, batch, result, *args, **kwargs):
     this batch's forward only)."""
     _STATE.result = getattr(result, "copy_done", None) is not None
     try:
-        return original(self, batch, result, *args, **kwargs)
+        out = original(self, batch, result, *args, **kwargs)
+    except BaseException:
+        drop_early_sends(self)  # later sends cover their ranges; keep the error as it is
+        raise
     finally:
         _STATE.result = False
-        flush_early_sends(self, wait=True)
+    flush_early_sends(self, wait=True)
+    return out
+
+
+def after_inflight_queue(result, self, *args, **kwargs):
+    """AFTER SchedulerDisaggregationPrefillMixin.process_disagg_prefill_inflight_queue (every
+    loop iteration): deferred early sends whose copies are done go out, also in iterations
+    without result processing (the first batch after idle, DP-attention idle batches)."""
+    flush_early_sends(self, wait=False)
+    return result
 
 
 def cache_unfinished_req(original, cache, req, *args, **kwargs):
@@ -196,13 +209,13 @@ def early_send(original, self, req):
 def _defer_early_send(sched, req, end_idx: int) -> bool:
     """Start the early send's index copy; False where SGLang's send must run now instead."""
     pending = _pending(sched)
-    if req.rid in pending:
-        return True  # its previous early send is still copying: it covers this range
+    if req.rid in pending:  # its previous early send first (an older copy: done or nearly),
+        _flush_one(sched, pending.pop(req.rid), wait=True)  # the same chunks on every rank
     page_size = sched.token_to_kv_pool_allocator.page_size
     start = req.start_send_idx
     end = end_idx - end_idx % page_size  # as SGLang's send_kv_chunk for a non-last chunk
-    if end < start:
-        return False  # SGLang's send returns without sending: let it
+    if end <= start:
+        return True  # nothing left to send early (SGLang's own checks would skip it too)
     table = sched.req_to_token_pool.req_to_token
     kv = table[req.req_pool_idx, start:end]
     if not getattr(kv, "is_cuda", False) or not kv.is_contiguous():
@@ -242,6 +255,12 @@ def flush_early_sends(sched, wait: bool) -> None:
         _flush_one(sched, entry, wait=wait)  # not waiting: its copy is done
 
 
+def drop_early_sends(sched) -> None:
+    pending = getattr(sched, PENDING, None)
+    if pending:
+        pending.clear()
+
+
 def _flush_one(sched, entry: _EarlySend, wait: bool) -> None:
     if wait:
         entry.done.synchronize()
@@ -250,9 +269,12 @@ def _flush_one(sched, entry: _EarlySend, wait: bool) -> None:
             or req.start_send_idx != entry.start):
         return  # finished, or its range moved: the later sends cover it
     page_size = sched.token_to_kv_pool_allocator.page_size
+    early = getattr(_STATE, "early", False)
     _STATE.precomputed = (entry.end - entry.start,
                           entry.host.numpy()[::page_size] // page_size)
+    _STATE.early = False  # this send goes out now, also when flushed from an early-send round
     try:
         sched.send_kv_chunk(req, last_chunk=False, end_idx=entry.end)
     finally:
         _STATE.precomputed = None
+        _STATE.early = early

@@ -31,6 +31,8 @@ VERSION = 1
 HEADER_BYTES = 4096
 _FIXED = struct.Struct("<8sHHIQQ32sIIIIHH")
 DIGEST_OFFSET = struct.calcsize("<8sHHIQ")  # the payload checksum's place in the header
+RESERVED_OFFSET = struct.calcsize("<8sHH")  # a u32 readers ignore
+FIXED_BYTES = _FIXED.size  # the key follows
 MAX_KEY_BYTES = HEADER_BYTES - _FIXED.size
 
 

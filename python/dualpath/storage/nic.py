@@ -90,6 +90,10 @@ class StorageNic:
                    "reads_in_flight": 0, "writes_in_flight": 0, "read_queue_bytes": 0,
                    "read_queue_tokens": 0}
         self._busy_s, self._busy_since = 0.0, None
+        # queued reads of native batches with line-rate ends: [ends, how many retired, bytes,
+        # tokens]; each leaves the read queue at its end time (`_retire_due`), as the Python
+        # reader's reads leave it one by one, not all when the batch returns
+        self._timed: list[list] = []
 
     def set_cap(self, cap_gbps: float | None) -> None:
         """Change the emulated cap (None = meter only). Transfers already reserved keep their
@@ -172,10 +176,13 @@ class StorageNic:
             raise ValueError(f"n must be >= 0, got {n}")
         clock = self._clocks.get(op)
         batch = BatchTransfer(n, [clock.reserve(nbytes) for _ in range(n)] if clock else None)
+        timed = [batch.ends, 0, nbytes, tokens] if queued and batch.ends else None
         with self._lock:
             self._c[f"{op}s_in_flight"] += n
             if op == "read" and n and self._c["reads_in_flight"] == n:
                 self._busy_since = time.monotonic()
+            if timed:
+                self._timed.append(timed)
         _IN_FLIGHT.labels(self.node, op).inc(n)
         try:
             yield batch
@@ -187,14 +194,35 @@ class StorageNic:
                 self._c[f"{op}_ops"] += ok
                 if op == "read" and n and self._c["reads_in_flight"] == 0:
                     self._busy_s += time.monotonic() - self._busy_since
+                left = n
+                if timed:
+                    self._timed.remove(timed)
+                    left = n - timed[1]
             _IN_FLIGHT.labels(self.node, op).dec(n)
             if ok:
                 _BYTES.labels(self.node, op).inc(ok * nbytes)
                 _OPS.labels(self.node, op).inc(ok)
-            if queued:
-                self._retire_read(n * nbytes, n * tokens)
+            if queued and left:
+                self._retire_read(left * nbytes, left * tokens)
+
+    def _retire_due(self) -> None:
+        """Queued reads of native batches whose line-rate end passed leave the read queue."""
+        now = time.monotonic()
+        due_bytes = due_tokens = 0
+        with self._lock:
+            for t in self._timed:
+                ends, i = t[0], t[1]
+                while i < len(ends) and ends[i] <= now:
+                    i += 1
+                due_bytes += (i - t[1]) * t[2]
+                due_tokens += (i - t[1]) * t[3]
+                t[1] = i
+        if due_bytes:
+            self._retire_read(due_bytes, due_tokens)
 
     def snapshot(self) -> NicSnapshot:
+        if self._timed:
+            self._retire_due()
         with self._lock:
             busy = self._busy_s
             if self._c["reads_in_flight"]:

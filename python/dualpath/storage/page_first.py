@@ -26,7 +26,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from dualpath import env
-from dualpath.storage.block_file import DIGEST_OFFSET, HEADER_BYTES, encode_header
+from dualpath.storage.block_file import (
+    DIGEST_OFFSET,
+    FIXED_BYTES,
+    HEADER_BYTES,
+    RESERVED_OFFSET,
+    encode_header,
+)
 from dualpath.storage.store import BlockStore
 
 log = logging.getLogger(__name__)
@@ -139,7 +145,7 @@ class PageFirstAdapter:
               if nic is not None else _no_batch(len(keys))) as batch:
             status, errnos = self._native(
                 paths, headers, k_ptrs, v_ptrs, batch.ends or [], g.num_layers, g.page_size,
-                self.row_bytes, HEADER_BYTES, DIGEST_OFFSET)
+                self.row_bytes, HEADER_BYTES, DIGEST_OFFSET, RESERVED_OFFSET, FIXED_BYTES)
             batch.ok = status.count(OK)
         out = []
         for key, path, kp, vp, st, err in zip(keys, paths, k_ptrs, v_ptrs, status, errnos,
