@@ -55,6 +55,7 @@ from dualpath.bench.servers import ServerError, stop_servers_on_sigterm
 from dualpath.bench.smoke import DEFAULT_MODEL, gpu_facts
 from dualpath.bench.stage_stats import LogCursor, parse_lines, summarize_records
 from dualpath.bench.trace import PRESETS, Trajectory, describe, generate
+from dualpath.config import PluginConfig
 from dualpath.version import git_sha
 
 log = logging.getLogger("dualpath.compare_1p1d")
@@ -235,7 +236,8 @@ def make_cluster(name: str, args, out: Path, res: dict, slot: int = 0) -> PDClus
                        buffer_gb=args.buffer_gb, hicache_ratio=args.hicache_ratio,
                        decode_cuda_graph_max_bs=args.decode_cuda_graph_max_bs, oracle=oracle,
                        prefill_cuda_graph=args.prefill_cuda_graph,
-                       prefetch_queue=queue)
+                       prefetch_queue=queue,
+                       extra=["--dualpath-prefetch-io-threads", str(args.prefetch_io_threads)])
     res.update({"config": name, "dual_path": dual, "read_side": side, "oracle": oracle,
                 "prefetch_queue": queue,
                 "sweep": [], "online": []})
@@ -369,6 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--async-page-indices", action="store_true",
                     help="prefill: KV page indices read without waiting for the next forward "
                          "(--dualpath-async-page-indices), both arms alike")
+    ap.add_argument("--prefetch-io-threads", type=int,
+                    default=PluginConfig.prefetch_io_threads,
+                    help="storage loads (requests) in flight per server, both arms "
+                         "(--dualpath-prefetch-io-threads; a DE-side pull holds one on the "
+                         "prefill for its whole read and forward)")
     ap.add_argument("--stack-sample", action="store_true",
                     help="profile both schedulers' threads: OUT/<config>/stacks_<role>.txt "
                          "(whole server life) and stacks_<role>_replay.txt (the measured "
@@ -429,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.configs.split(",")) - set(CONFIGS)
     if unknown:
         ap.error(f"unknown configs {sorted(unknown)}")
+    if args.prefetch_io_threads < 1:
+        ap.error("--prefetch-io-threads must be >= 1")
     args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="[1p1d %(asctime)s] %(message)s",
                         datefmt="%H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
@@ -452,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
               "device_cache_tokens": args.device_cache_tokens,
               "refetch_host_hits": args.refetch_host_hits,
               "async_page_indices": args.async_page_indices,
+              "prefetch_io_threads": args.prefetch_io_threads,
               "buffer_gb": args.buffer_gb, "slo": {"ttft_s": SLO_TTFT_S,
                                                                      "tpot_s": SLO_TPOT_S},
               "configs": [], "ok": False}

@@ -181,7 +181,7 @@ def sweep_table(results: list[dict], main_cap: float) -> str:
 
 _SAME = ("git_sha", "model", "snic_gbps", "trace", "device_pool_tokens", "host_pool_tokens",
          "decode_pool_tokens", "mem_fraction", "pd_backend", "host_cache_tokens",
-         "device_cache_tokens", "refetch_host_hits")
+         "device_cache_tokens", "refetch_host_hits", "prefetch_io_threads")
 
 
 def merge(results: list[dict]) -> dict:
