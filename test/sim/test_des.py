@@ -215,6 +215,10 @@ def test_storage_share_is_what_the_prefetches_loaded_of_the_reuse():
     assert storage_share(run) == 0.3
     assert storage_share({"stage_records": run["stage_records"]}) == 1.0, "no counter: all read"
     assert storage_share({**run, "bytes": {"pe_pf_loaded_tokens": 9e9}}) == 1.0, "at most all"
+    # --refetch-host-hits: host hits read again count as read (the tree drops them as
+    # duplicates, so they are not in pe_pf_loaded_tokens)
+    refetch = {**run, "bytes": {"pe_pf_loaded_tokens": 100, "pe_pf_refetched_tokens": 500}}
+    assert storage_share(refetch) == 0.6
 
 
 def test_batched_prefill_pays_the_per_batch_cost_once():

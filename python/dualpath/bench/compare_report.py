@@ -71,14 +71,17 @@ def prefill_sum(run: dict, field: str) -> int:
 
 
 def loaded_share(run: dict, of: str = "input_len") -> float | None:
-    """Tokens the prefill's storage prefetches loaded (either read side) over the sum of a
+    """Tokens the prefill's storage prefetches read (either read side) over the sum of a
     field of its records: of the prompt tokens (`input_len`) or of those it reused
-    (`cached_input_len`); None without the counter or the records."""
-    loaded = (run.get("bytes") or {}).get("pe_pf_loaded_tokens")
+    (`cached_input_len`); None without the counter or the records. Read = loaded (new to the
+    tree) + refetched (`--refetch-host-hits`: host hits read again, which the tree then drops
+    as duplicates, so `pe_pf_loaded_tokens` alone misses them)."""
+    b = run.get("bytes") or {}
+    loaded = b.get("pe_pf_loaded_tokens")
     total = prefill_sum(run, of)
     if loaded is None or not total:
         return None
-    return loaded / total
+    return (loaded + (b.get("pe_pf_refetched_tokens") or 0)) / total
 
 
 def storage_share(run: dict) -> float | None:
