@@ -58,6 +58,37 @@ void bind_storage(py::module_& m) {
       "errno. A page is written only after its block verified. not_before_s: per read, the "
       "CLOCK_MONOTONIC time (Python's time.monotonic) it may finish, or empty.");
   m.def(
+      "write_page_block",
+      [](const std::string& path, const py::bytes& header_template, uint64_t k_ptr,
+         uint64_t v_ptr, size_t num_layers, size_t page_size, size_t row_bytes,
+         size_t header_bytes, size_t digest_offset, double claim_stale_s) {
+        std::string header_t = header_template;
+        if (header_t.size() != header_bytes) throw py::value_error("header_template size");
+        if (num_layers == 0 || page_size == 0 || row_bytes == 0 ||
+            digest_offset + 8 > header_bytes)
+          throw py::value_error("bad geometry or header layout");
+        st::PageFirstGeometry g{header_bytes, digest_offset, 0, 0, num_layers, page_size,
+                                row_bytes};
+        int status, err = 0;
+        {
+          py::gil_scoped_release release;
+          thread_local std::vector<uint8_t> wstaging, wheader;
+          wstaging.resize(g.payload_bytes());  // may throw bad_alloc: before any write
+          wheader.resize(header_bytes);
+          status = static_cast<int>(st::write_page_block(
+              path, reinterpret_cast<const uint8_t*>(header_t.data()), g,
+              reinterpret_cast<const uint8_t*>(k_ptr), reinterpret_cast<const uint8_t*>(v_ptr),
+              wheader.data(), wstaging.data(), claim_stale_s, &err));
+        }
+        return std::make_pair(status, err);
+      },
+      py::arg("path"), py::arg("header_template"), py::arg("k_ptr"), py::arg("v_ptr"),
+      py::arg("num_layers"), py::arg("page_size"), py::arg("row_bytes"),
+      py::arg("header_bytes"), py::arg("digest_offset"), py::arg("claim_stale_s"),
+      "BlockStore.put of one page_first page with the GIL released throughout: (status, errno), "
+      "status 0 written, 1 already stored, 2 claimed by another writer, 3 I/O error (no temp "
+      "file or claim left).");
+  m.def(
       "xxh3_64",
       [](const py::buffer& b) {
         py::buffer_info info = b.request();

@@ -46,6 +46,24 @@ ReadStatus read_block_to_page(const std::string& path, const uint8_t* expect_hea
                               uint8_t* k_region, uint8_t* v_region, double not_before_s,
                               int* errno_out) noexcept;
 
+enum class WriteStatus : int8_t {
+  kWritten = 0,
+  kExists = 1,   // already stored: nothing written
+  kClaimed = 2,  // another writer (any process) is writing it now: nothing written
+  kIoError = 3,  // errno_out says which; no temp file or claim left behind
+};
+
+// BlockStore.put + write_block for one page_first page (python/dualpath/storage/store.py is the
+// reference): skip a stored key; claim it (`<path>.claim`, exclusive create; a claim older than
+// `claim_stale_s` belongs to a writer that died and is taken over); gather the page's K and V
+// regions into `staging` layer-major; write header (`header_template` with the payload's
+// XXH3-64 put in at digest_offset) and payload to a unique temp file and rename it over `path`;
+// release the claim. `header` is a header_bytes scratch buffer. Never throws.
+WriteStatus write_page_block(const std::string& path, const uint8_t* header_template,
+                             const PageFirstGeometry& g, const uint8_t* k_region,
+                             const uint8_t* v_region, uint8_t* header, uint8_t* staging,
+                             double claim_stale_s, int* errno_out) noexcept;
+
 // XXH3-64 of a buffer: the checksum the block format uses (tests compare it with Python's).
 uint64_t xxh3_64(const void* data, size_t len);
 

@@ -114,11 +114,12 @@ PLUGIN_CONFIG = EnvVar(
     "SGLang processes it starts. Unset: the SGLang plugin registers no hooks (stock SGLang).",
 )
 
-NATIVE_READS = EnvVar(
-    "DUALPATH_NATIVE_READS", "1", parse_bool,
-    "Storage reads into SGLang's page_first host pool go through the native reader "
-    "(dualpath._C.read_blocks_page_first: a batch per GIL release); 0 uses the Python reader, "
-    "the reference (same checks and bytes; one GIL hand-over per system call).",
+NATIVE_IO = EnvVar(
+    "DUALPATH_NATIVE_IO", "1", parse_bool,
+    "Storage reads and writes of SGLang's page_first host pages go through the native block "
+    "I/O (dualpath._C.read_blocks_page_first: a batch per GIL release; write_page_block: a "
+    "block per GIL release); 0 uses the Python reader and writer, the reference (same checks "
+    "and bytes; one GIL hand-over per system call).",
 )
 
 # ---- test time (read by scripts/run_tests.sh) ----
@@ -130,4 +131,4 @@ TEST_SGLANG = EnvVar(
 )
 
 ALL: tuple[EnvVar, ...] = (BUILD_CUDA, CUDA_ARCHS, BUILD_TYPE, BUILD_JOBS, GIT_SHA, LOG_LEVEL,
-                           PLUGIN_CONFIG, NATIVE_READS, TEST_SGLANG)
+                           PLUGIN_CONFIG, NATIVE_IO, TEST_SGLANG)

@@ -209,14 +209,14 @@ def test_native_reads_keep_the_nic_cap(tmp_path):
 
 
 def test_env_selects_the_python_reader(tmp_path, monkeypatch):
-    monkeypatch.setenv("DUALPATH_NATIVE_READS", "0")
+    monkeypatch.setenv("DUALPATH_NATIVE_IO", "0")
     store = BlockStore(str(tmp_path), ODD, fingerprint("m", ODD), description={})
     assert PageFirstAdapter(store)._native is None
-    monkeypatch.setenv("DUALPATH_NATIVE_READS", "1")
+    monkeypatch.setenv("DUALPATH_NATIVE_IO", "1")
     from dualpath.storage.page_first import native_reader
     assert (PageFirstAdapter(store)._native is None) == (native_reader() is None)
-    monkeypatch.setenv("DUALPATH_NATIVE_READS", "maybe")
-    with pytest.raises(ValueError, match="DUALPATH_NATIVE_READS"):
+    monkeypatch.setenv("DUALPATH_NATIVE_IO", "maybe")
+    with pytest.raises(ValueError, match="DUALPATH_NATIVE_IO"):
         PageFirstAdapter(store)
 
 
@@ -256,3 +256,92 @@ def test_native_batch_reads_leave_the_queue_at_their_line_rate_ends():
     snap = nic.snapshot()
     assert snap.read_queue_tokens == 0 and snap.read_queue_bytes == 0
     assert snap.read_ops == 5 and snap.reads_in_flight == 0
+
+
+# ---- the native writer against the Python reference ----
+
+def _files(root):
+    import os
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root)
+                  for f in fs if f != "STORE.json")
+
+
+def test_native_writer_writes_the_python_writers_bytes(tmp_path):
+    pytest.importorskip("dualpath._C")
+    n = 7
+    src = odd_pool(n * ODD.page_size, 11)
+    keys = [key(i) for i in range(n)]
+    files = {}
+    for native_ in (True, False):
+        root = tmp_path / ("native" if native_ else "python")
+        nic = StorageNic("n")
+        store = BlockStore(str(root), ODD, fingerprint("m", ODD), description={}, nic=nic)
+        a = PageFirstAdapter(store, io_threads=3, native=native_)
+        assert a.set_pages(keys, *odd_ptrs(src, list(range(n)))) == [True] * n
+        files[native_] = {f: (root / f).read_bytes() for f in _files(root)}
+        assert nic.snapshot().write_ops == n and nic.snapshot().writes_in_flight == 0
+        dst = odd_pool(n * ODD.page_size, 12)
+        assert PageFirstAdapter(store, native=not native_).get_pages(
+            keys, *odd_ptrs(dst, list(range(n)))) == [True] * n
+        assert np.array_equal(dst, src)
+    assert files[True] == files[False] and len(files[True]) == n  # no temp files or claims
+
+
+def test_native_writer_skips_stored_and_claimed_keys_and_takes_over_stale_claims(tmp_path):
+    pytest.importorskip("dualpath._C")
+    import os
+    import time
+    nic = StorageNic("n")
+    store = BlockStore(str(tmp_path), ODD, fingerprint("m", ODD), description={}, nic=nic)
+    a = PageFirstAdapter(store, native=True)
+    src = odd_pool(3 * ODD.page_size, 13)
+    a.set_pages([key(1)], *odd_ptrs(src, [0]))
+    before = os.stat(store.path(key(1)))
+    os.makedirs(os.path.dirname(store.path(key(2))), exist_ok=True)
+    open(store.path(key(2)) + ".claim", "w").close()  # another writer, now
+    os.makedirs(os.path.dirname(store.path(key(3))), exist_ok=True)
+    stale = store.path(key(3)) + ".claim"
+    open(stale, "w").close()
+    old = time.time() - 3600
+    os.utime(stale, (old, old))  # a writer that died
+    k, v = odd_ptrs(src, [1, 1, 2])
+    assert a.set_pages([key(1), key(2), key(3)], k, v) == [True] * 3
+    after = os.stat(store.path(key(1)))
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert not os.path.exists(store.path(key(2)))  # left to the claim's owner
+    assert os.path.exists(store.path(key(3))) and not os.path.exists(stale)
+    assert nic.snapshot().write_ops == 2  # key 1 and key 3 moved bytes
+    dst = odd_pool(ODD.page_size, 14)
+    assert a.get_pages([key(3)], *odd_ptrs(dst, [0])) == [True]
+    assert np.array_equal(dst, src[:, 2 * ODD.page_size:3 * ODD.page_size])
+
+
+def test_native_writer_error_raises_and_leaves_nothing(tmp_path):
+    pytest.importorskip("dualpath._C")
+    import os
+    store = BlockStore(str(tmp_path), ODD, fingerprint("m", ODD), description={})
+    a = PageFirstAdapter(store, native=True)
+    top = os.path.join(str(tmp_path), key(5)[0:2])
+    open(top, "w").close()  # a file where the block's directory should be
+    src = odd_pool(ODD.page_size, 15)
+    with pytest.raises(OSError, match="storing block"):
+        a.set_pages([key(5)], *odd_ptrs(src, [0]))
+    assert _files(tmp_path) == [key(5)[0:2]]
+
+
+def test_native_writes_keep_the_cap_and_the_capacity(tmp_path):
+    pytest.importorskip("dualpath._C")
+    import time
+    nic = StorageNic("n")
+    store = BlockStore(str(tmp_path), ODD, fingerprint("m", ODD), description={}, nic=nic,
+                       capacity_bytes=10 * 10**9)
+    a = PageFirstAdapter(store, io_threads=4, native=True)
+    n = 12
+    nic.set_cap(n * store.block_bytes / 0.3 / 1e9)  # the batch at line rate: 0.3 s
+    src = odd_pool(n * ODD.page_size, 16)
+    t0 = time.monotonic()
+    a.set_pages([key(i) for i in range(n)], *odd_ptrs(src, list(range(n))))
+    assert 0.29 < time.monotonic() - t0 < 2.0
+    assert store._used == n * store.block_bytes
+    snap = nic.snapshot()
+    assert snap.write_bytes == n * store.block_bytes and snap.writes_in_flight == 0

@@ -127,14 +127,16 @@ class StorageNic:
     # ---- transfers ----
     @contextmanager
     def transfer(self, op: str, nbytes: int, tokens: int = 0,
-                 queued: bool = False) -> Iterator[None]:
+                 queued: bool = False, started_at: float | None = None) -> Iterator[None]:
         """Wrap one block transfer (op 'read' or 'write'). Counts it, holds it to the cap, and
         for a read submitted with `submit_read` (queued=True) takes it off the queue at the end.
-        A failed transfer is not counted as moved bytes."""
+        A failed transfer is not counted as moved bytes. `started_at` (time.monotonic): the
+        transfer already ran from then (a native write), so its line-rate end counts from
+        there; it is in flight only while it waits for that end."""
         if op not in ("read", "write"):
             raise ValueError(f"op must be 'read' or 'write', got {op!r}")
         clock = self._clocks.get(op)
-        end = clock.reserve(nbytes) if clock else None
+        end = clock.reserve(nbytes, now=started_at) if clock else None
         with self._lock:
             self._c[f"{op}s_in_flight"] += 1
             if op == "read" and self._c["reads_in_flight"] == 1:

@@ -8,10 +8,11 @@ is tested on its own; `dualpath.sglang_plugin.storage_backend` wires it into HiC
 
 Reads land in a per-thread staging block, are verified there (checksum), and only then are
 transposed into the page: a damaged block never reaches the pool. The native reader
-(`dualpath._C.read_blocks_page_first`, default; env DUALPATH_NATIVE_READS=0 for this module's
+(`dualpath._C.read_blocks_page_first`, default; env DUALPATH_NATIVE_IO=0 for this module's
 Python one) does the same for a thread's share of a batch in one call without the GIL: the
 SGLang scheduler thread of the same process then wins the GIL back once per share, not ~7 times
-per 8 MiB block.
+per 8 MiB block. Writes likewise (`_C.write_page_block`: BlockStore.put's claim, checks,
+gather, checksum, temp file and rename in one call per block, ~15 hand-overs before).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import ctypes
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,19 +35,29 @@ from dualpath.storage.block_file import (
     RESERVED_OFFSET,
     encode_header,
 )
-from dualpath.storage.store import BlockStore
+from dualpath.storage.store import CLAIM_STALE_S, BlockStore
 
 log = logging.getLogger(__name__)
 OK, MISS, INVALID, IO_ERROR = 0, 1, 2, 3  # _C.read_blocks_page_first's statuses
+WRITTEN, EXISTS, CLAIMED, WRITE_ERROR = 0, 1, 2, 3  # _C.write_page_block's
 
 
 def native_reader():
     """`dualpath._C.read_blocks_page_first`, or None where the module lacks it."""
+    return _native("read_blocks_page_first")
+
+
+def native_writer():
+    """`dualpath._C.write_page_block`, or None where the module lacks it."""
+    return _native("write_page_block")
+
+
+def _native(name: str):
     try:
         from dualpath import _C
     except ImportError:
         return None
-    return getattr(_C, "read_blocks_page_first", None)
+    return getattr(_C, name, None)
 
 
 def host_view(addr: int, nbytes: int) -> np.ndarray:
@@ -55,8 +67,8 @@ def host_view(addr: int, nbytes: int) -> np.ndarray:
 
 class PageFirstAdapter:
     def __init__(self, store: BlockStore, io_threads: int = 8, native: bool | None = None):
-        """native: None = the native reader where built, unless DUALPATH_NATIVE_READS=0;
-        True requires it; False = the Python reader."""
+        """native: None = the native reader and writer where built, unless
+        DUALPATH_NATIVE_IO=0; True requires them; False = the Python ones."""
         g = store.geometry
         if g.kv_parts != 2:
             raise ValueError("page_first pages of MLA models are not supported yet")
@@ -68,10 +80,11 @@ class PageFirstAdapter:
         self._io_threads = io_threads
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="dualpath-pagefirst")
         self._native = native_reader() if native is not False else None
-        if native and self._native is None:
-            raise RuntimeError("the native block reader is not in this build of dualpath._C")
-        if native is None and not env.NATIVE_READS.get():
-            self._native = None
+        self._native_write = native_writer() if native is not False else None
+        if native and (self._native is None or self._native_write is None):
+            raise RuntimeError("the native block I/O is not in this build of dualpath._C")
+        if native is None and not env.NATIVE_IO.get():
+            self._native = self._native_write = None
 
     def _staging(self) -> np.ndarray:
         buf = getattr(self._local, "buf", None)
@@ -100,6 +113,8 @@ class PageFirstAdapter:
         return True
 
     def _set_one(self, key: str, k_ptr: int, v_ptr: int) -> bool:
+        if self._native_write is not None:
+            return self._set_native(key, k_ptr, v_ptr)
         if self.store.exists_prefix([key]):
             return True
         buf = self._staging()
@@ -108,6 +123,22 @@ class PageFirstAdapter:
         block[:, 0] = k.transpose(1, 0, 2)
         block[:, 1] = v.transpose(1, 0, 2)
         self.store.put(key, buf)
+        return True
+
+    def _set_native(self, key: str, k_ptr: int, v_ptr: int) -> bool:
+        """`_set_one` in one native call (GIL released); an I/O error raises OSError as
+        BlockStore.put does, leaving no temp file or claim."""
+        store, g = self.store, self.g
+        path = store.path(key)
+        header = encode_header(key, store.fp, g, g.payload_bytes, 0)
+        t0 = time.monotonic()
+        status, err = self._native_write(path, header, k_ptr, v_ptr, g.num_layers, g.page_size,
+                                         self.row_bytes, HEADER_BYTES, DIGEST_OFFSET,
+                                         CLAIM_STALE_S)
+        if status == WRITE_ERROR:
+            raise OSError(err, f"storing block {key}: {os.strerror(err)}", path)
+        if status == WRITTEN:
+            store.wrote(started_at=t0)
         return True
 
     def get_pages(self, keys: Sequence[str], k_ptrs: Sequence[int],

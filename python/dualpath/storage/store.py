@@ -127,6 +127,19 @@ class BlockStore:
                 os.unlink(claim)
             except FileNotFoundError:
                 pass
+        self._account_put()
+        return True
+
+    def wrote(self, started_at: float) -> None:
+        """Account a block that a native writer stored (claim, write, rename: `put`'s steps)
+        since `started_at` (time.monotonic): the NIC's meters and line rate, then the capacity
+        accounting."""
+        if self.nic is not None:
+            with self.nic.transfer("write", self.block_bytes, started_at=started_at):
+                pass
+        self._account_put()
+
+    def _account_put(self) -> None:
         if self.capacity_bytes:
             with self._lock:
                 self._used += self.block_bytes
@@ -141,7 +154,6 @@ class BlockStore:
                                 break
                 finally:
                     self._evicting.release()
-        return True
 
     @staticmethod
     def _claim_key(claim: str) -> bool:
