@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -70,6 +71,7 @@ void bind_storage(py::module_& m) {
         st::PageFirstGeometry g{header_bytes, digest_offset, 0, 0, num_layers, page_size,
                                 row_bytes};
         int status, err = 0;
+        double started = 0;
         {
           py::gil_scoped_release release;
           thread_local std::vector<uint8_t> wstaging, wheader;
@@ -78,16 +80,16 @@ void bind_storage(py::module_& m) {
           status = static_cast<int>(st::write_page_block(
               path, reinterpret_cast<const uint8_t*>(header_t.data()), g,
               reinterpret_cast<const uint8_t*>(k_ptr), reinterpret_cast<const uint8_t*>(v_ptr),
-              wheader.data(), wstaging.data(), claim_stale_s, &err));
+              wheader.data(), wstaging.data(), claim_stale_s, &err, &started));
         }
-        return std::make_pair(status, err);
+        return std::make_tuple(status, err, started);
       },
       py::arg("path"), py::arg("header_template"), py::arg("k_ptr"), py::arg("v_ptr"),
       py::arg("num_layers"), py::arg("page_size"), py::arg("row_bytes"),
       py::arg("header_bytes"), py::arg("digest_offset"), py::arg("claim_stale_s"),
-      "BlockStore.put of one page_first page with the GIL released throughout: (status, errno), "
-      "status 0 written, 1 already stored, 2 claimed by another writer, 3 I/O error (no temp "
-      "file or claim left).");
+      "BlockStore.put of one page_first page with the GIL released throughout: (status, errno, "
+      "started_s), status 0 written, 1 already stored, 2 claimed by another writer, 3 I/O error "
+      "(no temp file or claim left); started_s: time.monotonic() when the file write began.");
   m.def(
       "xxh3_64",
       [](const py::buffer& b) {

@@ -1,6 +1,7 @@
 #include "block_io.h"
 
 #include <fcntl.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -82,14 +83,23 @@ bool writev_full(int fd, iovec* iov, int n) {
   return true;
 }
 
-// mkdir -p of path's directory (os.makedirs(dirname, exist_ok=True)); false with errno set.
+// mkdir -p of path's directory, as os.makedirs(dirname, exist_ok=True): a directory that is
+// there (whatever mkdir said) is success; false with errno set (EEXIST: a file is there).
 bool make_parent_dirs(const std::string& path) {
   size_t slash = path.rfind('/');
   if (slash == std::string::npos || slash == 0) return true;
   std::string dir = path.substr(0, slash);
-  if (::mkdir(dir.c_str(), 0777) == 0 || errno == EEXIST) return true;
+  auto made = [&dir]() {
+    if (::mkdir(dir.c_str(), 0777) == 0) return true;
+    int err = errno;
+    struct stat st;
+    if (::stat(dir.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) return true;
+    errno = err;
+    return false;
+  };
+  if (made()) return true;
   if (errno != ENOENT || !make_parent_dirs(dir)) return false;
-  return ::mkdir(dir.c_str(), 0777) == 0 || errno == EEXIST;
+  return made();
 }
 
 bool exists(const std::string& path) { return ::access(path.c_str(), F_OK) == 0; }
@@ -119,38 +129,29 @@ int claim_key(const std::string& claim, double stale_s) {
   return 0;
 }
 
+uint64_t seed() {
+  uint64_t v = 0;
+  if (::getrandom(&v, sizeof(v), 0) != static_cast<ssize_t>(sizeof(v))) {
+    timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    v = static_cast<uint64_t>(ts.tv_nsec) ^ (static_cast<uint64_t>(ts.tv_sec) << 30);
+  }
+  return v ^ (static_cast<uint64_t>(::getpid()) << 32) ^ static_cast<uint64_t>(::gettid());
+}
+
 std::string temp_name(const std::string& path) {
-  thread_local std::mt19937_64 rng{std::random_device{}() ^
-                                   static_cast<uint64_t>(::getpid()) << 32};
+  thread_local std::mt19937_64 rng{seed()};
   char buf[32];
   std::snprintf(buf, sizeof(buf), "%012llx",
                 static_cast<unsigned long long>(rng() & 0xffffffffffffULL));
   return path + "." + std::to_string(::getpid()) + "." + buf + ".tmp";
 }
 
-}  // namespace
-
-WriteStatus write_page_block(const std::string& path, const uint8_t* header_template,
-                             const PageFirstGeometry& g, const uint8_t* k_region,
-                             const uint8_t* v_region, uint8_t* header, uint8_t* staging,
-                             double claim_stale_s, int* errno_out) noexcept {
-  *errno_out = 0;
-  if (exists(path)) return WriteStatus::kExists;
-  if (!make_parent_dirs(path)) {
-    *errno_out = errno;
-    return WriteStatus::kIoError;
-  }
-  const std::string claim = path + ".claim";
-  int claimed = claim_key(claim, claim_stale_s);
-  if (claimed < 0) {
-    *errno_out = errno;
-    return WriteStatus::kIoError;
-  }
-  if (claimed == 0) return WriteStatus::kClaimed;
-  if (exists(path)) {  // finished by another writer between the checks
-    ::unlink(claim.c_str());
-    return WriteStatus::kExists;
-  }
+// The part of write_page_block after the claim: gather, checksum, temp file, rename. Returns
+// false with errno set; removes the temp file it created. May throw std::bad_alloc.
+bool write_claimed(const std::string& path, const uint8_t* header_template,
+                   const PageFirstGeometry& g, const uint8_t* k_region, const uint8_t* v_region,
+                   uint8_t* header, uint8_t* staging, double* started_s) {
   // page_first regions (token, layer, row) -> layer-major block (layer, K|V, token, row)
   const size_t row = g.row_bytes, part = g.page_size * row, payload = g.payload_bytes();
   for (size_t l = 0; l < g.num_layers; ++l) {
@@ -166,24 +167,70 @@ WriteStatus write_page_block(const std::string& path, const uint8_t* header_temp
   uint64_t digest = XXH3_64bits(staging, payload);
   for (int i = 0; i < 8; ++i) header[g.digest_offset + i] = static_cast<uint8_t>(digest >> (8 * i));
   const std::string tmp = temp_name(path);
+  *started_s = monotonic_s();  // the storage NIC's transfer starts here, as write_block's
   int fd = ::open(tmp.c_str(), O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0666);
-  bool ok = fd >= 0;
-  if (ok) {
-    iovec iov[2] = {{header, g.header_bytes}, {staging, payload}};
-    ok = writev_full(fd, iov, 2);
-    int saved = errno;
-    ok = (::close(fd) == 0) && ok;
-    if (!ok && saved) errno = saved;
-    ok = ok && ::rename(tmp.c_str(), path.c_str()) == 0;
+  if (fd < 0) return false;  // not ours to remove
+  iovec iov[2] = {{header, g.header_bytes}, {staging, payload}};
+  bool ok = writev_full(fd, iov, 2);
+  int err = ok ? 0 : errno;
+  if (::close(fd) != 0 && ok) {
+    ok = false;
+    err = errno;  // deferred write-back errors (NFS, quota) surface here
+  }
+  if (ok && ::rename(tmp.c_str(), path.c_str()) != 0) {
+    ok = false;
+    err = errno;
   }
   if (!ok) {
-    *errno_out = errno;
     ::unlink(tmp.c_str());
+    errno = err;
+  }
+  return ok;
+}
+
+}  // namespace
+
+WriteStatus write_page_block(const std::string& path, const uint8_t* header_template,
+                             const PageFirstGeometry& g, const uint8_t* k_region,
+                             const uint8_t* v_region, uint8_t* header, uint8_t* staging,
+                             double claim_stale_s, int* errno_out, double* started_s) noexcept {
+  *errno_out = 0;
+  *started_s = 0;
+  try {
+    if (exists(path)) return WriteStatus::kExists;
+    if (!make_parent_dirs(path)) {
+      *errno_out = errno;
+      return WriteStatus::kIoError;
+    }
+    const std::string claim = path + ".claim";
+    int claimed = claim_key(claim, claim_stale_s);
+    if (claimed < 0) {
+      *errno_out = errno;
+      return WriteStatus::kIoError;
+    }
+    if (claimed == 0) return WriteStatus::kClaimed;
+    bool ok = false;
+    int err = 0;
+    WriteStatus status = WriteStatus::kIoError;
+    try {
+      if (exists(path)) {  // finished by another writer between the checks
+        status = WriteStatus::kExists;
+      } else {
+        ok = write_claimed(path, header_template, g, k_region, v_region, header, staging,
+                           started_s);
+        err = ok ? 0 : errno;
+        status = ok ? WriteStatus::kWritten : WriteStatus::kIoError;
+      }
+    } catch (...) {
+      err = ENOMEM;
+    }
     ::unlink(claim.c_str());
+    *errno_out = err;
+    return status;
+  } catch (...) {  // an allocation before the claim
+    *errno_out = ENOMEM;
     return WriteStatus::kIoError;
   }
-  ::unlink(claim.c_str());
-  return WriteStatus::kWritten;
 }
 
 uint64_t xxh3_64(const void* data, size_t len) { return XXH3_64bits(data, len); }

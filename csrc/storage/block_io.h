@@ -58,11 +58,13 @@ enum class WriteStatus : int8_t {
 // `claim_stale_s` belongs to a writer that died and is taken over); gather the page's K and V
 // regions into `staging` layer-major; write header (`header_template` with the payload's
 // XXH3-64 put in at digest_offset) and payload to a unique temp file and rename it over `path`;
-// release the claim. `header` is a header_bytes scratch buffer. Never throws.
+// release the claim. `header` is a header_bytes scratch buffer. `started_s`: the
+// CLOCK_MONOTONIC time the file write began (0 when nothing was written), from which the
+// emulated storage NIC counts it. Never throws (an allocation failure is kIoError, ENOMEM).
 WriteStatus write_page_block(const std::string& path, const uint8_t* header_template,
                              const PageFirstGeometry& g, const uint8_t* k_region,
                              const uint8_t* v_region, uint8_t* header, uint8_t* staging,
-                             double claim_stale_s, int* errno_out) noexcept;
+                             double claim_stale_s, int* errno_out, double* started_s) noexcept;
 
 // XXH3-64 of a buffer: the checksum the block format uses (tests compare it with Python's).
 uint64_t xxh3_64(const void* data, size_t len);

@@ -317,16 +317,22 @@ def test_native_writer_skips_stored_and_claimed_keys_and_takes_over_stale_claims
 
 
 def test_native_writer_error_raises_and_leaves_nothing(tmp_path):
+    """A file where the block's directory should be: the errors os.makedirs raises (a file
+    above the directory, then at it), from both writers, and nothing left behind."""
     pytest.importorskip("dualpath._C")
     import os
     store = BlockStore(str(tmp_path), ODD, fingerprint("m", ODD), description={})
-    a = PageFirstAdapter(store, native=True)
-    top = os.path.join(str(tmp_path), key(5)[0:2])
-    open(top, "w").close()  # a file where the block's directory should be
     src = odd_pool(ODD.page_size, 15)
-    with pytest.raises(OSError, match="storing block"):
-        a.set_pages([key(5)], *odd_ptrs(src, [0]))
-    assert _files(tmp_path) == [key(5)[0:2]]
+    leaf = os.path.dirname(store.path(key(5)))  # root/00/00
+    for blocker, err in ((os.path.dirname(leaf), NotADirectoryError), (leaf, FileExistsError)):
+        os.makedirs(os.path.dirname(blocker), exist_ok=True)
+        open(blocker, "w").close()
+        for native_ in (True, False):
+            with pytest.raises(err, match="storing block" if native_ else None):
+                PageFirstAdapter(store, native=native_).set_pages([key(5)],
+                                                                  *odd_ptrs(src, [0]))
+        assert _files(tmp_path) == [os.path.relpath(blocker, tmp_path)]
+        os.unlink(blocker)
 
 
 def test_native_writes_keep_the_cap_and_the_capacity(tmp_path):

@@ -21,7 +21,6 @@ import ctypes
 import logging
 import os
 import threading
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -131,14 +130,13 @@ class PageFirstAdapter:
         store, g = self.store, self.g
         path = store.path(key)
         header = encode_header(key, store.fp, g, g.payload_bytes, 0)
-        t0 = time.monotonic()
-        status, err = self._native_write(path, header, k_ptr, v_ptr, g.num_layers, g.page_size,
-                                         self.row_bytes, HEADER_BYTES, DIGEST_OFFSET,
-                                         CLAIM_STALE_S)
+        status, err, started = self._native_write(
+            path, header, k_ptr, v_ptr, g.num_layers, g.page_size, self.row_bytes, HEADER_BYTES,
+            DIGEST_OFFSET, CLAIM_STALE_S)
         if status == WRITE_ERROR:
             raise OSError(err, f"storing block {key}: {os.strerror(err)}", path)
         if status == WRITTEN:
-            store.wrote(started_at=t0)
+            store.wrote(started_at=started)
         return True
 
     def get_pages(self, keys: Sequence[str], k_ptrs: Sequence[int],
