@@ -107,6 +107,10 @@ def table(results: list[dict]) -> str:
         return f"{v:>12.3f}" if isinstance(v, float) else f"{v!s:>12}"
     for label, key in rows:
         lines.append(f"{label:16}" + "".join(cell(r["offline"].get(key)) for r in results))
+    # storage NICs busy over the replay's read window (issue 8: >= 90% of the caps)
+    for label, key in (("PE NIC busy", "pe_util"), ("DE NIC busy", "de_util")):
+        lines.append(f"{label:16}" + "".join(
+            cell((r["offline"].get("storage_util") or {}).get(key)) for r in results))
     for label, role, field, *stat in stages:
         lines.append(f"{label:16}" + "".join(cell(_stage(r["offline"], role, field, *stat))
                                              for r in results))
