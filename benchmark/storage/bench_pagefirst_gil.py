@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""What storage reads into the page_first host pool cost a scheduler thread of the same process,
-native reader against the Python one (PageFirstAdapter.get_pages, the path HiCache prefetches
-and the decode engine's reads take).
+"""What storage reads and writes of page_first host pages cost a scheduler thread of the same
+process, native block I/O against the Python reference (PageFirstAdapter.get_pages, the path
+HiCache prefetches and the decode engine's reads take; set_pages, HiCache's write-through).
 
 The "scheduler" is a thread that does a step of Python work then releases the GIL `--releases`
 times (time.sleep(0): as a CUDA synchronize, a ZMQ poll or a lock do), like SGLang's scheduler
 loop; its step time is measured alone, then while `--readers` threads read batches of 8 MiB Full
 Blocks (8B-shaped model, tmpfs) into a host pool. Reported: read GB/s, and the step's p50/p90
-against alone. On 2x H100 a decode engine reading ~2.6 GB/s doubled its TPOT (session 18).
+against alone; then the same with one thread writing 16-page batches (fresh keys, each batch's
+files removed after it, alike for both writers). On 2x H100 a decode engine reading ~2.6 GB/s
+with the Python reader doubled its TPOT (session 18).
 
   python benchmark/storage/bench_pagefirst_gil.py [--dir /dev/shm/dualpath-pfgil] [--blocks 32]
       [--batch 16] [--io-threads 8] [--readers 2] [--seconds 3] [--releases 40]
@@ -33,7 +35,11 @@ except ImportError:
     sys.path.insert(0, str(ROOT / "python"))
 
 from dualpath.storage import BlockGeometry, BlockStore, fingerprint  # noqa: E402
-from dualpath.storage.page_first import PageFirstAdapter, native_reader  # noqa: E402
+from dualpath.storage.page_first import (  # noqa: E402
+    PageFirstAdapter,
+    native_reader,
+    native_writer,
+)
 from dualpath.version import git_sha  # noqa: E402
 
 
@@ -51,6 +57,37 @@ def scheduler(stop: threading.Event, releases: int, steps: list) -> None:
 
 def pct(xs: list, q: float) -> float:
     return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
+
+
+def run_writes(adapter, ptrs, batch: int, seconds: float, releases: int) -> dict:
+    import os
+
+    stop, steps, moved = threading.Event(), [], [0]
+
+    def write() -> None:
+        j = 0
+        k, v = ptrs[0]
+        while not stop.is_set():
+            ks = [f"pfgil-w{j}-{x}" for x in range(batch)]
+            adapter.set_pages(ks, k, v)
+            moved[0] += batch
+            for key in ks:
+                os.unlink(adapter.store.path(key))
+            j += 1
+
+    w = threading.Thread(target=write)
+    sch = threading.Thread(target=scheduler, args=(stop, releases, steps))
+    t0 = time.perf_counter()
+    w.start()
+    sch.start()
+    time.sleep(seconds)
+    stop.set()
+    w.join()
+    sch.join()
+    took = time.perf_counter() - t0
+    return {"write_gbps": round(moved[0] * adapter.store.block_bytes / took / 1e9, 3),
+            "step_ms_p50": round(pct(steps, 50) * 1e3, 3),
+            "step_ms_p90": round(pct(steps, 90) * 1e3, 3), "steps": len(steps)}
 
 
 def run(adapter, keys, ptrs, batch: int, readers: int, seconds: float, releases: int) -> dict:
@@ -97,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.blocks, args.batch, args.io_threads, args.readers, args.releases) < 1 or \
             args.seconds <= 0 or args.switch_interval_ms <= 0:
         ap.error("counts, --seconds and --switch-interval-ms must be positive")
-    if native_reader() is None:
-        ap.error("this build of dualpath._C has no native block reader")
+    if native_reader() is None or native_writer() is None:
+        ap.error("this build of dualpath._C has no native block I/O")
     g = BlockGeometry(num_layers=32, page_size=64, num_kv_heads=8, head_dim=128, dtype_bytes=2)
     root = Path(args.dir)
     shutil.rmtree(root, ignore_errors=True)
@@ -136,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
             a.close()
             r["step_p50_vs_alone"] = round(r["step_ms_p50"] / alone["step_ms_p50"], 2)
             rows.append({"case": f"reads, {'native' if native else 'python'} reader", **r})
+        for native in (True, False):
+            a = PageFirstAdapter(store, io_threads=args.io_threads, native=native)
+            r = run_writes(a, ptrs, args.batch, args.seconds, args.releases)
+            a.close()
+            r["step_p50_vs_alone"] = round(r["step_ms_p50"] / alone["step_ms_p50"], 2)
+            rows.append({"case": f"writes, {'native' if native else 'python'} writer", **r})
     finally:
         sys.setswitchinterval(default)
         shutil.rmtree(root, ignore_errors=True)
