@@ -98,12 +98,17 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root, ignore_errors=True)
     meta = {"bench": "gil", "git_sha": git_sha(), "date": time.strftime("%Y-%m-%d"),
             "block_mib": g.payload_bytes / 2**20, "dir": str(root)}
+    emit(rows, meta, args.out)
+    return 0
+
+
+def emit(rows: list[dict], meta: dict, out: Path | None) -> None:
+    """Print each row as JSON; with `out`, append it with `meta` as JSON lines."""
     for r in rows:
         print(json.dumps(r))
-        if args.out:
-            with open(args.out, "a") as f:
+        if out:
+            with open(out, "a") as f:
                 f.write(json.dumps({**meta, **r}) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ with the Python reader doubled its TPOT (session 18).
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import shutil
 import sys
 import threading
@@ -33,6 +33,8 @@ try:  # the installed package over the source tree
     import dualpath  # noqa: F401
 except ImportError:
     sys.path.insert(0, str(ROOT / "python"))
+
+from bench_gil import emit  # noqa: E402  (this script's folder is on sys.path)
 
 from dualpath.storage import BlockGeometry, BlockStore, fingerprint  # noqa: E402
 from dualpath.storage.page_first import (  # noqa: E402
@@ -59,63 +61,58 @@ def pct(xs: list, q: float) -> float:
     return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
 
 
+def measure(workers: list, seconds: float, releases: int) -> tuple[dict, float]:
+    """Run `workers` (each `fn(stop) -> None`, looping until stop is set) next to the
+    scheduler thread for `seconds`; the scheduler's step percentiles and the wall seconds."""
+    stop, steps = threading.Event(), []
+    threads = [threading.Thread(target=w, args=(stop,)) for w in workers]
+    threads.append(threading.Thread(target=scheduler, args=(stop, releases, steps)))
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    return ({"step_ms_p50": round(pct(steps, 50) * 1e3, 3),
+             "step_ms_p90": round(pct(steps, 90) * 1e3, 3), "steps": len(steps)},
+            time.perf_counter() - t0)
+
+
+def run_reads(adapter, keys, ptrs, batch: int, readers: int, seconds: float,
+              releases: int) -> dict:
+    moved = [0] * readers
+
+    def reader(i: int):
+        def read(stop: threading.Event) -> None:
+            j = i * batch
+            while not stop.is_set():
+                ks = [keys[(j + x) % len(keys)] for x in range(batch)]
+                if not all(adapter.get_pages(ks, *ptrs[i])):
+                    raise RuntimeError("a block went missing")
+                moved[i] += batch
+                j += batch
+        return read
+
+    r, took = measure([reader(i) for i in range(readers)], seconds, releases)
+    return {"read_gbps": round(sum(moved) * adapter.store.block_bytes / took / 1e9, 3), **r}
+
+
 def run_writes(adapter, ptrs, batch: int, seconds: float, releases: int) -> dict:
-    import os
+    moved = [0]
 
-    stop, steps, moved = threading.Event(), [], [0]
-
-    def write() -> None:
+    def write(stop: threading.Event) -> None:
         j = 0
-        k, v = ptrs[0]
         while not stop.is_set():
             ks = [f"pfgil-w{j}-{x}" for x in range(batch)]
-            adapter.set_pages(ks, k, v)
+            adapter.set_pages(ks, *ptrs[0])
             moved[0] += batch
             for key in ks:
                 os.unlink(adapter.store.path(key))
             j += 1
 
-    w = threading.Thread(target=write)
-    sch = threading.Thread(target=scheduler, args=(stop, releases, steps))
-    t0 = time.perf_counter()
-    w.start()
-    sch.start()
-    time.sleep(seconds)
-    stop.set()
-    w.join()
-    sch.join()
-    took = time.perf_counter() - t0
-    return {"write_gbps": round(moved[0] * adapter.store.block_bytes / took / 1e9, 3),
-            "step_ms_p50": round(pct(steps, 50) * 1e3, 3),
-            "step_ms_p90": round(pct(steps, 90) * 1e3, 3), "steps": len(steps)}
-
-
-def run(adapter, keys, ptrs, batch: int, readers: int, seconds: float, releases: int) -> dict:
-    stop, steps, moved = threading.Event(), [], [0] * readers
-
-    def read(i: int) -> None:
-        j = i * batch
-        while not stop.is_set():
-            ks = [keys[(j + x) % len(keys)] for x in range(batch)]
-            k, v = ptrs[i]
-            if not all(adapter.get_pages(ks, k, v)):
-                raise RuntimeError("a block went missing")
-            moved[i] += batch
-            j += batch
-
-    th = [threading.Thread(target=read, args=(i,)) for i in range(readers)]
-    sch = threading.Thread(target=scheduler, args=(stop, releases, steps))
-    t0 = time.perf_counter()
-    for t in th + [sch]:
-        t.start()
-    time.sleep(seconds)
-    stop.set()
-    for t in th + [sch]:
-        t.join()
-    took = time.perf_counter() - t0
-    return {"read_gbps": round(sum(moved) * adapter.store.block_bytes / took / 1e9, 3),
-            "step_ms_p50": round(pct(steps, 50) * 1e3, 3),
-            "step_ms_p90": round(pct(steps, 90) * 1e3, 3), "steps": len(steps)}
+    r, took = measure([write], seconds, releases)
+    return {"write_gbps": round(moved[0] * adapter.store.block_bytes / took / 1e9, 3), **r}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,39 +154,31 @@ def main(argv: list[str] | None = None) -> int:
     sys.setswitchinterval(args.switch_interval_ms / 1e3)
     rows = []
     try:
-        stop, steps = threading.Event(), []
-        t = threading.Thread(target=scheduler, args=(stop, args.releases, steps))
-        t.start()
-        time.sleep(args.seconds)
-        stop.set()
-        t.join()
-        alone = {"case": "scheduler alone", "step_ms_p50": round(pct(steps, 50) * 1e3, 3),
-                 "step_ms_p90": round(pct(steps, 90) * 1e3, 3)}
+        r, _ = measure([], args.seconds, args.releases)
+        alone = {"case": "scheduler alone", "step_ms_p50": r["step_ms_p50"],
+                 "step_ms_p90": r["step_ms_p90"]}
         rows.append(alone)
-        for native in (True, False):
-            a = PageFirstAdapter(store, io_threads=args.io_threads, native=native)
-            a.get_pages(keys[:args.batch], *ptrs[0])  # warm: threads, staging buffers
-            r = run(a, keys, ptrs, args.batch, args.readers, args.seconds, args.releases)
-            a.close()
-            r["step_p50_vs_alone"] = round(r["step_ms_p50"] / alone["step_ms_p50"], 2)
-            rows.append({"case": f"reads, {'native' if native else 'python'} reader", **r})
-        for native in (True, False):
-            a = PageFirstAdapter(store, io_threads=args.io_threads, native=native)
-            r = run_writes(a, ptrs, args.batch, args.seconds, args.releases)
-            a.close()
-            r["step_p50_vs_alone"] = round(r["step_ms_p50"] / alone["step_ms_p50"], 2)
-            rows.append({"case": f"writes, {'native' if native else 'python'} writer", **r})
+        for op in ("reads", "writes"):
+            for native in (True, False):
+                a = PageFirstAdapter(store, io_threads=args.io_threads, native=native)
+                if op == "reads":
+                    a.get_pages(keys[:args.batch], *ptrs[0])  # warm: threads, staging buffers
+                    r = run_reads(a, keys, ptrs, args.batch, args.readers, args.seconds,
+                                  args.releases)
+                else:
+                    r = run_writes(a, ptrs, args.batch, args.seconds, args.releases)
+                a.close()
+                r["step_p50_vs_alone"] = round(r["step_ms_p50"] / alone["step_ms_p50"], 2)
+                kind = "native" if native else "python"
+                who = {"reads": "reader", "writes": "writer"}[op]
+                rows.append({"case": f"{op}, {kind} {who}", **r})
     finally:
         sys.setswitchinterval(default)
         shutil.rmtree(root, ignore_errors=True)
     meta = {"bench": "pagefirst_gil", "git_sha": git_sha(), "date": time.strftime("%Y-%m-%d"),
             "batch": args.batch, "io_threads": args.io_threads, "readers": args.readers,
             "releases": args.releases, "switch_interval_ms": args.switch_interval_ms}
-    for r in rows:
-        print(json.dumps(r))
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps({**meta, **r}) + "\n")
+    emit(rows, meta, args.out)
     return 0
 
 

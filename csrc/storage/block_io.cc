@@ -12,6 +12,8 @@
 #include <cstring>
 #include <random>
 
+#include "dualpath/iov.h"
+
 #define XXH_INLINE_ALL
 #include "xxhash.h"
 
@@ -35,19 +37,6 @@ void sleep_until(double t) {
   }
 }
 
-// Drops `done` bytes from the front of iov[0, n).
-void advance(iovec*& iov, int& n, size_t done) {
-  while (n > 0 && done >= iov->iov_len) {
-    done -= iov->iov_len;
-    ++iov;
-    --n;
-  }
-  if (n > 0) {
-    iov->iov_base = static_cast<uint8_t*>(iov->iov_base) + done;
-    iov->iov_len -= done;
-  }
-}
-
 // Fills iov in order from fd; returns bytes read (short only at end of file) or -1 (errno set).
 ssize_t readv_full(int fd, iovec* iov, int n) {
   ssize_t got = 0;
@@ -59,7 +48,7 @@ ssize_t readv_full(int fd, iovec* iov, int n) {
     }
     if (r == 0) break;
     got += r;
-    advance(iov, n, static_cast<size_t>(r));
+    iov_advance(iov, n, static_cast<size_t>(r));
   }
   return got;
 }
@@ -78,7 +67,7 @@ bool writev_full(int fd, iovec* iov, int n) {
       if (errno == EINTR) continue;
       return false;
     }
-    advance(iov, n, static_cast<size_t>(w));
+    iov_advance(iov, n, static_cast<size_t>(w));
   }
   return true;
 }

@@ -67,7 +67,7 @@ class LinkClock:
             return self._end
 
 
-@dataclass
+@dataclass(eq=False)
 class BatchTransfer:
     """n transfers done by one call (`StorageNic.transfers`): `ends` are their line-rate finish
     times (time.monotonic; None without a cap), `ok` is set by the caller to the number that
@@ -76,6 +76,9 @@ class BatchTransfer:
     n: int
     ends: list[float] | None = None
     ok: int = 0
+    nbytes: int = 0  # each
+    tokens: int = 0  # each
+    retired: int = 0  # queued reads that already left the read queue at their ends
 
 
 class StorageNic:
@@ -90,10 +93,10 @@ class StorageNic:
                    "reads_in_flight": 0, "writes_in_flight": 0, "read_queue_bytes": 0,
                    "read_queue_tokens": 0}
         self._busy_s, self._busy_since = 0.0, None
-        # queued reads of native batches with line-rate ends: [ends, how many retired, bytes,
-        # tokens]; each leaves the read queue at its end time (`_retire_due`), as the Python
-        # reader's reads leave it one by one, not all when the batch returns
-        self._timed: list[list] = []
+        # queued reads of native batches with line-rate ends: each leaves the read queue at its
+        # end time (`_retire_due`), as the Python reader's reads leave it one by one, not all
+        # when the batch returns
+        self._timed: list[BatchTransfer] = []
 
     def set_cap(self, cap_gbps: float | None) -> None:
         """Change the emulated cap (None = meter only). Transfers already reserved keep their
@@ -133,15 +136,9 @@ class StorageNic:
         A failed transfer is not counted as moved bytes. `started_at` (time.monotonic): the
         transfer already ran from then (a native write), so its line-rate end counts from
         there; it is in flight only while it waits for that end."""
-        if op not in ("read", "write"):
-            raise ValueError(f"op must be 'read' or 'write', got {op!r}")
-        clock = self._clocks.get(op)
+        clock = self._check_op(op)
         end = clock.reserve(nbytes, now=started_at) if clock else None
-        with self._lock:
-            self._c[f"{op}s_in_flight"] += 1
-            if op == "read" and self._c["reads_in_flight"] == 1:
-                self._busy_since = time.monotonic()
-        _IN_FLIGHT.labels(self.node, op).inc()
+        self._begin(op, 1)
         ok = False
         try:
             yield
@@ -151,17 +148,7 @@ class StorageNic:
                 if wait > 0:
                     time.sleep(wait)
         finally:
-            with self._lock:
-                self._c[f"{op}s_in_flight"] -= 1
-                if ok:
-                    self._c[f"{op}_bytes"] += nbytes
-                    self._c[f"{op}_ops"] += 1
-                if op == "read" and self._c["reads_in_flight"] == 0:
-                    self._busy_s += time.monotonic() - self._busy_since
-            _IN_FLIGHT.labels(self.node, op).dec()
-            if ok:
-                _BYTES.labels(self.node, op).inc(nbytes)
-                _OPS.labels(self.node, op).inc()
+            self._end(op, 1, int(ok), nbytes)
             if queued:
                 self._retire_read(nbytes, tokens)
 
@@ -171,54 +158,66 @@ class StorageNic:
         """`transfer` for n blocks of `nbytes` that one native call moves: each is reserved on
         the clock now, in order (the call waits for `ends` itself, without the GIL); at exit the
         batch's `ok` count is counted as moved and, for reads submitted with `submit_read`, all
-        n leave the queue."""
-        if op not in ("read", "write"):
-            raise ValueError(f"op must be 'read' or 'write', got {op!r}")
+        n leave the queue (those whose line-rate end passed already did, `_retire_due`)."""
+        clock = self._check_op(op)
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
-        clock = self._clocks.get(op)
-        batch = BatchTransfer(n, [clock.reserve(nbytes) for _ in range(n)] if clock else None)
-        timed = [batch.ends, 0, nbytes, tokens] if queued and batch.ends else None
+        batch = BatchTransfer(n, [clock.reserve(nbytes) for _ in range(n)] if clock else None,
+                              nbytes=nbytes, tokens=tokens)
+        timed = queued and bool(batch.ends)
+        if timed:
+            with self._lock:
+                self._timed.append(batch)
+        self._begin(op, n)
+        try:
+            yield batch
+        finally:
+            self._end(op, n, min(max(batch.ok, 0), n), nbytes)
+            if timed:
+                with self._lock:
+                    self._timed.remove(batch)
+            left = n - batch.retired
+            if queued and left:
+                self._retire_read(left * nbytes, left * tokens)
+
+    def _check_op(self, op: str) -> LinkClock | None:
+        """The op's line-rate clock (None without a cap); ValueError for an unknown op."""
+        if op not in ("read", "write"):
+            raise ValueError(f"op must be 'read' or 'write', got {op!r}")
+        return self._clocks.get(op)
+
+    def _begin(self, op: str, n: int) -> None:
         with self._lock:
             self._c[f"{op}s_in_flight"] += n
             if op == "read" and n and self._c["reads_in_flight"] == n:
                 self._busy_since = time.monotonic()
-            if timed:
-                self._timed.append(timed)
         _IN_FLIGHT.labels(self.node, op).inc(n)
-        try:
-            yield batch
-        finally:
-            ok = min(max(batch.ok, 0), n)
-            with self._lock:
-                self._c[f"{op}s_in_flight"] -= n
-                self._c[f"{op}_bytes"] += ok * nbytes
-                self._c[f"{op}_ops"] += ok
-                if op == "read" and n and self._c["reads_in_flight"] == 0:
-                    self._busy_s += time.monotonic() - self._busy_since
-                left = n
-                if timed:
-                    self._timed.remove(timed)
-                    left = n - timed[1]
-            _IN_FLIGHT.labels(self.node, op).dec(n)
-            if ok:
-                _BYTES.labels(self.node, op).inc(ok * nbytes)
-                _OPS.labels(self.node, op).inc(ok)
-            if queued and left:
-                self._retire_read(left * nbytes, left * tokens)
+
+    def _end(self, op: str, n: int, ok: int, nbytes: int) -> None:
+        """n transfers of `op` are over, `ok` of them moved their `nbytes`."""
+        with self._lock:
+            self._c[f"{op}s_in_flight"] -= n
+            self._c[f"{op}_bytes"] += ok * nbytes
+            self._c[f"{op}_ops"] += ok
+            if op == "read" and n and self._c["reads_in_flight"] == 0:
+                self._busy_s += time.monotonic() - self._busy_since
+        _IN_FLIGHT.labels(self.node, op).dec(n)
+        if ok:
+            _BYTES.labels(self.node, op).inc(ok * nbytes)
+            _OPS.labels(self.node, op).inc(ok)
 
     def _retire_due(self) -> None:
         """Queued reads of native batches whose line-rate end passed leave the read queue."""
         now = time.monotonic()
         due_bytes = due_tokens = 0
         with self._lock:
-            for t in self._timed:
-                ends, i = t[0], t[1]
-                while i < len(ends) and ends[i] <= now:
+            for b in self._timed:
+                i = b.retired
+                while i < b.n and b.ends[i] <= now:
                     i += 1
-                due_bytes += (i - t[1]) * t[2]
-                due_tokens += (i - t[1]) * t[3]
-                t[1] = i
+                due_bytes += (i - b.retired) * b.nbytes
+                due_tokens += (i - b.retired) * b.tokens
+                b.retired = i
         if due_bytes:
             self._retire_read(due_bytes, due_tokens)
 

@@ -17,6 +17,7 @@ gather, checksum, temp file and rename in one call per block, ~15 hand-overs bef
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -34,6 +35,7 @@ from dualpath.storage.block_file import (
     RESERVED_OFFSET,
     encode_header,
 )
+from dualpath.storage.nic import BatchTransfer
 from dualpath.storage.store import CLAIM_STALE_S, BlockStore
 
 log = logging.getLogger(__name__)
@@ -171,7 +173,7 @@ class PageFirstAdapter:
         headers = b"".join(encode_header(k, store.fp, g, g.payload_bytes, 0) for k in keys)
         nic = store.nic
         with (nic.transfers("read", len(keys), store.block_bytes, g.page_size, queued=True)
-              if nic is not None else _no_batch(len(keys))) as batch:
+              if nic is not None else contextlib.nullcontext(BatchTransfer(len(keys)))) as batch:
             status, errnos = self._native(
                 paths, headers, k_ptrs, v_ptrs, batch.ends or [], g.num_layers, g.page_size,
                 self.row_bytes, HEADER_BYTES, DIGEST_OFFSET, RESERVED_OFFSET, FIXED_BYTES)
@@ -206,17 +208,3 @@ class PageFirstAdapter:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
-
-class _no_batch:
-    """`StorageNic.transfers` for a store without a NIC: no clock, nothing counted."""
-
-    def __init__(self, n: int):
-        from dualpath.storage.nic import BatchTransfer
-
-        self.batch = BatchTransfer(n)
-
-    def __enter__(self):
-        return self.batch
-
-    def __exit__(self, *exc) -> None:
-        return None

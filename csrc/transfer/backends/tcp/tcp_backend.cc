@@ -28,6 +28,7 @@
 #include <thread>
 #include <vector>
 
+#include "dualpath/iov.h"
 #include "../../engine.h"
 
 namespace dualpath::transfer {
@@ -76,16 +77,7 @@ std::string send_all(int fd, iovec* iov, int n) {
       if (errno == EINTR) continue;
       return errno == EAGAIN ? "peer did not take data for 30 s" : sys_error("send");
     }
-    size_t left = static_cast<size_t>(k);
-    while (n > 0 && left >= iov->iov_len) {
-      left -= iov->iov_len;
-      ++iov;
-      --n;
-    }
-    if (n > 0) {
-      iov->iov_base = static_cast<char*>(iov->iov_base) + left;
-      iov->iov_len -= left;
-    }
+    dualpath::iov_advance(iov, n, static_cast<size_t>(k));
   }
   return "";
 }
