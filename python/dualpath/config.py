@@ -166,7 +166,9 @@ class PluginConfig:
     are dropped as duplicates, and the request waits for the read. With host_cache_tokens 0
     the pool still served 66% of prompt tokens on arrival (2x H100, 4c4ecf3; likely an agent's
     last turn, pinned while its pages are written to storage), which the paper's setting (3FS,
-    no DRAM cache) never serves. Needs the prefetch queue (its hooks). TP = 1 only."""
+    no DRAM cache) never serves. A read of pages whose storage write is still in flight waits
+    for the write (sglang_plugin/write_wait.py); stock would read the stored part and keep the
+    rest as a host hit. Needs the prefetch queue (its hooks). TP = 1 only."""
     async_page_indices: bool = False
     """Prefill: a finished request's KV page indices are read on a side stream instead of with
     a `.cpu()` that waits for the forward launched after it (sglang_plugin/page_indices.py;

@@ -23,6 +23,7 @@ PARAMS = {
                               "last_hash", "prefix_keys"],
     "check_prefetch_progress": ["self", "req_id"],
     "check_hicache_events": ["self"],
+    "write_backup_storage": ["self", "node", "backup_len"],
     "process_batch_result_disagg_prefill": ["self", "batch", "result"],
     "send_kv_chunk": ["self", "req", "last_chunk", "end_idx"],
     "kv_to_page_indices": ["kv_indices", "page_size"],

@@ -876,6 +876,92 @@ def test_refetch_reads_a_host_only_match_from_storage_again(monkeypatch):
     assert cache2.cache_controller.started == [("g", 2 * PAGE)]
 
 
+def test_a_refetch_waits_for_the_storage_write_of_its_pages(monkeypatch):
+    """--dualpath-refetch-host-hits: turn 2's prompt is host-only and its storage write (queued
+    by SGLang's write_backup_storage) is still in flight when turn 3 arrives. Stock would read
+    only the stored part and keep the rest as a free host hit; here the refetch is queued until
+    the write is acked (SGLang drops it from ongoing_backup), then reads the whole chain. A
+    request behind it whose prefix is stored is not held back."""
+    import torch
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    from dualpath.sglang_plugin import write_wait
+
+    monkeypatch.setenv("DUALPATH_PLUGIN_CONFIG", '{"refetch_host_hits": true}')
+    other = array("q", range(50_000, 50_000 + 2 * PAGE))
+    cache = make_cache(stored_tokens=list(other))
+    root, _ = _real_tree(cache)
+    cache.ongoing_backup = {}
+    turn1, turn2 = array("q", range(2 * PAGE)), array("q", range(2 * PAGE, 4 * PAGE))
+    cache._insert_helper_host(root, RadixKey(turn1), torch.arange(2 * PAGE), ["h1", "h2"])
+    gpu = root.children[RadixKey(turn1).child_key(PAGE)]
+    gpu.value = torch.arange(2 * PAGE)
+    cache._insert_helper_host(root, RadixKey(turn1 + turn2), torch.arange(4 * PAGE),
+                              ["h1", "h2", "h3", "h4"])
+    host = gpu.children[RadixKey(turn2).child_key(PAGE)]
+    # SGLang's write_backup_storage queues op 7 for turn 2's node (AFTER hook: its hashes)
+    cache.ongoing_backup[7] = host
+    assert write_wait.noted_backup(None, cache, host) is None
+    assert write_wait.writing(cache, ("h4",)) and not write_wait.writing(cache, ("h2",))
+
+    cc = cache.cache_controller
+    waited = pq.STATS["pf_waited_write"]
+    new = array("q", range(10_000, 10_000 + 2 * PAGE))
+    cache.prefetch_from_storage("r", host, new, "h4", None)
+    assert cc.started == [] and "r" in getattr(cache, pq.ATTR)
+    assert pq.STATS["pf_waited_write"] == waited + 1
+    assert gpu.host_ref_counter == 1, "the anchor is protected while it waits"
+    assert cache.check("r") is False, "its request waits with it"
+    cache.prefetch_from_storage("t", Node(), other, None, None)  # stored, budget free
+    assert cc.started == [("t", 2 * PAGE)], "not behind a refetch that waits for a write"
+    del cache.ongoing_backup[7]  # acked
+    cache.check("r")
+    assert cc.started[-1] == ("r", 4 * PAGE), "the whole host-only chain, read after the write"
+    assert not getattr(cache, pq.ATTR) and not write_wait.writing(cache, ("h3", "h4"))
+    assert gpu.host_ref_counter == 1, "the started prefetch holds the anchor, the queue let go"
+    # no write in flight: the refetch starts at once (the existing refetch test's path)
+    cc.started.clear()
+    cache2 = make_cache(stored_tokens=None)
+    cache2.prefetch_from_storage("u", Node(), list(range(2 * PAGE)), None, None)
+    assert cache2.cache_controller.started == [("u", 2 * PAGE)]
+
+
+def test_pending_write_hashes_follow_sglangs_split_chain():
+    """An op queued for a node that was split before its write-through finished covers the
+    chain of backup_len tokens ending at it (SGLang's _concat_split_chain); the op leaves
+    once SGLang has dropped it, also when the same page hash is in two ops."""
+    from dualpath.sglang_plugin import write_wait
+    from dualpath.sglang_plugin.prefetch_meters import Settings
+
+    def node(parent, n, hashes):
+        return types.SimpleNamespace(parent=parent, key=[0] * n, hash_value=hashes)
+    root = types.SimpleNamespace(parent=None, key=[], hash_value=[])
+    top = node(root, 2 * PAGE, ["a", "b"])
+    mid = node(top, PAGE, ["c"])
+    leaf = node(mid, PAGE, ["d"])
+    assert write_wait._chain_hashes(leaf, 2 * PAGE) == ["c", "d"]
+    assert write_wait._chain_hashes(leaf, None) == ["d"]
+    assert write_wait._chain_hashes(leaf, 10 * PAGE) == ["a", "b", "c", "d"]
+    assert write_wait.suffix_hashes(leaf, top) == ("c", "d")
+    cache = types.SimpleNamespace(ongoing_backup={},
+                                  _dualpath_settings=Settings(
+                                      True, -1, -1, True))
+    cache.ongoing_backup[1] = leaf
+    write_wait.noted_backup(None, cache, leaf, 2 * PAGE)
+    cache.ongoing_backup[2] = mid
+    write_wait.noted_backup(None, cache, mid)
+    assert write_wait.writing(cache, ("x", "c"))
+    del cache.ongoing_backup[1]
+    assert write_wait.writing(cache, ("c",)) and not write_wait.writing(cache, ("d",))
+    cache.ongoing_backup.clear()  # acked, or SGLang's reset
+    assert not write_wait.writing(cache, ("c",)) and not cache._dualpath_pending_hashes
+    # off (no refetch): nothing recorded
+    off = types.SimpleNamespace(ongoing_backup={3: leaf}, _dualpath_settings=(
+        Settings(True, -1, -1, False)))
+    write_wait.noted_backup(None, off, leaf)
+    assert not write_wait.writing(off, ("d",))
+
+
 def test_a_nodes_pages_freed_without_unique_are_the_pages_free_releases():
     """trim_device frees a demoted node's pages with SGLang's free_segment (no torch.unique, so
     no GPU sync per node): on SGLang's own paged allocator it releases exactly the pages its

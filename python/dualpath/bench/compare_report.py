@@ -127,7 +127,8 @@ def table(results: list[dict]) -> str:
                        ("PE match pinned", "pe_pf_arrival_pinned"),
                        ("PE match writing", "pe_pf_arrival_backup_pending"),
                        ("PE GPU trimmed", "pe_pf_device_trimmed_tokens"),
-                       ("PE refetched", "pe_pf_refetched_tokens")):
+                       ("PE refetched", "pe_pf_refetched_tokens"),
+                       ("PE pf wait write", "pe_pf_waited_write")):
         lines.append(f"{label:16}" + "".join(cell((r["offline"].get("bytes") or {}).get(key))
                                              for r in results))
     lines.append(f"{'PE recomputed':16}" + "".join(cell(recomputed_share(r["offline"]))

@@ -21,6 +21,7 @@ from dualpath.sglang_plugin import (
     pd_poll,
     pd_send,
     prefetch_queue,
+    write_wait,
 )
 
 log = logging.getLogger("dualpath.hooks")
@@ -229,6 +230,9 @@ PREFETCH_QUEUE_HOOKS: tuple[Hook, ...] = (
     Hook(_HRC + "check_hicache_events", "AFTER", prefetch_queue.after_events,
          "--dualpath-device-cache-tokens / --dualpath-host-cache-tokens: the prefill's GPU "
          "and host pools stage rather than cache (both arms)"),
+    Hook(_HRC + "write_backup_storage", "AFTER", write_wait.noted_backup,
+         "--dualpath-refetch-host-hits: which page hashes a storage write in flight holds (a "
+         "refetch of them waits for it)"),
     Hook(_HRC + "evict", "AFTER", prefetch_queue.evicted,
          "tokens the GPU eviction freed (pf_gpu_evicted_tokens)"),
     Hook("sglang.srt.mem_cache.radix_cache.RadixCache.cache_unfinished_req", "AFTER",

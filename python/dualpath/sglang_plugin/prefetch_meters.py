@@ -34,6 +34,9 @@ STATS = {"pf_queued": 0, "pf_waited_host": 0, "pf_started": 0, "pf_empty": 0,
          "pf_arrival_gpu_tokens": 0, "pf_arrival_pinned": 0, "pf_arrival_backup_pending": 0,
          # host-only matched tokens read from storage again (--dualpath-refetch-host-hits)
          "pf_refetched_tokens": 0,
+         # of those refetches, the ones queued until the storage writes of their pages were
+         # acked (write_wait), and the seconds they waited, summed
+         "pf_waited_write": 0, "pf_write_wait_s_total": 0.0,
          # prefetches that loaded something: seconds from start to the scheduler seeing them
          # complete, summed, and the tokens they loaded (per-request read rate = ratio)
          "pf_read_s_total": 0.0, "pf_read_tokens_total": 0,

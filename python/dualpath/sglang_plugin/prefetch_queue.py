@@ -92,6 +92,7 @@ from dualpath.sglang_plugin.prefetch_meters import (  # noqa: F401
     evicted,
     snapshot,
 )
+from dualpath.sglang_plugin.write_wait import suffix_hashes, writing
 
 log = logging.getLogger("dualpath.prefetch_queue")
 _QUEUED = Counter("dualpath_prefetch_queued", "Storage prefetches queued for budget instead of "
@@ -107,6 +108,12 @@ STARTED = "_dualpath_prefetch_started"
 
 def _limited(cache, tokens: int) -> bool:
     return cache.cache_controller.prefetch_rate_limited() or _no_room(cache, tokens)
+
+
+def _ahead(cache, q: OrderedDict) -> bool:
+    """Does a queued prefetch that could start wait ahead (first in, first out)? Those waiting
+    for storage writes (write_wait) do not hold the others back."""
+    return any(not item[5] or not writing(cache, item[5]) for item in q.values())
 
 
 def _started(cache, req_id, tokens: int) -> None:
@@ -176,6 +183,7 @@ def prefetch(original, cache, req_id, last_host_node, new_input_tokens, last_has
     """AROUND HiRadixCache.prefetch_from_storage: queue instead of dropping when the budget is
     taken or others already wait."""
     matched = last_host_node
+    wait = ()  # page hashes whose storage writes this refetch waits for
     if not getattr(cache, DRAINING, False):  # a queued one was counted when it arrived
         count_arrival(cache, last_host_node, len(new_input_tokens))
         # --dualpath-refetch-host-hits (not for EAGLE's bigram keys, whose node keys overlap)
@@ -187,6 +195,8 @@ def prefetch(original, cache, req_id, last_host_node, new_input_tokens, last_has
                       and getattr(last_host_node.key, "extra_key", None) is not None)
             if len(again) and not salted:
                 STATS["pf_refetched_tokens"] += len(again)
+                wait = suffix_hashes(last_host_node, anchor)
+                wait = wait if writing(cache, wait) else ()
                 last_host_node = anchor
                 new_input_tokens = join_tokens(again, new_input_tokens)
                 last_hash = (anchor.get_last_hash_value()
@@ -205,15 +215,19 @@ def prefetch(original, cache, req_id, last_host_node, new_input_tokens, last_has
     cc = cache.cache_controller
     q = _queue(cache)
     _expire(cache, q)
-    if (getattr(cache, "enable_storage", False) and aligned >= cache.prefetch_threshold
-            and (q or _limited(cache, aligned))
-            and stored_prefix(cache, last_host_node, new_input_tokens, last_hash, prefix_keys)):
+    if wait or (getattr(cache, "enable_storage", False) and aligned >= cache.prefetch_threshold
+                and (_ahead(cache, q) or _limited(cache, aligned))
+                and stored_prefix(cache, last_host_node, new_input_tokens, last_hash,
+                                  prefix_keys)):
         last_host_node.protect_host()  # as stock does for a started prefetch
-        q[req_id] = (last_host_node, new_input_tokens, last_hash, prefix_keys, time.monotonic())
+        q[req_id] = (last_host_node, new_input_tokens, last_hash, prefix_keys, time.monotonic(),
+                     wait)
         _QUEUED.inc()
         _WAITING.set(len(q))
         STATS["pf_queued"] += 1
-        if not cc.prefetch_rate_limited():
+        if wait:
+            STATS["pf_waited_write"] += 1
+        elif not cc.prefetch_rate_limited():
             STATS["pf_waited_host"] += 1
         log.debug("prefetch of %d tokens for %s queued (budget or host room taken)", aligned,
                   req_id)
@@ -244,12 +258,17 @@ def drain(cache) -> None:
     _expire(cache, q)
     setattr(cache, DRAINING, True)
     try:
-        while q:
-            rid, (node, tokens, last_hash, prefix_keys, t0) = next(iter(q.items()))
+        for rid in list(q):
+            node, tokens, last_hash, prefix_keys, t0, wait = q[rid]
+            if wait and writing(cache, wait):
+                continue  # its pages are not all stored yet: the ones behind it may go
             if _limited(cache, len(tokens) - len(tokens) % cache.page_size):
                 break
-            q.popitem(last=False)
-            _WAIT_S.observe(time.monotonic() - t0)
+            del q[rid]
+            waited = time.monotonic() - t0
+            _WAIT_S.observe(waited)
+            if wait:
+                STATS["pf_write_wait_s_total"] += waited
             cache.prefetch_from_storage(rid, node, tokens, last_hash, prefix_keys)
             node.release_host()  # the started prefetch holds its own protection
     finally:
