@@ -351,3 +351,35 @@ def test_native_writes_keep_the_cap_and_the_capacity(tmp_path):
     assert store._used == n * store.block_bytes
     snap = nic.snapshot()
     assert snap.write_bytes == n * store.block_bytes and snap.writes_in_flight == 0
+
+
+def test_writes_do_not_queue_behind_reads(tmp_path):
+    """Reads that hold every read thread (a capped NIC paces them) do not hold back a write:
+    the two directions have thread pools of their own."""
+    import threading
+
+    store = BlockStore(str(tmp_path), G, fingerprint("m", G), description={})
+    a = PageFirstAdapter(store, io_threads=2, native=False)
+    release, started = threading.Event(), threading.Semaphore(0)
+
+    def slow_get(*args, **kwargs):
+        started.release()
+        release.wait(30)
+        return False
+    a._get_one = slow_get
+    dst, src = host_pool(2 * PS, 1), host_pool(PS, 2)
+    reader = threading.Thread(target=a.get_pages, args=([key(1), key(2)], *page_ptrs(dst, [0, 1])))
+    reader.start()
+    assert started.acquire(timeout=10) and started.acquire(timeout=10), "both read threads busy"
+    done = []
+    writer = threading.Thread(target=lambda: done.append(a.set_pages([key(3)],
+                                                                      *page_ptrs(src, [0]))))
+    writer.start()
+    writer.join(10)
+    finished = not writer.is_alive()
+    release.set()
+    reader.join(10)
+    writer.join(10)
+    assert finished and done == [[True]], "the write waited for the reads"
+    assert store.exists_prefix([key(3)]) == 1
+    a.close()

@@ -80,6 +80,12 @@ class PageFirstAdapter:
         self._local = threading.local()
         self._io_threads = io_threads
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="dualpath-pagefirst")
+        # writes have threads of their own: a NIC's two directions are independent, and in one
+        # shared FIFO pool SGLang's storage backups queued behind the prefetch reads, which hold
+        # their threads for the read's line-rate time (2x H100, 25ccd4e: the backup thread was
+        # 95% busy and a write finished ~2.9 s after its turn, so the next turn found it unstored)
+        self._write_pool = ThreadPoolExecutor(io_threads,
+                                              thread_name_prefix="dualpath-pagefirst-write")
         self._native = native_reader() if native is not False else None
         self._native_write = native_writer() if native is not False else None
         if native and (self._native is None or self._native_write is None):
@@ -198,7 +204,7 @@ class PageFirstAdapter:
                   v_ptrs: Sequence[int]) -> list[bool]:
         """Store each page as a Full Block (already stored keys are skipped)."""
         self._check(keys, k_ptrs, v_ptrs)
-        return list(self._pool.map(self._set_one, keys, k_ptrs, v_ptrs))
+        return list(self._write_pool.map(self._set_one, keys, k_ptrs, v_ptrs))
 
     @staticmethod
     def _check(keys, k_ptrs, v_ptrs) -> None:
@@ -207,4 +213,5 @@ class PageFirstAdapter:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._write_pool.shutdown(wait=True)
 
