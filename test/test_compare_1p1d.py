@@ -422,6 +422,11 @@ def test_where_the_prefills_reuse_came_from():
     assert report.read_rate_per_prefetch(run) is None
     run["bytes"].update(pe_pf_read_s_total=2.0, pe_pf_read_tokens_total=96_000)
     assert report.read_rate_per_prefetch(run) == 48.0
+    assert report.prefetch_stage_mean(run, "to_start") is None
+    run["bytes"].update(pe_pf_to_start_s_total=3.0, pe_pf_to_start_count=4,
+                        pe_pf_read_all_s_total=1.0, pe_pf_done_count=0)
+    assert report.prefetch_stage_mean(run, "to_start") == 0.75
+    assert report.prefetch_stage_mean(run, "read_all") is None  # none completed
     assert report.storage_share(run) == 0.5
     assert report.arrival_match_share({}) is None and report.storage_share({}) is None
     tl = {"mean_in_queue": 6.95, "mean_in_forward": 2.6, "no_forward_share": 0.199,

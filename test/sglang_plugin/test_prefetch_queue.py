@@ -336,6 +336,9 @@ def test_a_completed_prefetch_is_held_until_its_request_runs():
     assert cache.check("r") is True
     assert pq.STATS["pf_read_tokens_total"] == before["pf_read_tokens_total"] + 4 * PAGE
     assert 0.5 <= pq.STATS["pf_read_s_total"] - before["pf_read_s_total"] < 5
+    # every completed prefetch's read time, and (below) its wait for the request's batch
+    assert pq.STATS["pf_done_count"] == before["pf_done_count"] + 1
+    assert 0.5 <= pq.STATS["pf_read_all_s_total"] - before["pf_read_all_s_total"] < 5
     leaf = root.children[next(iter(root.children))].children
     leaf = leaf[next(iter(leaf))]
     assert leaf.host_ref_counter == 1 and root.host_ref_counter == 0
@@ -351,6 +354,40 @@ def test_a_completed_prefetch_is_held_until_its_request_runs():
     pq.cached(None, cache, types.SimpleNamespace(rid="r"))
     assert leaf.host_ref_counter == 0
     assert pq.evictable_host_tokens(cache) == 2 * PAGE
+    assert pq.STATS["pf_ran_count"] == before["pf_ran_count"] + 1
+    assert 0 <= pq.STATS["pf_to_run_s_total"] - before["pf_to_run_s_total"] < 5
+    pq.cached(None, cache, types.SimpleNamespace(rid="r"))  # a later chunk: metered once
+    assert pq.STATS["pf_ran_count"] == before["pf_ran_count"] + 1
+
+
+def test_the_wait_from_arrival_to_the_reads_start_is_metered():
+    """A prefetch queued on arrival (budget taken) is metered from SGLang's first call to its
+    start; one that starts at once counts ~0; a refused one (too short) is not counted."""
+    import time
+
+    tokens = list(range(2048))
+    cache = make_cache(stored_tokens=tokens)
+    cc, node = cache.cache_controller, Node()
+    before = dict(pq.STATS)
+    cc.prefetch_tokens_occupied = 1000
+    cache.prefetch_from_storage("q", node, tokens, None, None)
+    getattr(cache, pq.ARRIVED)["q"] -= 0.25  # arrived a quarter of a second ago
+    assert pq.STATS["pf_to_start_count"] == before["pf_to_start_count"]
+    cc.prefetch_tokens_occupied = 0
+    cache.check("q")
+    assert pq.STATS["pf_to_start_count"] == before["pf_to_start_count"] + 1
+    assert 0.25 <= pq.STATS["pf_to_start_s_total"] - before["pf_to_start_s_total"] < 5
+    t0 = time.monotonic()
+    cache.prefetch_from_storage("short", Node(), list(range(32)), None, None)
+    assert pq.STATS["pf_to_start_count"] == before["pf_to_start_count"] + 1
+    assert "short" not in getattr(cache, pq.ARRIVED)
+    cc.prefetch_tokens_occupied = 0
+    cache.prefetch_from_storage("now", Node(), list(range(4096, 4096 + 1024)), None, None)
+    assert pq.STATS["pf_to_start_count"] == before["pf_to_start_count"] + 2
+    assert pq.STATS["pf_to_start_s_total"] - before["pf_to_start_s_total"] < 5 + (
+        time.monotonic() - t0)
+    pq.release(cache, "now")
+    assert "now" not in getattr(cache, pq.STARTED)
 
 
 def test_a_held_prefix_is_released_on_abort_and_after_the_ttl(monkeypatch):

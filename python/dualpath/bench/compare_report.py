@@ -64,6 +64,18 @@ def read_rate_per_prefetch(run: dict) -> float | None:
     return round(n / s / 1e3, 1)
 
 
+def prefetch_stage_mean(run: dict, stage: str) -> float | None:
+    """Mean seconds per prefetched request on the prefill for one stage ('to_start': arrival
+    to the read's start, 'read_all': start to completion, 'to_run': completion to the
+    request's batch); None without the meters."""
+    b = run.get("bytes") or {}
+    count = {"to_start": "to_start_count", "read_all": "done_count", "to_run": "ran_count"}
+    s, n = b.get(f"pe_pf_{stage}_s_total"), b.get(f"pe_pf_{count[stage]}")
+    if s is None or not n:
+        return None
+    return round(s / n, 3)
+
+
 def prefill_sum(run: dict, field: str) -> int:
     """Sum of one field of a run's prefill request records (e.g. input_len, cached_input_len)."""
     return sum(int(s.get(field) or 0) for s in run.get("stage_records") or ()
@@ -135,7 +147,10 @@ def table(results: list[dict]) -> str:
                                                   for r in results))
     for label, fn in (("PE arrival match", arrival_match_share),
                       ("PE from storage", storage_share),
-                      ("PE pf ktok/s", read_rate_per_prefetch)):
+                      ("PE pf ktok/s", read_rate_per_prefetch),
+                      ("PE pf wait s", lambda r: prefetch_stage_mean(r, "to_start")),
+                      ("PE pf read s", lambda r: prefetch_stage_mean(r, "read_all")),
+                      ("PE pf->run s", lambda r: prefetch_stage_mean(r, "to_run"))):
         lines.append(f"{label:16}" + "".join(cell(fn(r["offline"])) for r in results))
     for label, key in (("to prefill s", "to_prefill_s"), ("after prefill s", "after_prefill_s")):
         lines.append(f"{label:16}" + "".join(

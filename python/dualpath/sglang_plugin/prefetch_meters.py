@@ -41,6 +41,14 @@ STATS = {"pf_queued": 0, "pf_waited_host": 0, "pf_started": 0, "pf_empty": 0,
          # complete, summed, and the tokens they loaded (per-request read rate = ratio)
          "pf_read_s_total": 0.0, "pf_read_tokens_total": 0,
          "pf_gpu_evicted_tokens": 0,
+         # where a prefetched request's time goes on the prefill, summed over requests (means:
+         # divide by the count beside each): arrival (SGLang's prefetch call) to the read's
+         # start (our queue: budget, host room, a pending write); start to the scheduler
+         # seeing it complete, every started prefetch (refetched duplicates load 0 tokens but
+         # are read all the same); completion to the request's batch (cache_*_req)
+         "pf_to_start_s_total": 0.0, "pf_to_start_count": 0,
+         "pf_read_all_s_total": 0.0, "pf_done_count": 0,
+         "pf_to_run_s_total": 0.0, "pf_ran_count": 0,
          # storage prefetches that raised and were terminated (hooks.guard_page_transfer)
          "pf_io_errors": 0,
          # why a prefetch_from_storage call started nothing: budget taken (SGLang's

@@ -63,6 +63,7 @@ from collections import OrderedDict
 from prometheus_client import Counter, Gauge, Histogram
 
 # re-exported: the hooks and the tests name them through this module
+from dualpath.sglang_plugin import host_holds
 from dualpath.sglang_plugin.host_holds import (  # noqa: F401
     HELD,
     HOLD_TTL_S,
@@ -72,7 +73,6 @@ from dualpath.sglang_plugin.host_holds import (  # noqa: F401
     _hold_matched,
     _hold_node,
     _no_room,
-    cached,
     count_arrival,
     evictable_host_tokens,
     host_only_suffix,
@@ -104,6 +104,25 @@ ATTR = "_dualpath_prefetch_queue"
 DRAINING = "_dualpath_prefetch_draining"
 QUEUE_TTL_S = 300.0
 STARTED = "_dualpath_prefetch_started"
+ARRIVED = "_dualpath_prefetch_arrived"  # rid -> when SGLang first asked for its prefetch
+DONE = "_dualpath_prefetch_done"  # rid -> when the scheduler saw its prefetch complete
+_TIMES_CAP = 65536  # entries of requests that never run (aborted elsewhere) are dropped past it
+
+
+def _stamp(cache, attr: str, rid) -> None:
+    times = getattr(cache, attr, None)
+    if times is None:
+        times = {}
+        setattr(cache, attr, times)
+    if len(times) >= _TIMES_CAP:
+        times.clear()
+    times[rid] = time.monotonic()
+
+
+def _since(cache, attr: str, rid) -> float | None:
+    times = getattr(cache, attr, None)
+    t = times.pop(rid, None) if times else None
+    return None if t is None else time.monotonic() - t
 
 
 def _limited(cache, tokens: int) -> bool:
@@ -123,6 +142,7 @@ def _started(cache, req_id, tokens: int) -> None:
             STATS["pf_refused_short"] += 1
         elif cache.cache_controller.prefetch_rate_limited():
             STATS["pf_refused_budget"] += 1
+        _since(cache, ARRIVED, req_id)  # nothing started: nothing to meter
         return
     started = getattr(cache, STARTED, None)
     if started is None:
@@ -130,6 +150,10 @@ def _started(cache, req_id, tokens: int) -> None:
         setattr(cache, STARTED, started)
     started[req_id] = time.monotonic()
     STATS["pf_started"] += 1
+    waited = _since(cache, ARRIVED, req_id)
+    if waited is not None:
+        STATS["pf_to_start_s_total"] += waited
+        STATS["pf_to_start_count"] += 1
     STATS["pf_asked_tokens"] += tokens
 
 
@@ -186,6 +210,7 @@ def prefetch(original, cache, req_id, last_host_node, new_input_tokens, last_has
     wait = ()  # page hashes whose storage writes this refetch waits for
     if not getattr(cache, DRAINING, False):  # a queued one was counted when it arrived
         count_arrival(cache, last_host_node, len(new_input_tokens))
+        _stamp(cache, ARRIVED, req_id)
         # --dualpath-refetch-host-hits (not for EAGLE's bigram keys, whose node keys overlap)
         if _enabled(cache) and _settings(cache).refetch and not getattr(cache, "is_eagle", False):
             anchor, again = host_only_suffix(last_host_node)
@@ -297,6 +322,9 @@ def check(original, cache, req_id) -> bool:
         loaded = cache.prefetch_loaded_tokens_by_reqid.get(req_id, 0)
         if started and req_id in started:
             t0 = started.pop(req_id)
+            STATS["pf_read_all_s_total"] += time.monotonic() - t0
+            STATS["pf_done_count"] += 1
+            _stamp(cache, DONE, req_id)
             STATS["pf_loaded_tokens"] += loaded
             if loaded == 0:  # revoked: too few pages stored, or no host memory
                 STATS["pf_empty"] += 1
@@ -328,11 +356,24 @@ def _still_loading(cache, op) -> bool:
     return n == 0 or op.completed_tokens != n * cache.page_size
 
 
+def cached(result, cache, req, *args, **kwargs):
+    """AFTER RadixCache.cache_unfinished_req / cache_finished_req: the request ran; its hold
+    ends (host_holds.cached) and the wait from its prefetch's completion to its batch is
+    metered."""
+    rid = getattr(req, "rid", None)
+    waited = _since(cache, DONE, rid)
+    if waited is not None:
+        STATS["pf_to_run_s_total"] += waited
+        STATS["pf_ran_count"] += 1
+    return host_holds.cached(result, cache, req, *args, **kwargs)
+
+
 def release(cache, rid) -> None:
     """BEFORE HiRadixCache.release_aborted_request: an aborted request leaves the queue."""
-    started = getattr(cache, STARTED, None)
-    if started:
-        started.pop(rid, None)
+    for attr in (STARTED, ARRIVED, DONE):
+        times = getattr(cache, attr, None)
+        if times:
+            times.pop(rid, None)
     unhold(cache, rid)
     q = getattr(cache, ATTR, None)
     item = q.pop(rid, None) if q else None
@@ -347,9 +388,10 @@ def reset(result, cache, *args, **kwargs):
     if q:
         q.clear()
         _WAITING.set(0)
-    started = getattr(cache, STARTED, None)
-    if started:
-        started.clear()
+    for attr in (STARTED, ARRIVED, DONE):
+        times = getattr(cache, attr, None)
+        if times:
+            times.clear()
     held = getattr(cache, HELD, None)
     if held:
         held.clear()  # its nodes belong to the old tree
