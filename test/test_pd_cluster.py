@@ -77,10 +77,22 @@ def test_pd_transfer_summary_is_per_prompt_length():
         {"prompt_len": 16384, "phase": "warm", "ttft_s": 0.3, "prefill_forward_s": 0.04,
          "decode_transfer_s": 0.05},
         {"prompt_len": 16384, "phase": "warm", "ttft_s": 0.3, "prefill_forward_s": 0.06,
-         "decode_transfer_s": 0.05}]}
+         "decode_transfer_s": 0.05, "prefill_transfer_s": 0.01}]}
     assert pd_transfer.summarize(res) == {
-        4096: {"ttft": 0.3, "fwd": 0.1, "wait": 0.05, "xfer": None},
-        16384: {"ttft": 1.0, "fwd": 0.5, "wait": 0.2, "xfer": 0.05}}  # warm ones apart
+        4096: {"ttft": 0.3, "fwd": 0.1, "wait": 0.05, "xfer": None, "send": None},
+        16384: {"ttft": 1.0, "fwd": 0.5, "wait": 0.2, "xfer": 0.05,
+                "send": 0.01}}  # warm ones apart
+
+
+def test_pd_transfer_takes_the_send_time_sglang_logged():
+    from dualpath.bench.stage_stats import parse_line
+
+    line = ("ReqTimeStats(rid=r1, input_len=16384, cached_input_len=16320, output_len=1, "
+            "attempts=1, type=prefill): bootstrap_duration=1.20ms, queue_duration=5.00ms, "
+            "forward_duration=110.00ms, entry_time=1.0, transfer_speed=20.48 GB/s, "
+            "transfer_total=2048.00 MB")
+    assert pd_transfer.sglang_transfer_s(parse_line(line)) == 0.1
+    assert pd_transfer.sglang_transfer_s({"transfer_total_mb": 2048.0}) is None
 
 
 def test_pd_transfer_reads_the_engines_own_times_from_the_log():

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from dualpath.bench import client
 from dualpath.bench.pd_cluster import ClusterSpec, PDCluster, run_args, start_run
+from dualpath.bench.run_evidence import archive_logs
 from dualpath.bench.servers import ServerError
 from dualpath.bench.smoke import DEFAULT_MODEL, prompt
 from dualpath.bench.stage_stats import LogCursor, parse_lines
@@ -47,12 +48,22 @@ def engine_times(lines) -> dict:
             "engine_copy_ms": round(sum(float(r[3]) for r in rows), 2)}
 
 
+def sglang_transfer_s(pre: dict) -> float | None:
+    """The KV send as SGLang's prefill timed it (its transfer_total over transfer_speed: from
+    the send's start to its completion), inside forward + send; None without both fields."""
+    mb, gbps = pre.get("transfer_total_mb"), pre.get("transfer_speed_gbps")
+    if not mb or not gbps:
+        return None
+    return round(mb / 1e3 / gbps, 5)
+
+
 def run_backend(name: str, args, out: Path) -> dict:
     root = Path(args.store_dir) / name
     shutil.rmtree(root, ignore_errors=True)
     spec = ClusterSpec(model=args.model, root=root, pd_backend=name,
                        max_total_tokens=args.max_total_tokens, snic_gbps=0.0,
-                       decode_max_total_tokens=args.max_total_tokens)
+                       decode_max_total_tokens=args.max_total_tokens,
+                       stack_sample=args.stack_sample)
     res: dict = {"backend": name, "requests": []}
     try:
         with PDCluster(spec, out / name, args.health_timeout) as c:
@@ -76,6 +87,7 @@ def run_backend(name: str, args, out: Path) -> dict:
                         "ttft_s": round(g.ttft_s, 4), "output_ids": g.output_ids,
                         "prefill_cached": pre.get("cached_input_len"),
                         "prefill_forward_s": pre.get("forward_s"),
+                        "prefill_transfer_s": sglang_transfer_s(pre),
                         "kv_mb": pre.get("transfer_total_mb"),
                         "decode_transfer_s": dec.get("transfer_s"), **engine})
                     log.info("%s %d tokens %s #%d: TTFT %.3f s, prefill cached %s, fwd+send %s "
@@ -89,13 +101,17 @@ def run_backend(name: str, args, out: Path) -> dict:
 
 def summarize(res: dict) -> dict:
     """Medians per prompt length: cold TTFT / forward+send / decode wait, and the warm
-    forward+send (the whole prompt's KV transfer; None without warm requests)."""
+    forward+send (the whole prompt's KV transfer; None without warm requests) with the part
+    SGLang timed as the send ('send')."""
     by: dict[int, dict] = {}
     for r in res["requests"]:
-        d = by.setdefault(r["prompt_len"], {"ttft": [], "fwd": [], "wait": [], "xfer": []})
+        d = by.setdefault(r["prompt_len"], {"ttft": [], "fwd": [], "wait": [], "xfer": [],
+                                            "send": []})
         if r.get("phase", "cold") == "warm":
             if r["prefill_forward_s"] is not None:
                 d["xfer"].append(r["prefill_forward_s"])
+            if r.get("prefill_transfer_s") is not None:
+                d["send"].append(r["prefill_transfer_s"])
             continue
         d["ttft"].append(r["ttft_s"])
         if r["prefill_forward_s"] is not None:
@@ -121,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-warm", dest="warm", action="store_false",
                     help="skip the warm requests (prefill cache hit: forward + send = transfer)")
     ap.add_argument("--max-total-tokens", type=int, default=131072)
+    ap.add_argument("--stack-sample", action="store_true",
+                    help="sample both schedulers' stacks (all threads), per backend; with the "
+                         "servers' logs in OUT/logs.tar.xz")
     run_args(ap, "/dev/shm/dualpath-pd-transfer")
     args, head = start_run(ap, argv, "pd-transfer")
     result = {**head, "backends": [], "ok": False}
@@ -139,13 +158,14 @@ def main(argv: list[str] | None = None) -> int:
             for r in b["requests"])
         print(f"{'tokens':>8}" + "".join(f"{b['backend'] + ' TTFT':>16}{'fwd+send':>10}"
                                           f"{'dec wait':>10}{'warm xfer':>10}"
+                                          f"{'of: send':>10}"
                                           for b in result["backends"]))
         for n in args.lengths:
             line = f"{n:>8}"
             for b in result["backends"]:
                 s = b["summary"].get(n, {})
                 line += (f"{s.get('ttft')!s:>16}{s.get('fwd')!s:>10}{s.get('wait')!s:>10}"
-                         f"{s.get('xfer')!s:>10}")
+                         f"{s.get('xfer')!s:>10}{s.get('send')!s:>10}")
             print(line)
         print("greedy outputs equal across backends:", result["outputs_match"], flush=True)
         rc = 0 if result["ok"] else 1
@@ -154,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("FAIL %s", result["failure"])
     finally:
         (args.out / "result.json").write_text(json.dumps(result) + "\n")
+        archive_logs(args.out)
     return rc
 
 
