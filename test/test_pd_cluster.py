@@ -91,7 +91,7 @@ def test_pd_transfer_takes_the_send_time_sglang_logged():
             "attempts=1, type=prefill): bootstrap_duration=1.20ms, queue_duration=5.00ms, "
             "forward_duration=110.00ms, entry_time=1.0, transfer_speed=20.48 GB/s, "
             "transfer_total=2048.00 MB")
-    assert pd_transfer.sglang_transfer_s(parse_line(line)) == 0.1
+    assert pd_transfer.sglang_transfer_s(parse_line(line)) == 0.09766  # MiB / 1024 / GiB/s
     assert pd_transfer.sglang_transfer_s({"transfer_total_mb": 2048.0}) is None
 
 

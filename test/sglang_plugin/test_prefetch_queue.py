@@ -963,6 +963,47 @@ def test_a_refetch_waits_for_the_storage_write_of_its_pages(monkeypatch):
     assert cache2.cache_controller.started == [("u", 2 * PAGE)]
 
 
+def test_sglangs_own_write_backup_storage_is_noted_and_a_reset_forgets_its_writes(
+        monkeypatch):
+    """The op id SGLang 0.5.17's write_backup_storage registers is the one noted (AFTER hook
+    over the real method). A flush (HiRadixCache.reset) drops the acks of writes in flight but
+    keeps them in ongoing_backup: after pq.reset the same prompt's refetch does not wait for
+    them (it would until the queue's 300 s TTL)."""
+    import torch
+    from sglang.srt.managers.cache_controller import StorageOperation
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    from dualpath.sglang_plugin import write_wait
+
+    monkeypatch.setenv("DUALPATH_PLUGIN_CONFIG", '{"refetch_host_hits": true}')
+    cache = make_cache(stored_tokens=None)
+    cache.ongoing_backup, cache.hicache_storage_pass_prefix_keys = {}, False
+    cache.cache_controller.write_storage = lambda hv, key, hash_value, prefix_keys, **kw: (
+        StorageOperation(hv, key, hash_value=hash_value).id)
+    turn1, turn2 = array("q", range(2 * PAGE)), array("q", range(2 * PAGE, 4 * PAGE))
+    new = array("q", range(10_000, 10_000 + 2 * PAGE))
+
+    def tree():
+        root, _ = _real_tree(cache)
+        cache._insert_helper_host(root, RadixKey(turn1), torch.arange(2 * PAGE), ["h1", "h2"])
+        gpu = root.children[RadixKey(turn1).child_key(PAGE)]
+        gpu.value = torch.arange(2 * PAGE)
+        cache._insert_helper_host(root, RadixKey(turn1 + turn2), torch.arange(4 * PAGE),
+                                  ["h1", "h2", "h3", "h4"])
+        return gpu.children[RadixKey(turn2).child_key(PAGE)]
+    host = tree()
+    write_wait.noted_backup(HRC.write_backup_storage(cache, host), cache, host)
+    (op,) = cache.ongoing_backup
+    assert getattr(cache, write_wait.PENDING) == {op: ("h3", "h4")}
+    cache.prefetch_from_storage("r", host, new, "h4", None)
+    assert "r" in getattr(cache, pq.ATTR) and cache.check("r") is False
+    pq.reset(None, cache)  # the flush; ongoing_backup keeps op (SGLang never acks it now)
+    assert op in cache.ongoing_backup and not getattr(cache, pq.ATTR)
+    host = tree()
+    cache.prefetch_from_storage("r2", host, new, "h4", None)
+    assert "r2" in cache.ongoing_prefetch, "the same prompt again: read at once"
+
+
 def test_pending_write_hashes_follow_sglangs_split_chain():
     """An op queued for a node that was split before its write-through finished covers the
     chain of backup_len tokens ending at it (SGLang's _concat_split_chain); the op leaves
@@ -988,9 +1029,11 @@ def test_pending_write_hashes_follow_sglangs_split_chain():
     cache.ongoing_backup[2] = mid
     write_wait.noted_backup(None, cache, mid)
     assert write_wait.writing(cache, ("x", "c"))
-    del cache.ongoing_backup[1]
+    del cache.ongoing_backup[1]  # acked (SGLang's _drain_backup)
+    write_wait.prune(cache)
     assert write_wait.writing(cache, ("c",)) and not write_wait.writing(cache, ("d",))
-    cache.ongoing_backup.clear()  # acked, or SGLang's reset
+    cache.ongoing_backup.clear()
+    write_wait.prune(cache)
     assert not write_wait.writing(cache, ("c",)) and not cache._dualpath_pending_hashes
     # off (no refetch): nothing recorded
     off = types.SimpleNamespace(ongoing_backup={3: leaf}, _dualpath_settings=(

@@ -49,12 +49,14 @@ def engine_times(lines) -> dict:
 
 
 def sglang_transfer_s(pre: dict) -> float | None:
-    """The KV send as SGLang's prefill timed it (its transfer_total over transfer_speed: from
-    the send's start to its completion), inside forward + send; None without both fields."""
+    """The KV send as SGLang's prefill timed it, inside forward + send: its transfer_total
+    (MiB) over transfer_speed (GiB/s, SGLang 0.5.17 req_time_stats: MiB / 1024 / latency), the
+    backend's transfer latency (or, where the backend sets none, its last chunk's); None
+    without both fields."""
     mb, gbps = pre.get("transfer_total_mb"), pre.get("transfer_speed_gbps")
     if not mb or not gbps:
         return None
-    return round(mb / 1e3 / gbps, 5)
+    return round(mb / 1024 / gbps, 5)
 
 
 def run_backend(name: str, args, out: Path) -> dict:

@@ -92,7 +92,7 @@ from dualpath.sglang_plugin.prefetch_meters import (  # noqa: F401
     evicted,
     snapshot,
 )
-from dualpath.sglang_plugin.write_wait import suffix_hashes, writing
+from dualpath.sglang_plugin.write_wait import forget, prune, suffix_hashes, writing
 
 log = logging.getLogger("dualpath.prefetch_queue")
 _QUEUED = Counter("dualpath_prefetch_queued", "Storage prefetches queued for budget instead of "
@@ -114,8 +114,8 @@ def _stamp(cache, attr: str, rid) -> None:
     if times is None:
         times = {}
         setattr(cache, attr, times)
-    if len(times) >= _TIMES_CAP:
-        times.clear()
+    while len(times) >= _TIMES_CAP:  # the oldest first (insertion order)
+        del times[next(iter(times))]
     times[rid] = time.monotonic()
 
 
@@ -197,6 +197,7 @@ def _expire(cache, q: OrderedDict) -> None:
             break
         q.popitem(last=False)
         item[0].release_host()
+        _since(cache, ARRIVED, rid)
         log.warning("queued prefetch of %s dropped after %.0f s (request gone?)", rid,
                     now - item[4])
     _WAITING.set(len(q))
@@ -213,6 +214,7 @@ def prefetch(original, cache, req_id, last_host_node, new_input_tokens, last_has
         _stamp(cache, ARRIVED, req_id)
         # --dualpath-refetch-host-hits (not for EAGLE's bigram keys, whose node keys overlap)
         if _enabled(cache) and _settings(cache).refetch and not getattr(cache, "is_eagle", False):
+            prune(cache)  # acked writes (also for the queue's order below)
             anchor, again = host_only_suffix(last_host_node)
             # the root's key has no extra_key (LoRA, cache salt): a read anchored there would
             # land in the wrong namespace, so such a request keeps its host hit
@@ -281,6 +283,8 @@ def drain(cache) -> None:
     if not q:
         return
     _expire(cache, q)
+    if _settings(cache).refetch:
+        prune(cache)  # acked writes: their waiters may go
     setattr(cache, DRAINING, True)
     try:
         for rid in list(q):
@@ -392,6 +396,7 @@ def reset(result, cache, *args, **kwargs):
         times = getattr(cache, attr, None)
         if times:
             times.clear()
+    forget(cache)  # writes in flight at the reset are never acked
     held = getattr(cache, HELD, None)
     if held:
         held.clear()  # its nodes belong to the old tree

@@ -17,8 +17,10 @@ storage-only prefill has to do when it is not.
 
 Pending pages are known by hash: an AFTER hook on `write_backup_storage` records the page hashes
 of the op it just queued (the chain walked as SGLang's `_concat_split_chain` walks it), and an
-op is forgotten once SGLang has dropped it from `ongoing_backup` (acked, or the cache reset).
-Hashes survive node splits, which node identity would not. Scheduler thread only.
+op is forgotten once SGLang has dropped it from `ongoing_backup` (acked). A cache reset forgets
+them all (`forget`): SGLang's reset drops the ops' acks but leaves them in `ongoing_backup`.
+Hashes survive node splits, which node identity would not. Scheduler thread only; `prune` once
+per scheduling pass, then `writing` is a set lookup.
 """
 
 from __future__ import annotations
@@ -57,13 +59,21 @@ def noted_backup(result, cache, node, backup_len=None):
         return result
     hashes = tuple(_chain_hashes(node, backup_len))
     if hashes:
-        _prune(cache)
+        prune(cache)
         getattr(cache, PENDING)[op_id] = hashes
         getattr(cache, COUNTS).update(hashes)
     return result
 
 
-def _prune(cache) -> Counter:
+def forget(cache) -> None:
+    """After a cache reset: SGLang 0.5.17's HiRadixCache.reset keeps `ongoing_backup` while its
+    controller's reset drops the acks, so those ops would look in flight forever."""
+    for attr in (PENDING, COUNTS):
+        if hasattr(cache, attr):
+            delattr(cache, attr)
+
+
+def prune(cache) -> Counter:
     """Forget the ops SGLang no longer has in flight; the remaining hash counts."""
     pending = getattr(cache, PENDING, None)
     if pending is None:
@@ -81,11 +91,10 @@ def _prune(cache) -> Counter:
 
 
 def writing(cache, hashes) -> bool:
-    """Is a storage write of any of these page hashes still in flight?"""
-    if not hashes or not getattr(cache, PENDING, None):
-        return False
-    counts = _prune(cache)
-    return any(h in counts for h in hashes)
+    """Is a storage write of any of these page hashes still in flight (as of the last
+    `prune`)?"""
+    counts = getattr(cache, COUNTS, None)
+    return bool(hashes and counts) and any(h in counts for h in hashes)
 
 
 def suffix_hashes(node, anchor) -> tuple:
