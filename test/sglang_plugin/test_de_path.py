@@ -271,7 +271,7 @@ def test_mappings_of_exited_peers_are_dropped():
 def test_a_failing_fill_leaves_nothing_pinned():
     from dualpath.sglang_plugin.block_buffer import BlockBuffer
 
-    def fill(keys, k, v):
+    def fill(keys, k, v, rid=None):
         if "b" in keys:
             raise OSError("storage went away")
         return [True] * len(keys)
@@ -326,7 +326,7 @@ def test_an_idle_entry_of_another_request_is_read_again_not_cached():
 
     reads = []
 
-    def fill(keys, k, v):
+    def fill(keys, k, v, rid=None):
         reads.extend(keys)
         return [True] * len(keys)
 

@@ -272,10 +272,13 @@ def test_both_arms_give_the_router_the_same_engine_numbers(monkeypatch):
               "sglang.srt.managers.scheduler.Scheduler.init_disaggregation",
               "sglang.srt.mem_cache.radix_cache.RadixCache.cache_finished_req",
               "sglang.srt.disaggregation.utils.poll_and_all_reduce",
-              "sglang.srt.managers.cache_controller.HiCacheController._page_transfer"):
+              "sglang.srt.managers.cache_controller.HiCacheController._page_transfer",
+              # the request id reaches the storage backend: both arms read oldest request first
+              "sglang.srt.managers.cache_controller.HiCacheController._page_get_zero_copy"):
         assert t in off and t in on, t
     assert on - off == {h.target for h in hooks.HOOKS} - off
-    assert "sglang.srt.managers.cache_controller.HiCacheController._page_get_zero_copy" in on - off
+    assert ("sglang.srt.disaggregation.decode_hicache_mixin.DecodeHiCachePreallocMixin."
+            "_build_decode_prefix_match") in on - off
 
 
 def test_both_arms_set_the_gil_switch_interval(monkeypatch):

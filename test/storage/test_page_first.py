@@ -1,6 +1,8 @@
 """page_first host pages <-> layer-major Full Blocks, through raw host addresses as SGLang
 hands them out (get_page_buffer_meta)."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -382,4 +384,39 @@ def test_writes_do_not_queue_behind_reads(tmp_path):
     writer.join(10)
     assert finished and done == [[True]], "the write waited for the reads"
     assert store.exists_prefix([key(3)]) == 1
+    a.close()
+
+
+def test_reads_go_oldest_request_first(tmp_path):
+    """A request's later batch goes before a batch of a request that first asked later (the
+    node's read order), not after it as in a first-in-first-out pool; a read without a request
+    id queues as a new request."""
+    import threading
+
+    store = BlockStore(str(tmp_path), G, fingerprint("m", G), description={})
+    a = PageFirstAdapter(store, io_threads=1, native=False)
+    release, ran, lock = threading.Event(), [], threading.Lock()
+
+    def get_one(k, kp, vp, queued=False):
+        with lock:
+            ran.append(k)
+        if k == key(1):
+            release.wait(30)
+        return False
+    a._get_one = get_one
+    dst = host_pool(4 * PS, 1)
+    calls = [("A", key(1), 0), ("B", key(2), 1), (None, key(4), 3), ("A", key(3), 2)]
+    threads = []
+    for rid, k, page in calls:
+        t = threading.Thread(target=a.get_pages, args=([k], *page_ptrs(dst, [page]), rid))
+        t.start()
+        threads.append(t)
+        deadline = time.monotonic() + 10
+        while len(a._pool._heap) + len(ran) < len(threads) and time.monotonic() < deadline:
+            time.sleep(0.005)  # queued (or running) before the next call
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert ran == [key(1), key(3), key(2), key(4)]
+    assert a.read_order("A") < a.read_order("B") < a.read_order(None)
     a.close()

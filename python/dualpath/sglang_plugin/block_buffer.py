@@ -111,7 +111,7 @@ class BlockBuffer:
                 mine.append(i)
                 self.misses += 1
         try:
-            self._load(keys, got, mine)
+            self._load(keys, got, mine, rid)
         except BaseException:
             self.release(got, consumed=False)  # nothing stays pinned by a failed call
             raise
@@ -124,14 +124,14 @@ class BlockBuffer:
                 got[i] = None
         return got
 
-    def _load(self, keys, got, mine) -> None:
+    def _load(self, keys, got, mine, rid=None) -> None:
         if mine:
             ok: list = []
             try:
                 ok = list(self._fill([keys[i] for i in mine],
                                      [self.base + self.offset(got[i]) for i in mine],
                                      [self.base + self.offset(got[i]) + self.region_bytes
-                                      for i in mine]))
+                                      for i in mine], rid))
             finally:
                 ok += [False] * (len(mine) - len(ok))
                 with self._lock:

@@ -136,7 +136,8 @@ def prefill_get(agent, adapter, pool, plan, keys, k_ptrs, v_ptrs) -> list[bool]:
     n_de = plan.de_count(len(keys))
     own = None
     if n_de < len(keys):  # the prefill's share, read over its own NIC meanwhile
-        own = _side_pool.submit(adapter.get_pages, keys[n_de:], k_ptrs[n_de:], v_ptrs[n_de:])
+        own = _side_pool.submit(adapter.get_pages, keys[n_de:], k_ptrs[n_de:], v_ptrs[n_de:],
+                                plan.rid)
     t0 = time.monotonic()
     try:
         got = pull(agent, pool, plan, keys[:n_de], k_ptrs[:n_de], v_ptrs[:n_de]) if n_de else []
@@ -147,7 +148,7 @@ def prefill_get(agent, adapter, pool, plan, keys, k_ptrs, v_ptrs) -> list[bool]:
     missing = [i for i, g in enumerate(got) if not g]
     if missing:
         again = adapter.get_pages([keys[i] for i in missing], [k_ptrs[i] for i in missing],
-                                  [v_ptrs[i] for i in missing])
+                                  [v_ptrs[i] for i in missing], plan.rid)
         for i, g in zip(missing, again, strict=True):
             got[i] = g
     return got + (own.result() if own is not None else [])
@@ -172,7 +173,7 @@ def decode_restore(agent, adapter, keys, k_ptrs, v_ptrs, rid: str | None = None)
         agent.count_restore(len(keys) - len(missing), "buffer")
         if missing:  # no room in the buffer: straight from storage into the pool
             again = adapter.get_pages([keys[i] for i in missing], [k_ptrs[i] for i in missing],
-                                      [v_ptrs[i] for i in missing])
+                                      [v_ptrs[i] for i in missing], rid)
             for i, g in zip(missing, again, strict=True):
                 got[i] = g
             agent.count_restore(sum(again), "storage")

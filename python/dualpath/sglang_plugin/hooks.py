@@ -174,6 +174,9 @@ def add_http_routes(*args, **kwargs):
 LAUNCHER_HOOKS: tuple[Hook, ...] = (
     Hook("sglang.srt.managers.cache_controller.HiCacheController.prefetch_io_aux_func",
          "AROUND", parallel_prefetch_io, "several storage loads in flight, not one"),
+    Hook("sglang.srt.managers.cache_controller.HiCacheController._page_get_zero_copy",
+         "AROUND", tag_prefetch_rid, "the L3 backend learns which request a page read is for: "
+         "its read plan (flag on), and its place in the node's read order (both arms)"),
     Hook("sglang.srt.managers.cache_controller.HiCacheController._page_transfer", "AROUND",
          guard_page_transfer, "a prefetch that raises is terminated, not its IO thread (a dead "
          "thread leaves wait_complete prefetches waiting forever)"),
@@ -292,8 +295,6 @@ PAGE_INDEX_HOOKS: tuple[Hook, ...] = (
 
 # registered only with --enable-dual-path
 HOOKS: tuple[Hook, ...] = (
-    Hook("sglang.srt.managers.cache_controller.HiCacheController._page_get_zero_copy",
-         "AROUND", tag_prefetch_rid, "the L3 backend learns which request a page read is for"),
     Hook("sglang.srt.disaggregation.decode_hicache_mixin.DecodeHiCachePreallocMixin."
          "_build_decode_prefix_match", "AROUND", decode_prefix_by_plan,
          "miss-only return only for requests whose plan reads on the decode side"),

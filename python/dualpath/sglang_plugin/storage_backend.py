@@ -117,13 +117,12 @@ class DualPathStorage(HiCacheStorage):
         if self.oracle:
             return [True] * len(keys)
         k_ptrs, v_ptrs = self._pages(host_indices)
-        plan = None
-        if self.agent is not None:
-            rid = ((extra_info.extra_info or {}).get("rid") if extra_info is not None
-                   and getattr(extra_info, "extra_info", None) else None)
-            plan = self.agent.plans.get(rid)
+        # the request (hooks.tag_prefetch_rid): its reads go in the order requests first asked
+        rid = ((extra_info.extra_info or {}).get("rid") if extra_info is not None
+               and getattr(extra_info, "extra_info", None) else None)
+        plan = self.agent.plans.get(rid) if self.agent is not None else None
         if plan is None or plan.de_fraction <= 0:
-            return self.adapter.get_pages(keys, k_ptrs, v_ptrs)
+            return self.adapter.get_pages(keys, k_ptrs, v_ptrs, rid)
         if self.agent.role == "prefill":
             return de_path.prefill_get(self.agent, self.adapter, self.mem_pool_host, plan,
                                        keys, k_ptrs, v_ptrs)

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import logging
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -36,9 +38,11 @@ from dualpath.storage.block_file import (
     encode_header,
 )
 from dualpath.storage.nic import BatchTransfer
+from dualpath.storage.ordered_pool import OrderedPool
 from dualpath.storage.store import CLAIM_STALE_S, BlockStore
 
 log = logging.getLogger(__name__)
+ORDER_KEPT = 4096  # requests whose read order a node remembers
 OK, MISS, INVALID, IO_ERROR = 0, 1, 2, 3  # _C.read_blocks_page_first's statuses
 WRITTEN, EXISTS, CLAIMED, WRITE_ERROR = 0, 1, 2, 3  # _C.write_page_block's
 
@@ -79,7 +83,12 @@ class PageFirstAdapter:
         self.region_bytes = g.num_layers * g.part_bytes  # a page's K (or V) region
         self._local = threading.local()
         self._io_threads = io_threads
-        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="dualpath-pagefirst")
+        # reads: oldest request first (ordered_pool.py says why), in the order each request
+        # first asked this node for pages; a read without a request id queues as a new one
+        self._pool = OrderedPool(io_threads, "dualpath-pagefirst")
+        self._order: OrderedDict = OrderedDict()
+        self._order_lock = threading.Lock()
+        self._order_seq = itertools.count()
         # writes have threads of their own: a NIC's two directions are independent, and in one
         # shared FIFO pool SGLang's storage backups queued behind the prefetch reads, which hold
         # their threads for the read's line-rate time (2x H100, 25ccd4e: the backup thread was
@@ -147,10 +156,25 @@ class PageFirstAdapter:
             store.wrote(started_at=started)
         return True
 
+    def read_order(self, rid: str | None) -> int:
+        """This node's rank of a request: when it first asked for pages (None: now)."""
+        with self._order_lock:
+            if rid is None:
+                return next(self._order_seq)
+            got = self._order.get(rid)
+            if got is None:
+                got = self._order[rid] = next(self._order_seq)
+                while len(self._order) > ORDER_KEPT:  # long gone: oldest first
+                    self._order.popitem(last=False)
+            return got
+
     def get_pages(self, keys: Sequence[str], k_ptrs: Sequence[int],
-                  v_ptrs: Sequence[int]) -> list[bool]:
-        """Fill each page (K at k_ptrs[i], V at v_ptrs[i]) from its block; False = miss."""
+                  v_ptrs: Sequence[int], rid: str | None = None) -> list[bool]:
+        """Fill each page (K at k_ptrs[i], V at v_ptrs[i]) from its block; False = miss. The
+        reads of the request that first asked this node (`rid`) go before those of later
+        requests still queued."""
         self._check(keys, k_ptrs, v_ptrs)
+        order = self.read_order(rid)
         for k in keys:
             self.store.path(k)  # validate every key before anything is queued
         nic = self.store.nic
@@ -158,14 +182,14 @@ class PageFirstAdapter:
             for _ in keys:
                 nic.submit_read(self.store.block_bytes, self.g.page_size)
         if self._native is None:
-            return list(self._pool.map(self._get_one, keys, k_ptrs, v_ptrs,
-                                       [nic is not None] * len(keys)))
+            return self._pool.map(order, self._get_one, keys, k_ptrs, v_ptrs,
+                                  [nic is not None] * len(keys))
         n = len(keys)
         shares = [range(i, n, self._io_threads) for i in range(min(n, self._io_threads))]
         got = [False] * n
         for share, ok in zip(shares, self._pool.map(
-                lambda r: self._get_native([keys[i] for i in r], [k_ptrs[i] for i in r],
-                                           [v_ptrs[i] for i in r]), shares), strict=True):
+                order, lambda r: self._get_native([keys[i] for i in r], [k_ptrs[i] for i in r],
+                                                  [v_ptrs[i] for i in r]), shares), strict=True):
             for i, hit in zip(share, ok, strict=True):
                 got[i] = hit
         return got
