@@ -420,3 +420,40 @@ def test_reads_go_oldest_request_first(tmp_path):
     assert ran == [key(1), key(3), key(2), key(4)]
     assert a.read_order("A") < a.read_order("B") < a.read_order(None)
     a.close()
+
+
+def test_an_older_requests_next_batch_overtakes_a_newer_request_on_a_capped_nic(tmp_path,
+                                                                               native):
+    """Request A reads two 16-page batches one after the other (as SGLang's prefetch does),
+    B one batch that arrives just after A's first. On the node's capped NIC A finishes first:
+    A's second batch goes ahead of B's shares not yet started (the pool's threads commit at
+    most a share each ahead). In a first-in-first-out pool B's batch went whole before A's
+    second and A finished last."""
+    import threading
+
+    if native:
+        pytest.importorskip("dualpath._C")
+    nic = StorageNic("n")
+    store = BlockStore(str(tmp_path), ODD, fingerprint("m", ODD), description={}, nic=nic)
+    a = PageFirstAdapter(store, io_threads=2, native=native)
+    keys = [key(i) for i in range(48)]
+    src = odd_pool(48 * ODD.page_size, 21)
+    a.set_pages(keys, *odd_ptrs(src, list(range(48))))
+    nic.set_cap(store.block_bytes / 0.01 / 1e9)  # 10 ms a block
+    dst = odd_pool(48 * ODD.page_size, 22)
+    done = {}
+
+    def request(rid, batches):
+        for b in batches:
+            assert a.get_pages([keys[i] for i in b], *odd_ptrs(dst, list(b)), rid) == [True] * 16
+        done[rid] = time.monotonic()
+    ta = threading.Thread(target=request, args=("A", [range(0, 16), range(16, 32)]))
+    tb = threading.Thread(target=request, args=("B", [range(32, 48)]))
+    ta.start()
+    time.sleep(0.02)
+    tb.start()
+    ta.join(20)
+    tb.join(20)
+    assert done["A"] < done["B"] - 0.03, done
+    assert np.array_equal(dst, src)
+    a.close()

@@ -9,10 +9,11 @@ is tested on its own; `dualpath.sglang_plugin.storage_backend` wires it into HiC
 Reads land in a per-thread staging block, are verified there (checksum), and only then are
 transposed into the page: a damaged block never reaches the pool. The native reader
 (`dualpath._C.read_blocks_page_first`, default; env DUALPATH_NATIVE_IO=0 for this module's
-Python one) does the same for a thread's share of a batch in one call without the GIL: the
-SGLang scheduler thread of the same process then wins the GIL back once per share, not ~7 times
-per 8 MiB block. Writes likewise (`_C.write_page_block`: BlockStore.put's claim, checks,
-gather, checksum, temp file and rename in one call per block, ~15 hand-overs before).
+Python one) does the same for a share of a batch (up to SHARE_PAGES pages) in one call
+without the GIL: the SGLang scheduler thread of the same process then wins the GIL back once per
+share, not ~7 times per 8 MiB block. Writes likewise (`_C.write_page_block`: BlockStore.put's
+claim, checks, gather, checksum, temp file and rename in one call per block, ~15 hand-overs
+before).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from dualpath.storage.store import CLAIM_STALE_S, BlockStore
 
 log = logging.getLogger(__name__)
 ORDER_KEPT = 4096  # requests whose read order a node remembers
+SHARE_PAGES = 4  # pages per native read call at most (32 MiB for an 8B-shaped model at page 64)
 OK, MISS, INVALID, IO_ERROR = 0, 1, 2, 3  # _C.read_blocks_page_first's statuses
 WRITTEN, EXISTS, CLAIMED, WRITE_ERROR = 0, 1, 2, 3  # _C.write_page_block's
 
@@ -185,7 +187,11 @@ class PageFirstAdapter:
             return self._pool.map(order, self._get_one, keys, k_ptrs, v_ptrs,
                                   [nic is not None] * len(keys))
         n = len(keys)
-        shares = [range(i, n, self._io_threads) for i in range(min(n, self._io_threads))]
+        # small contiguous shares: a share reserves its blocks' line-rate time on the NIC when
+        # it starts, so the pool's threads commit at most io_threads x SHARE_PAGES blocks ahead,
+        # and an older request's next batch overtakes a newer one's within that much
+        step = max(1, min(SHARE_PAGES, -(-n // self._io_threads)))
+        shares = [range(i, min(i + step, n)) for i in range(0, n, step)]
         got = [False] * n
         for share, ok in zip(shares, self._pool.map(
                 order, lambda r: self._get_native([keys[i] for i in r], [k_ptrs[i] for i in r],
@@ -195,7 +201,7 @@ class PageFirstAdapter:
         return got
 
     def _get_native(self, keys: list[str], k_ptrs: list[int], v_ptrs: list[int]) -> list[bool]:
-        """One thread's share of a batch in one native call (GIL released throughout). A block
+        """A share of a batch in one native call (GIL released throughout). A block
         the native check rejects is read again by the Python reader, which says why in the log
         and removes it (or, should the native check be the stricter, uses it)."""
         store, g = self.store, self.g
