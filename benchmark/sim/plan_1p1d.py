@@ -49,6 +49,7 @@ def cluster(args, nic: float, pool: int, cap: float, policy: str, side: str) -> 
                       decode_kv_tokens=10_000_000, prefill_kv_tokens=pool,
                       prefill_staging_tokens=int(pool * args.hicache_ratio) - pool,
                       prefill_loads=args.prefill_loads,
+                      read_batch_bytes=int(args.read_batch_mib * 2**20),
                       prefill_batch=args.prefill_batch, h2d_gbps=args.h2d_gbps, policy=policy,
                       read_side=side)
 
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--initial", type=int, default=None,
                     help="mean initial context (default: the scaled preset's, halved per 0.125)")
     ap.add_argument("--prefill-loads", type=int, default=4)
+    ap.add_argument("--read-batch-mib", type=float, default=0.0,
+                    help="reads take turns a batch of this many MiB each (sim validate -h)")
     ap.add_argument("--prefill-batch", type=int, default=1,
                     help="turns per prefill batch at most (see sim validate --prefill-batch)")
     ap.add_argument("--h2d-gbps", type=float, default=26.0)

@@ -263,3 +263,38 @@ def test_a_decode_side_plan_reads_the_whole_stored_prefix_even_what_the_prefill_
     stored = sum(v - v % 64 for v in hits.values()) * 131072
     assert de.read_bytes_pe == 0 and de.read_bytes_de == pytest.approx(stored, rel=0.01)
     assert pe.read_bytes_de == 0 and pe.read_bytes_pe == pytest.approx(stored / 2, rel=0.05)
+
+
+def test_reads_taking_turns_a_batch_each_delay_the_first_request():
+    """read_batch_bytes: two turns' reads of two batches each start together on one NIC.
+    First come first served (0), the first one's prefix is ready after two batches; taking
+    turns, after three: its TTFT grows by a batch's read time, the NIC's work is the same."""
+    t = [Trajectory(agent=a, initial=0, turns=[(8192, 1)]) for a in range(2)]
+    hits = {(0, 0): 8192 - 64, (1, 0): 8192 - 64}  # 127 pages each
+    batch = 64 * 64 * KVB  # 64 pages: two batches a read
+    runs = {}
+    for rb in (0, batch):
+        c = SimCluster(1, 1, gpus_per_node=1, policy="basic", compute_nic_gbps=50.0,
+                       storage_ratio=1.0 / 50, read_batch_bytes=rb)  # 1 GB/s storage
+        runs[rb] = simulate(c, FAST, t, hits=hits)
+    one_batch = batch / 1e9
+    fcfs, rr = runs[0], runs[batch]
+    assert rr.read_bytes_pe == fcfs.read_bytes_pe == 2 * 127 * 64 * KVB
+    assert rr.storage_busy_pe * rr.jct_s == pytest.approx(fcfs.storage_busy_pe * fcfs.jct_s)
+    # the first turn waits for the other's first batch too; the second ends as it did
+    assert rr.ttft_mean == pytest.approx(fcfs.ttft_mean + one_batch / 2, rel=0.02)
+    assert rr.ttft_p99 == pytest.approx(fcfs.ttft_p99, rel=0.02)
+    assert rr.jct_s == pytest.approx(fcfs.jct_s, rel=0.02)
+    with pytest.raises(ValueError, match="read_batch_bytes"):
+        SimCluster(1, 1, read_batch_bytes=-1)
+
+
+def test_batch_turns_serve_every_turn_on_both_sides():
+    """Taking turns a batch each, decode-side and split reads also read every stored byte once
+    and serve every turn (a decode batch crosses to the prefill as it lands)."""
+    t = trajs(16)
+    for side in ("de", "split", "shorter"):
+        a, b = (simulate(SimCluster(1, 1, gpus_per_node=1, read_side=side, read_batch_bytes=rb),
+                         FAST, t) for rb in (0, 1 << 28))
+        assert a.turns == b.turns
+        assert a.read_bytes_pe + a.read_bytes_de == b.read_bytes_pe + b.read_bytes_de > 0

@@ -51,6 +51,12 @@ class SimCluster:
     prefill_loads: int = 0
     """Loads a prefill engine has in flight at most, PE- and DE-side reads alike (the
     plugin's prefetch IO threads; each waits for its whole read and forward). 0 = unlimited."""
+    read_batch_bytes: int = 0
+    """0: a node's storage NIC serves reads first come first served, each whole (what the
+    plugin's read order does since 9d24f5f/8c0aaf3, oldest request first). > 0: reads take
+    turns a batch of this many bytes each, a read's next batch queued behind the others'
+    (SGLang reads a prefetch 128 pages at a time, and a first-in-first-out read pool served
+    them so: 1 GiB for an 8B-shaped model at page 64)."""
     prefill_batch: int = 1
     """Turns a prefill engine runs in one batch at most (those queued and fitting its GPU
     pool): one batch costs PerfModel.prefill_batch_s, so p0 is paid per batch. 1 = one turn
@@ -75,9 +81,10 @@ class SimCluster:
             raise ValueError("SimCluster.router_prefill_tokens_per_s must be >= 0")
         if self.prefill_batch < 1:
             raise ValueError(f"SimCluster.prefill_batch must be >= 1, got {self.prefill_batch}")
-        if min(self.prefill_kv_tokens, self.prefill_staging_tokens, self.prefill_loads) < 0:
-            raise ValueError("SimCluster.prefill_kv_tokens, prefill_staging_tokens and "
-                             "prefill_loads must be >= 0")
+        if min(self.prefill_kv_tokens, self.prefill_staging_tokens, self.prefill_loads,
+               self.read_batch_bytes) < 0:
+            raise ValueError("SimCluster.prefill_kv_tokens, prefill_staging_tokens, "
+                             "prefill_loads and read_batch_bytes must be >= 0")
         for name in ("compute_nic_gbps", "storage_ratio", "h2d_gbps", "schedule_interval_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"SimCluster.{name} must be > 0")
