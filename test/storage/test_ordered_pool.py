@@ -56,11 +56,19 @@ def test_map_keeps_input_order_and_waits_for_running_tasks_on_error():
         if x == 0:  # the worker's next task waits until map has raised (and cancelled)
             one.submit(-1, after.wait, 10)
             raise ValueError("x")
+    cancelled = []
     with pytest.raises(ValueError):
-        one.map(0, fail_then, [0, 1, 2])
+        one.map(0, fail_then, [0, 1, 2], on_cancel=cancelled.append)
     after.set()
     one.shutdown()
     assert ran == [0], "tasks not started when the first failed are cancelled"
+    assert cancelled == [1, 2], "and the caller hears of each"
+    # an error while queueing (unequal lengths): what was queued is waited for, not left
+    two = OrderedPool(1, "t")
+    with pytest.raises(ValueError):
+        two.map(0, lambda x, y: time.sleep(0.05), [1, 2, 3], [1, 2])
+    assert all(item[2].cancelled() for item in two._heap), "queued ones were cancelled"
+    two.shutdown()
 
 
 def test_shutdown_runs_what_is_queued_and_refuses_more():

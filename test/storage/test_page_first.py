@@ -457,3 +457,29 @@ def test_an_older_requests_next_batch_overtakes_a_newer_request_on_a_capped_nic(
     assert done["A"] < done["B"] - 0.03, done
     assert np.array_equal(dst, src)
     a.close()
+
+
+def test_a_failed_read_leaves_nothing_in_the_nodes_read_queue(tmp_path):
+    """The pages of reads cancelled after another failed leave the NIC's read queue (what the
+    router sees as the node's backlog) as the read ones do."""
+    import threading
+
+    nic = StorageNic("n")
+    store = BlockStore(str(tmp_path), G, fingerprint("m", G), description={}, nic=nic)
+    a = PageFirstAdapter(store, io_threads=1, native=False)
+    after, real = threading.Event(), a._get_one
+
+    def get_one(k, kp, vp, queued=False):
+        if k == key(0):  # its own read was metered and retired, then it failed
+            nic._retire_read(store.block_bytes, G.page_size)
+            a._pool.submit(-1, after.wait, 10)  # the worker waits until get_pages raised
+            raise OSError("disk")
+        return real(k, kp, vp, queued)
+    a._get_one = get_one
+    dst = host_pool(4 * PS, 1)
+    with pytest.raises(OSError, match="disk"):
+        a.get_pages([key(i) for i in range(4)], *page_ptrs(dst, [0, 1, 2, 3]), "r")
+    after.set()
+    snap = nic.snapshot()
+    assert snap.read_queue_bytes == 0 and snap.read_queue_tokens == 0, snap
+    a.close()

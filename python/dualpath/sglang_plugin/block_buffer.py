@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-Fill = Callable[[Sequence[str], Sequence[int], Sequence[int]], list]
+# (keys, K page addresses, V page addresses, request id or None) -> per-key success
+Fill = Callable[[Sequence[str], Sequence[int], Sequence[int], "str | None"], list]
 
 
 @dataclass

@@ -120,7 +120,9 @@ class DualPathStorage(HiCacheStorage):
         # the request (hooks.tag_prefetch_rid): its reads go in the order requests first asked
         rid = ((extra_info.extra_info or {}).get("rid") if extra_info is not None
                and getattr(extra_info, "extra_info", None) else None)
-        plan = self.agent.plans.get(rid) if self.agent is not None else None
+        # read plans are DualPath's (flag off: the prefill always reads, whatever arrives)
+        plan = (self.agent.plans.get(rid) if self.agent is not None and self.plugin is not None
+                and self.plugin.enable_dual_path else None)
         if plan is None or plan.de_fraction <= 0:
             return self.adapter.get_pages(keys, k_ptrs, v_ptrs, rid)
         if self.agent.role == "prefill":

@@ -42,17 +42,22 @@ class OrderedPool:
             self._cv.notify()
         return f
 
-    def map(self, key, fn: Callable, *iterables: Iterable) -> list:
+    def map(self, key, fn: Callable, *iterables: Iterable,
+            on_cancel: Callable | None = None) -> list:
         """fn over the zipped iterables, all under `key`; the results in order. On an error
-        the tasks not yet started are cancelled and the running ones waited for (none keeps
-        writing into the caller's memory after this returns), then the first error raises."""
-        futures = [self.submit(key, fn, *args) for args in zip(*iterables, strict=True)]
+        (or one queueing them) the tasks not yet started are cancelled, `on_cancel(*args)`
+        called for each, and the running ones waited for (none keeps writing into the
+        caller's memory after this returns); then the first error raises."""
+        futures: list = []
         try:
-            return [f.result() for f in futures]
+            for args in zip(*iterables, strict=True):
+                futures.append((self.submit(key, fn, *args), args))
+            return [f.result() for f, _ in futures]
         except BaseException:
-            for f in futures:
-                f.cancel()
-            for f in futures:
+            for f, args in futures:
+                if f.cancel() and on_cancel is not None:
+                    on_cancel(*args)
+            for f, _ in futures:
                 if not f.cancelled():
                     f.exception()  # waits; the error of interest is already raising
             raise

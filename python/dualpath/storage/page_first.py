@@ -85,6 +85,12 @@ class PageFirstAdapter:
         self.region_bytes = g.num_layers * g.part_bytes  # a page's K (or V) region
         self._local = threading.local()
         self._io_threads = io_threads
+        self._native = native_reader() if native is not False else None
+        self._native_write = native_writer() if native is not False else None
+        if native and (self._native is None or self._native_write is None):
+            raise RuntimeError("the native block I/O is not in this build of dualpath._C")
+        if native is None and not env.NATIVE_IO.get():
+            self._native = self._native_write = None
         # reads: oldest request first (ordered_pool.py says why), in the order each request
         # first asked this node for pages; a read without a request id queues as a new one
         self._pool = OrderedPool(io_threads, "dualpath-pagefirst")
@@ -97,12 +103,6 @@ class PageFirstAdapter:
         # 95% busy and a write finished ~2.9 s after its turn, so the next turn found it unstored)
         self._write_pool = ThreadPoolExecutor(io_threads,
                                               thread_name_prefix="dualpath-pagefirst-write")
-        self._native = native_reader() if native is not False else None
-        self._native_write = native_writer() if native is not False else None
-        if native and (self._native is None or self._native_write is None):
-            raise RuntimeError("the native block I/O is not in this build of dualpath._C")
-        if native is None and not env.NATIVE_IO.get():
-            self._native = self._native_write = None
 
     def _staging(self) -> np.ndarray:
         buf = getattr(self._local, "buf", None)
@@ -183,9 +183,13 @@ class PageFirstAdapter:
         if nic is not None:  # the reads queue on the node's storage NIC from now on
             for _ in keys:
                 nic.submit_read(self.store.block_bytes, self.g.page_size)
+        def unread(n: int) -> None:  # cancelled after an error: never leaves the queue else
+            if nic is not None:
+                nic._retire_read(n * self.store.block_bytes, n * self.g.page_size)
         if self._native is None:
             return self._pool.map(order, self._get_one, keys, k_ptrs, v_ptrs,
-                                  [nic is not None] * len(keys))
+                                  [nic is not None] * len(keys),
+                                  on_cancel=lambda *_: unread(1))
         n = len(keys)
         # small contiguous shares: a share reserves its blocks' line-rate time on the NIC when
         # it starts, so the pool's threads commit at most io_threads x SHARE_PAGES blocks ahead,
@@ -195,7 +199,8 @@ class PageFirstAdapter:
         got = [False] * n
         for share, ok in zip(shares, self._pool.map(
                 order, lambda r: self._get_native([keys[i] for i in r], [k_ptrs[i] for i in r],
-                                                  [v_ptrs[i] for i in r]), shares), strict=True):
+                                                  [v_ptrs[i] for i in r]), shares,
+                on_cancel=lambda r: unread(len(r))), strict=True):
             for i, hit in zip(share, ok, strict=True):
                 got[i] = hit
         return got
