@@ -79,9 +79,10 @@ def test_pd_transfer_summary_is_per_prompt_length():
         {"prompt_len": 16384, "phase": "warm", "ttft_s": 0.3, "prefill_forward_s": 0.06,
          "decode_transfer_s": 0.05, "prefill_transfer_s": 0.01}]}
     assert pd_transfer.summarize(res) == {
-        4096: {"ttft": 0.3, "fwd": 0.1, "wait": 0.05, "xfer": None, "send": None},
+        4096: {"ttft": 0.3, "fwd": 0.1, "wait": 0.05, "xfer": None, "send": None,
+               "sender": None},
         16384: {"ttft": 1.0, "fwd": 0.5, "wait": 0.2, "xfer": 0.05,
-                "send": 0.01}}  # warm ones apart
+                "send": 0.01, "sender": None}}  # warm ones apart
 
 
 def test_pd_transfer_takes_the_send_time_sglang_logged():
@@ -105,6 +106,10 @@ def test_pd_transfer_reads_the_engines_own_times_from_the_log():
         "engine_descriptors": 2112, "engine_mb": 2147.4, "engine_prepare_ms": 1.5,
         "engine_copy_ms": 6.5}
     assert pd_transfer.engine_times(lines[:1]) == {}
+    sender = "... INFO dualpath.pd_send: pd send room 77: 12.50 ms from the last chunk queued " \
+             "to success (20.00 ms from the first)"
+    assert pd_transfer.engine_times(lines + [sender])["sender_ms"] == 12.5
+    assert pd_transfer.engine_times([sender]) == {"sender_ms": 12.5}
 
 
 def test_a_second_slot_gets_its_own_gpu_pair_and_ports(tmp_path):

@@ -6,6 +6,7 @@ import types
 import numpy as np
 import pytest
 
+from dualpath.sglang_plugin import pd_send
 from dualpath.sglang_plugin.pd_send import contiguous_runs, send_kvcache_arrays
 
 conn = pytest.importorskip("sglang.srt.disaggregation.mooncake.conn")
@@ -90,3 +91,30 @@ def test_other_cases_go_to_stock():
     m = manager(True)  # empty request: nothing to send, like stock
     assert send_kvcache_arrays(original, m, "p", src_ptrs, dst_ptrs, lens, idx[:0], idx[:0],
                                None) == 0 and m.engine.calls == []
+
+
+def test_the_sender_logs_its_time_from_the_last_chunk_queued_to_success(caplog):
+    """add_transfer_request stamps a room's chunks; update_status(Success) logs the time since
+    the last chunk was queued, once; a failed or unknown room logs nothing."""
+    import logging
+    import types
+
+    from sglang.srt.disaggregation.base.conn import KVPoll
+
+    mgr, queued, statuses = types.SimpleNamespace(), [], []
+    add = lambda self, room, idx, sl, last, *a, **k: queued.append((room, last))  # noqa: E731
+    upd = lambda self, room, status: statuses.append((room, status))  # noqa: E731
+    pd_send.stamp_enqueue(add, mgr, 5, [1], slice(0, 1), False)
+    pd_send.stamp_enqueue(add, mgr, 5, [2], slice(1, 2), True, aux_index=0)
+    pd_send.stamp_enqueue(add, mgr, 6, [3], slice(0, 1), True, aux_index=1)
+    assert queued == [(5, False), (5, True), (6, True)]
+    with caplog.at_level(logging.INFO, logger="dualpath.pd_send"):
+        pd_send.report_send(upd, mgr, 5, KVPoll.Transferring)
+        pd_send.report_send(upd, mgr, 5, KVPoll.Success)
+        pd_send.report_send(upd, mgr, 5, KVPoll.Success)  # once
+        pd_send.report_send(upd, mgr, 6, KVPoll.Failed)
+        pd_send.report_send(upd, mgr, 7, KVPoll.Success)  # never stamped (a decode's)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("pd send room 5: ")
+    assert "from the last chunk queued to success" in lines[0]
+    assert len(statuses) == 5 and not getattr(mgr, pd_send.STAMPS)

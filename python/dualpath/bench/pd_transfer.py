@@ -36,16 +36,23 @@ ENGINE_RE = re.compile(r"pd engine: (\d+) descriptors, ([\d.]+) MB to \S+: prepa
                        r"copy ([\d.]+) ms")
 
 
+SENDER_RE = re.compile(r"pd send room \S+: ([\d.]+) ms from the last chunk queued to success")
+
+
 def engine_times(lines) -> dict:
     """Our PD engine's own account of a request's transfers (its log lines for >= 256 MiB,
-    transfer/mooncake_compat.py): descriptors, MB, preparation and copy time; {} for NIXL."""
+    transfer/mooncake_compat.py): descriptors, MB, preparation and copy time; and the Mooncake
+    sender's time from the last chunk queued to success (sglang_plugin/pd_send.py); {} for
+    NIXL."""
     rows = [m.groups() for m in map(ENGINE_RE.search, lines) if m]
+    sender = [float(m.group(1)) for m in map(SENDER_RE.search, lines) if m]
+    out = {"sender_ms": round(sum(sender), 2)} if sender else {}
     if not rows:
-        return {}
+        return out
     return {"engine_descriptors": sum(int(r[0]) for r in rows),
             "engine_mb": round(sum(float(r[1]) for r in rows), 1),
             "engine_prepare_ms": round(sum(float(r[2]) for r in rows), 2),
-            "engine_copy_ms": round(sum(float(r[3]) for r in rows), 2)}
+            "engine_copy_ms": round(sum(float(r[3]) for r in rows), 2), **out}
 
 
 def sglang_transfer_s(pre: dict) -> float | None:
@@ -104,16 +111,19 @@ def run_backend(name: str, args, out: Path) -> dict:
 def summarize(res: dict) -> dict:
     """Medians per prompt length: cold TTFT / forward+send / decode wait, and the warm
     forward+send (the whole prompt's KV transfer; None without warm requests) with the part
-    SGLang timed as the send ('send')."""
+    SGLang timed as the send ('send') and, for our engine, the Mooncake sender's time from
+    the last chunk queued to success ('sender')."""
     by: dict[int, dict] = {}
     for r in res["requests"]:
         d = by.setdefault(r["prompt_len"], {"ttft": [], "fwd": [], "wait": [], "xfer": [],
-                                            "send": []})
+                                            "send": [], "sender": []})
         if r.get("phase", "cold") == "warm":
             if r["prefill_forward_s"] is not None:
                 d["xfer"].append(r["prefill_forward_s"])
             if r.get("prefill_transfer_s") is not None:
                 d["send"].append(r["prefill_transfer_s"])
+            if r.get("sender_ms") is not None:  # ours: queued -> success, in seconds
+                d["sender"].append(r["sender_ms"] / 1e3)
             continue
         d["ttft"].append(r["ttft_s"])
         if r["prefill_forward_s"] is not None:
@@ -160,14 +170,15 @@ def main(argv: list[str] | None = None) -> int:
             for r in b["requests"])
         print(f"{'tokens':>8}" + "".join(f"{b['backend'] + ' TTFT':>16}{'fwd+send':>10}"
                                           f"{'dec wait':>10}{'warm xfer':>10}"
-                                          f"{'of: send':>10}"
+                                          f"{'of: send':>10}{'sender':>10}"
                                           for b in result["backends"]))
         for n in args.lengths:
             line = f"{n:>8}"
             for b in result["backends"]:
                 s = b["summary"].get(n, {})
                 line += (f"{s.get('ttft')!s:>16}{s.get('fwd')!s:>10}{s.get('wait')!s:>10}"
-                         f"{s.get('xfer')!s:>10}{s.get('send')!s:>10}")
+                         f"{s.get('xfer')!s:>10}{s.get('send')!s:>10}"
+                         f"{s.get('sender')!s:>10}")
             print(line)
         print("greedy outputs equal across backends:", result["outputs_match"], flush=True)
         rc = 0 if result["ok"] else 1

@@ -259,6 +259,12 @@ PD_ENGINE_HOOKS: tuple[Hook, ...] = (
          "AROUND", pd_send.send_kvcache_arrays,
          "a request's KV descriptors built with numpy and passed as arrays (stock: one Python "
          "tuple per layer and page run)"),
+    Hook("sglang.srt.disaggregation.mooncake.conn.MooncakeKVManager.add_transfer_request",
+         "AROUND", pd_send.stamp_enqueue, "when a request's chunks were queued for sending"),
+    Hook("sglang.srt.disaggregation.mooncake.conn.MooncakeKVManager.update_status",
+         "AROUND", pd_send.report_send,
+         "log the sender's time from the last chunk queued to success (issue 3: where forward "
+         "+ send goes beyond our engine's copy)"),
 )
 
 # registered only with --dualpath-h2d-kernel ours

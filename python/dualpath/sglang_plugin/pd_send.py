@@ -11,7 +11,14 @@ engine (`DualPathPDEngine.accepts_arrays`). Every other case goes to stock uncha
 
 from __future__ import annotations
 
+import logging
+import time
+
 import numpy as np
+
+log = logging.getLogger("dualpath.pd_send")
+STAMPS = "_dualpath_send_stamps"  # room -> (first chunk queued, last chunk queued or None)
+STAMPS_KEPT = 4096  # rooms that never end (their server went away) are dropped past it
 
 
 def contiguous_runs(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray,
@@ -57,3 +64,40 @@ def send_kvcache_arrays(original, self, mooncake_session_id, src_data_ptrs, dst_
         mooncake_session_id, (s_ptr[:, None] + s0[None, :] * item[:, None]).reshape(-1),
         (d_ptr[:, None] + d0[None, :] * item[:, None]).reshape(-1),
         (n[None, :] * item[:, None]).reshape(-1))
+
+
+def stamp_enqueue(original, self, bootstrap_room, kv_indices, index_slice, is_last_chunk,
+                  *args, **kwargs):
+    """AROUND MooncakeKVManager.add_transfer_request (prefill): when each request's chunks
+    were queued for the transfer threads."""
+    stamps = getattr(self, STAMPS, None)
+    if stamps is None:
+        stamps = {}
+        setattr(self, STAMPS, stamps)
+    now = time.perf_counter()
+    first = stamps.get(bootstrap_room, (now, None))[0]
+    while len(stamps) >= STAMPS_KEPT and bootstrap_room not in stamps:
+        del stamps[next(iter(stamps))]
+    stamps[bootstrap_room] = (first, now if is_last_chunk else None)
+    return original(self, bootstrap_room, kv_indices, index_slice, is_last_chunk, *args,
+                    **kwargs)
+
+
+def report_send(original, self, bootstrap_room, status):
+    """AROUND MooncakeKVManager.update_status: once a request's send succeeded, log how long
+    the sender took from its last chunk's queueing (the KV copy, the aux data, the status to
+    the decode, and the transfer thread's wait for the chunk): what forward + send adds to our
+    engine's own copy time (pd_transfer reads it)."""
+    result = original(self, bootstrap_room, status)
+    stamps = getattr(self, STAMPS, None)
+    if stamps and bootstrap_room in stamps:
+        from sglang.srt.disaggregation.base.conn import KVPoll
+
+        if status in (KVPoll.Success, KVPoll.Failed):
+            first, last = stamps.pop(bootstrap_room, (None, None))
+            if status == KVPoll.Success and last is not None:
+                now = time.perf_counter()
+                log.info("pd send room %s: %.2f ms from the last chunk queued to success "
+                         "(%.2f ms from the first)", bootstrap_room, 1e3 * (now - last),
+                         1e3 * (now - first))
+    return result
