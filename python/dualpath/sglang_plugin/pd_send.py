@@ -12,6 +12,7 @@ engine (`DualPathPDEngine.accepts_arrays`). Every other case goes to stock uncha
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import numpy as np
@@ -19,6 +20,7 @@ import numpy as np
 log = logging.getLogger("dualpath.pd_send")
 STAMPS = "_dualpath_send_stamps"  # room -> (first chunk queued, last chunk queued or None)
 STAMPS_KEPT = 4096  # rooms that never end (their server went away) are dropped past it
+_STAMPS_LOCK = threading.Lock()  # the scheduler thread stamps, the transfer threads report
 
 
 def contiguous_runs(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray,
@@ -70,15 +72,16 @@ def stamp_enqueue(original, self, bootstrap_room, kv_indices, index_slice, is_la
                   *args, **kwargs):
     """AROUND MooncakeKVManager.add_transfer_request (prefill): when each request's chunks
     were queued for the transfer threads."""
-    stamps = getattr(self, STAMPS, None)
-    if stamps is None:
-        stamps = {}
-        setattr(self, STAMPS, stamps)
     now = time.perf_counter()
-    first = stamps.get(bootstrap_room, (now, None))[0]
-    while len(stamps) >= STAMPS_KEPT and bootstrap_room not in stamps:
-        del stamps[next(iter(stamps))]
-    stamps[bootstrap_room] = (first, now if is_last_chunk else None)
+    with _STAMPS_LOCK:
+        stamps = getattr(self, STAMPS, None)
+        if stamps is None:
+            stamps = {}
+            setattr(self, STAMPS, stamps)
+        first = stamps.get(bootstrap_room, (now, None))[0]
+        while len(stamps) >= STAMPS_KEPT and bootstrap_room not in stamps:
+            del stamps[next(iter(stamps))]
+        stamps[bootstrap_room] = (first, now if is_last_chunk else None)
     return original(self, bootstrap_room, kv_indices, index_slice, is_last_chunk, *args,
                     **kwargs)
 
@@ -94,7 +97,8 @@ def report_send(original, self, bootstrap_room, status):
         from sglang.srt.disaggregation.base.conn import KVPoll
 
         if status in (KVPoll.Success, KVPoll.Failed):
-            first, last = stamps.pop(bootstrap_room, (None, None))
+            with _STAMPS_LOCK:
+                first, last = stamps.pop(bootstrap_room, (None, None))
             if status == KVPoll.Success and last is not None:
                 now = time.perf_counter()
                 log.info("pd send room %s: %.2f ms from the last chunk queued to success "
