@@ -4,6 +4,7 @@ the prefetch hooks read; counters only, no behaviour of their own (SGLang 0.5.17
 
 from __future__ import annotations
 
+import time
 from typing import NamedTuple
 
 SETTINGS = "_dualpath_settings"
@@ -59,6 +60,28 @@ STATS = {"pf_queued": 0, "pf_waited_host": 0, "pf_started": 0, "pf_empty": 0,
          # pages are neither mirrored in the host pool nor backed up to storage from it, so a
          # later turn finds them nowhere once the GPU evicts them
          "pf_write_through_failed": 0, "pf_write_through_failed_tokens": 0}
+# per-request timestamps behind the pf_to_start / pf_read_all / pf_to_run meters (on the cache)
+ARRIVED = "_dualpath_prefetch_arrived"  # rid -> when SGLang first asked for its prefetch
+DONE = "_dualpath_prefetch_done"  # rid -> when the scheduler saw its prefetch complete
+_TIMES_CAP = 65536  # entries of requests that never run (aborted elsewhere) are dropped past it
+
+
+def _stamp(cache, attr: str, rid) -> None:
+    times = getattr(cache, attr, None)
+    if times is None:
+        times = {}
+        setattr(cache, attr, times)
+    while len(times) >= _TIMES_CAP:  # the oldest first (insertion order)
+        del times[next(iter(times))]
+    times[rid] = time.monotonic()
+
+
+def _since(cache, attr: str, rid) -> float | None:
+    times = getattr(cache, attr, None)
+    t = times.pop(rid, None) if times else None
+    return None if t is None else time.monotonic() - t
+
+
 # the process's HiRadixCache (it lives as long as the scheduler; set when its settings are
 # first read), for the gauges
 _CACHE = None

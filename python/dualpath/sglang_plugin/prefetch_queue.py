@@ -85,8 +85,12 @@ from dualpath.sglang_plugin.host_holds import (  # noqa: F401
 )
 from dualpath.sglang_plugin.pd_poll import one_rank
 from dualpath.sglang_plugin.prefetch_meters import (  # noqa: F401
+    ARRIVED,
+    DONE,
     STATS,
     _settings,
+    _since,
+    _stamp,
     count_load_back,
     count_write_backup,
     evicted,
@@ -104,27 +108,6 @@ ATTR = "_dualpath_prefetch_queue"
 DRAINING = "_dualpath_prefetch_draining"
 QUEUE_TTL_S = 300.0
 STARTED = "_dualpath_prefetch_started"
-ARRIVED = "_dualpath_prefetch_arrived"  # rid -> when SGLang first asked for its prefetch
-DONE = "_dualpath_prefetch_done"  # rid -> when the scheduler saw its prefetch complete
-_TIMES_CAP = 65536  # entries of requests that never run (aborted elsewhere) are dropped past it
-
-
-def _stamp(cache, attr: str, rid) -> None:
-    times = getattr(cache, attr, None)
-    if times is None:
-        times = {}
-        setattr(cache, attr, times)
-    while len(times) >= _TIMES_CAP:  # the oldest first (insertion order)
-        del times[next(iter(times))]
-    times[rid] = time.monotonic()
-
-
-def _since(cache, attr: str, rid) -> float | None:
-    times = getattr(cache, attr, None)
-    t = times.pop(rid, None) if times else None
-    return None if t is None else time.monotonic() - t
-
-
 def _limited(cache, tokens: int) -> bool:
     return cache.cache_controller.prefetch_rate_limited() or _no_room(cache, tokens)
 

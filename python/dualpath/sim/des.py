@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from dualpath.config import SchedulerConfig
 from dualpath.scheduler import EngineSpec, GlobalScheduler, PairScheduler, Request
+from dualpath.sim.batch_turns import BatchTurns
 from dualpath.sim.model import PerfModel, SimCluster
 
 PAGE = 64
@@ -199,28 +200,10 @@ class Simulator:
             busy[node] += nbytes / store_bps
             return link[node]
 
-        # reads taking turns a batch each (c.read_batch_bytes > 0): per link, the queue of
-        # reads waiting for it and whether a batch is on it; a read is [turn, side, node,
-        # bytes left]; a turn's sides still reading, and when its read is ready at the prefill
-        rr_queue = {("pe", n): deque() for n in range(c.prefill_nodes)}
-        rr_queue.update({("de", n): deque() for n in range(c.decode_nodes)})
-        rr_on: dict = {}
-        rr_left, rr_ready = [0] * n_turns, [0.0] * n_turns
-
-        def rr_next(link, now):
-            """Put the link's next queued read's next batch on it (at line rate)."""
-            if rr_on.get(link) is not None or not rr_queue[link]:
-                return
-            r = rr_queue[link].popleft()
-            b = min(c.read_batch_bytes, r[3])
-            (pe_link_busy if link[0] == "pe" else de_link_busy)[link[1]] += b / store_bps
-            rr_on[link] = (r, b)
-            push(now + b / store_bps, BATCH_DONE, link)
-
-        def rr_read(t, side, node, nbytes, now):
-            rr_left[t] += 1
-            rr_queue[(side, node)].append([t, side, node, nbytes])
-            rr_next((side, node), now)
+        # reads taking turns a batch each (c.read_batch_bytes > 0), else first come first served
+        rr = (BatchTurns(c.read_batch_bytes, store_bps, {"pe": pe_link_busy, "de": de_link_busy},
+                         {"pe": c.prefill_nodes, "de": c.decode_nodes}, n_turns, push,
+                         BATCH_DONE) if c.read_batch_bytes else None)
 
         def start_read(t, pe_bytes, de_bytes, now):
             """Both sides' reads of turn t start now; it lands in its prefill's staging."""
@@ -229,12 +212,12 @@ class Simulator:
             pe_loads[pe] += 1
             read_bytes[0] += pe_bytes
             read_bytes[1] += de_bytes
-            if c.read_batch_bytes and (pe_bytes or de_bytes):
-                rr_ready[t] = now
+            if rr is not None and (pe_bytes or de_bytes):
+                rr.start(t, now)
                 if pe_bytes:
-                    rr_read(t, "pe", self.pe_node[pe], pe_bytes, now)
+                    rr.read(t, "pe", self.pe_node[pe], pe_bytes, now)
                 if de_bytes:
-                    rr_read(t, "de", self.de_node[de], de_bytes, now)
+                    rr.read(t, "de", self.de_node[de], de_bytes, now)
                 return
             ready = now
             if pe_bytes:
@@ -327,24 +310,15 @@ class Simulator:
                 # that, and each of those asks for the next tick (no polling)
                 if waiting and not heap:  # nothing in flight, nothing to arrive: never runs
                     break
-            elif kind == BATCH_DONE:
-                link = tid  # the link whose batch ended
-                r, b = rr_on.pop(link)
-                t = r[0]
-                r[3] -= b
-                if r[1] == "de":  # the batch crosses to the prefill as it lands
+            elif kind == BATCH_DONE:  # tid: the link whose batch ended
+
+                def landed(t, nbytes, now=now):  # a decode batch crosses as it lands
                     de = plan_de[t]
-                    de_nic[de] = max(now, de_nic[de]) + b / nic_bps
-                    rr_ready[t] = max(rr_ready[t], de_nic[de])
-                else:
-                    rr_ready[t] = max(rr_ready[t], now)
-                if r[3] > 0:
-                    rr_queue[link].append(r)  # its next batch, behind the others'
-                else:
-                    rr_left[t] -= 1
-                    if not rr_left[t]:
-                        push(rr_ready[t], READ_DONE, t)
-                rr_next(link, now)
+                    de_nic[de] = max(now, de_nic[de]) + nbytes / nic_bps
+                    return de_nic[de]
+                ended = rr.batch_done(tid, now, landed)
+                if ended is not None:
+                    push(ended[1], READ_DONE, ended[0])
             elif kind == READ_DONE:
                 sched.read_done(str(tid))
                 if waiting:
