@@ -160,7 +160,8 @@ def test_storage_util_counts_only_the_reading_window():
             (12.0, {"pe_read_bytes": 12e9, "de_read_bytes": 6e9}),
             (20.0, {"pe_read_bytes": 12e9, "de_read_bytes": 6e9})]  # decode tail
     u = cmp.storage_util(rows, 6.0)
-    assert u == {"window_s": 2.0, "pe_util": 1.0, "de_util": 0.5, "cluster_util": 0.75}
+    assert u == {"window_s": 2.0, "pe_util": 1.0, "de_util": 0.5, "cluster_util": 0.75,
+                 "from_s": 10.0, "to_s": 12.0}
     assert cmp.storage_util(rows[:2], 6.0) == {}
 
 

@@ -120,7 +120,8 @@ def table(results: list[dict]) -> str:
     for label, key in rows:
         lines.append(f"{label:16}" + "".join(cell(r["offline"].get(key)) for r in results))
     # storage NICs busy over the replay's read window (issue 8: >= 90% of the caps)
-    for label, key in (("PE NIC busy", "pe_util"), ("DE NIC busy", "de_util")):
+    for label, key in (("PE NIC busy", "pe_util"), ("DE NIC busy", "de_util"),
+                       ("reads from s", "from_s"), ("reads to s", "to_s")):
         lines.append(f"{label:16}" + "".join(
             cell((r["offline"].get("storage_util") or {}).get(key)) for r in results))
     for label, role, field, *stat in stages:

@@ -20,7 +20,9 @@ STACK_FLUSH_S = 5.5  # the servers' samplers rewrite their files every 5 s
 def storage_util(a_rows, cap_gbps: float) -> dict:
     """Storage-NIC utilisation while reading: bytes read between the first and the last sample
     at which any node's read counter moved, over that window x cap, per node and for the
-    cluster (both nodes' caps)."""
+    cluster (both nodes' caps); and where the window lies in the sampled run (`from_s`,
+    `to_s`: seconds after the first sample; before it, e.g. first turns with nothing stored,
+    after it, the last prefills and decodes)."""
     keys = ("pe_read_bytes", "de_read_bytes")
     total = [(t, sum(r.get(k, 0) for k in keys), r) for t, r in a_rows]
     moved = [i for i in range(1, len(total)) if total[i][1] > total[i - 1][1]]
@@ -32,7 +34,9 @@ def storage_util(a_rows, cap_gbps: float) -> dict:
            for k in keys}
     return {"window_s": round(span, 2),
             **{f"{n}_util": round(v / cap_gbps, 3) for n, v in per.items()},
-            "cluster_util": round(sum(per.values()) / (2 * cap_gbps), 3)}
+            "cluster_util": round(sum(per.values()) / (2 * cap_gbps), 3),
+            "from_s": round(total[i0][0] - total[0][0], 2),
+            "to_s": round(total[i1][0] - total[0][0], 2)}
 
 
 def prefill_timeline_or_none(stages) -> dict | None:
