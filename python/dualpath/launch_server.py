@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "every hit must come from storage")
     ap.add_argument("--dualpath-refetch-host-hits", action="store_true",
                     help="prefill, benchmarks: a prefix matched in the host pool only is read "
-                         "from storage again, as if DRAM did not hold it (the paper's setting)")
+                         "from storage again, as if DRAM did not hold it (the paper's setting); "
+                         "a read of pages whose storage write is still in flight waits for it")
     ap.add_argument("--dualpath-async-page-indices", action="store_true",
                     help="prefill: read KV page indices without waiting for a forward "
                          "(side-stream copies): a finished request's last chunk, and SGLang's "
