@@ -72,3 +72,20 @@ def test_is_a_hicache_storage_and_refuses_the_copy_interface(tmp_path):
     assert isinstance(b, hicache.HiCacheStorage)
     with pytest.raises(NotImplementedError, match="interface_v1"):
         b.batch_get(["k"], [np.zeros(1)])
+
+
+def test_reads_carry_the_request_id_into_the_nodes_read_order(tmp_path):
+    """The request id tag_prefetch_rid puts into extra_info reaches the page reads without any
+    plan or agent (the baseline too): the node ranks the request when it first asks."""
+    b = DualPathStorage(config(tmp_path), {})
+    b.register_mem_pool_host(FakePageFirstHost())
+    keys = [f"{i:064x}" for i in range(2)]
+    b.batch_set_v1(keys, torch.arange(0, 8))
+    seen = []
+    real = b.adapter.get_pages
+    b.adapter.get_pages = lambda k, kp, vp, rid=None: seen.append(rid) or real(k, kp, vp, rid)
+    info = hicache.HiCacheStorageExtraInfo(extra_info={"rid": "req-7"})
+    assert b.batch_get_v1(keys, torch.arange(16, 24), info) == [True, True]
+    assert b.batch_get_v1(keys, torch.arange(16, 24)) == [True, True]  # no extra_info
+    assert seen == ["req-7", None]
+    assert b.adapter.read_order("req-7") < b.adapter.read_order("later")
