@@ -537,3 +537,33 @@ def test_start_all_stops_every_cluster_when_one_fails():
     ok = [C(False), C(False)]
     cmp.start_all(ok)
     assert [c.stops for c in ok] == [0, 0]
+
+
+def test_the_sample_time_line_shows_rates_gauges_and_the_nearest_gpu_sample(capsys, tmp_path):
+    from dualpath.bench.sample_timeline import format_rows, timeline
+
+    run = {"samples": {
+        "agents": [(100.0, {"pe_read_bytes": 0, "de_read_bytes": 0, "pe_pf_queued": 0}),
+                   (100.5, {"pe_read_bytes": 3e9, "de_read_bytes": 1e9, "de_write_bytes": 5e8,
+                            "pe_pf_in_flight_now": 4, "pe_pf_budget_used_tokens_now": 40_000,
+                            "pe_pf_host_free_tokens_now": 200_000, "pe_pf_queued": 2})],
+        "gpu": [(0.0, {"gpu0_util": 10, "gpu1_util": 20}),
+                (0.49, {"gpu0_util": 90, "gpu1_util": 80})]}}
+    (row,) = timeline(run)
+    assert row["t"] == 0.5 and row["pe_read"] == 6.0 and row["de_read"] == 2.0
+    assert row["de_write"] == 1.0 and row["pe_write"] == 0.0
+    assert (row["pf_in_flight"], row["pf_budget_k"], row["host_free_k"], row["pf_queued"]) == (
+        4, 40.0, 200.0, 2)
+    assert (row["gpu0"], row["gpu1"]) == (90, 80)
+    assert timeline({"samples": {"agents": run["samples"]["agents"][:1]}}) == []
+    text = format_rows([row, {"t": 1.0}])
+    assert "PE rd" in text and "  6.00" in text and text.splitlines()[2].count("-") >= 5
+    (tmp_path / "r.json").write_text(json.dumps({"configs": [{"config": "on", "offline": run}]}))
+    assert cmp_report_main(["--timeline", "on", str(tmp_path / "r.json")]) == 0
+    assert "gpu0 %" in capsys.readouterr().out
+
+
+def cmp_report_main(argv):
+    from dualpath.bench.compare_report import main
+
+    return main(argv)

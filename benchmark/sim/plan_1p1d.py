@@ -33,6 +33,7 @@ except ImportError:
     sys.path.insert(0, str(ROOT / "python"))
 
 from dualpath.bench.compare_1p1d import make_trace  # noqa: E402
+from dualpath.config import PluginConfig  # noqa: E402
 from dualpath.sim.capacity import max_aps, within_slo  # noqa: E402
 from dualpath.sim.des import simulate  # noqa: E402
 from dualpath.sim.model import PerfModel, SimCluster  # noqa: E402
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-turns", type=int, default=8)
     ap.add_argument("--initial", type=int, default=None,
                     help="mean initial context (default: the scaled preset's, halved per 0.125)")
-    ap.add_argument("--prefill-loads", type=int, default=4)
+    ap.add_argument("--prefill-loads", type=int, default=PluginConfig.prefetch_io_threads,
+                    help="loads in flight per prefill (the plugin's prefetch IO threads)")
     ap.add_argument("--read-batch-mib", type=float, default=0.0,
                     help="reads take turns a batch of this many MiB each (sim validate -h)")
     ap.add_argument("--prefill-batch", type=int, default=1,

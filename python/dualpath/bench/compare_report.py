@@ -265,7 +265,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="two results of the same trace from different setups or commits: "
                          "say per config whether every turn's output is the same (exit 1 if "
                          "any differs)")
+    ap.add_argument("--timeline", metavar="CONFIG",
+                    help="print this config's offline replay as a time line instead "
+                         "(sample_timeline.py: storage GB/s per node, prefetches, GPU busy)")
     args = ap.parse_args(argv)
+    if args.timeline:
+        from dualpath.bench.sample_timeline import format_rows, timeline
+
+        runs = [c for p in args.results for c in load_result(p)["configs"]
+                if c["config"] == args.timeline]
+        if not runs:
+            ap.error(f"no config {args.timeline!r} in {[str(p) for p in args.results]}")
+        print(format_rows(timeline(runs[0]["offline"])))
+        return 0
     if args.same_outputs:
         if len(args.results) != 2:
             ap.error("--same-outputs compares two results")

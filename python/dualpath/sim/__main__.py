@@ -195,7 +195,8 @@ def cmd_validate(args) -> int:
                            prefill_kv_tokens=(res.get("device_pool_tokens") or 0)
                            if args.prefill_kv == "pool" else 0,
                            prefill_staging_tokens=staging if args.prefill_kv == "pool" else 0,
-                           prefill_loads=args.prefill_loads,
+                           prefill_loads=(args.prefill_loads if args.prefill_loads is not None
+                                          else res.get("prefetch_io_threads") or 4),
                            read_batch_bytes=int(args.read_batch_mib * 2**20),
                            prefill_batch=args.prefill_batch,
                            h2d_gbps=args.h2d_gbps,
@@ -304,9 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     val.add_argument("--prefill-batch", type=int, default=1,
                      help="turns per prefill batch at most, p0 paid per batch (1: one at a "
                           "time, as the calibrated models assume)")
-    val.add_argument("--prefill-loads", type=int, default=4,
-                     help="loads in flight per prefill (the plugin's prefetch IO threads, "
-                          "default 4; 0 = unlimited)")
+    val.add_argument("--prefill-loads", type=int, default=None,
+                     help="loads in flight per prefill (the plugin's prefetch IO threads; "
+                          "default: the run's, else 4, the plugin's default until b106b34; "
+                          "0 = unlimited)")
     val.add_argument("--read-batch-mib", type=float, default=0.0,
                      help="reads take turns a batch of this many MiB each on a storage NIC "
                           "(1024: SGLang's 128-page batches in a first-in-first-out read pool, "
