@@ -543,8 +543,10 @@ def test_the_sample_time_line_shows_rates_gauges_and_the_nearest_gpu_sample(caps
     from dualpath.bench.sample_timeline import format_rows, timeline
 
     run = {"samples": {
-        "agents": [(100.0, {"pe_read_bytes": 0, "de_read_bytes": 0, "pe_pf_queued": 0}),
+        "agents": [(100.0, {"pe_read_bytes": 0, "de_read_bytes": 0, "pe_write_bytes": 0,
+                            "de_write_bytes": 0, "pe_pf_queued": 0}),
                    (100.5, {"pe_read_bytes": 3e9, "de_read_bytes": 1e9, "de_write_bytes": 5e8,
+                            "pe_write_bytes": 0,
                             "pe_pf_in_flight_now": 4, "pe_pf_budget_used_tokens_now": 40_000,
                             "pe_pf_host_free_tokens_now": 200_000, "pe_pf_queued": 2})],
         "gpu": [(0.0, {"gpu0_util": 10, "gpu1_util": 20}),
@@ -560,7 +562,17 @@ def test_the_sample_time_line_shows_rates_gauges_and_the_nearest_gpu_sample(caps
     assert "PE rd" in text and "  6.00" in text and text.splitlines()[2].count("-") >= 5
     (tmp_path / "r.json").write_text(json.dumps({"configs": [{"config": "on", "offline": run}]}))
     assert cmp_report_main(["--timeline", "on", str(tmp_path / "r.json")]) == 0
-    assert "gpu0 %" in capsys.readouterr().out
+    assert "PE gpu" in capsys.readouterr().out
+    # a sample without the decode's counters (its stats timed out) shows '-', not a spike
+    gap = {"samples": {"agents": [(0.0, {"pe_read_bytes": 0, "de_read_bytes": 0}),
+                                  (0.5, {"pe_read_bytes": 1e9}),
+                                  (1.0, {"pe_read_bytes": 2e9, "de_read_bytes": 6e9})]}}
+    rows = timeline(gap)
+    assert [r["de_read"] for r in rows] == [None, None] and rows[1]["pe_read"] == 2.0
+    assert rows[0]["pf_budget_k"] is None
+    # the config's own GPUs (--parallel-start: config 1 on GPUs 2 and 3)
+    run2 = {**run, "gpus": [1, 0]}
+    assert (timeline(run2)[0]["gpu0"], timeline(run2)[0]["gpu1"]) == (80, 90)
 
 
 def cmp_report_main(argv):

@@ -136,6 +136,7 @@ def run_once(c: PDCluster, trajs, online: bool, seed: int, cap_gbps: float,
     stages = parse_lines(x for cur in logs for x in cur.new_lines())
     wall = summary["wall_s"]
     out = {**summary, "slo_attainment": slo_attainment(records),
+           "gpus": list(c.gpus),  # (prefill, decode) GPU indices of the samples
            "gpu_util_mean": {"prefill": mean_util(g_rows, c.gpus[0], 0, wall),
                              "decode": mean_util(g_rows, c.gpus[1], 0, wall)},
            "sampler_errors": {"gpu": gpus.error, "agents": agents.error},

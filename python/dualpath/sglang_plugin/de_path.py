@@ -29,8 +29,11 @@ from dualpath.storage.page_first import host_view
 log = logging.getLogger("dualpath.de_path")
 _local = threading.local()
 _LOCAL_NAMES = {"127.0.0.1", "localhost", "::1", socket.gethostname()}
-_side_pool = ThreadPoolExecutor(4, thread_name_prefix="dualpath-pe-read")
-_pull_pool = ThreadPoolExecutor(8, thread_name_prefix="dualpath-pull")
+# each prefetch IO thread (--dualpath-prefetch-io-threads, 8 by default) has at most one call
+# on each of these at a time; sized past any such count so none waits for a slot (the reads
+# themselves queue on the node's ordered read pool)
+_side_pool = ThreadPoolExecutor(32, thread_name_prefix="dualpath-pe-read")
+_pull_pool = ThreadPoolExecutor(32, thread_name_prefix="dualpath-pull")
 # page copies of decode restores (numpy releases the GIL while it copies: measured 1.85x with
 # 2 cores on the CPU VM, 2026-11-27)
 _restore_pool = ThreadPoolExecutor(8, thread_name_prefix="dualpath-restore")

@@ -88,9 +88,10 @@ def stamp_enqueue(original, self, bootstrap_room, kv_indices, index_slice, is_la
 
 def report_send(original, self, bootstrap_room, status):
     """AROUND MooncakeKVManager.update_status: once a request's send succeeded, log how long
-    the sender took from its last chunk's queueing (the KV copy, the aux data, the status to
-    the decode, and the transfer thread's wait for the chunk): what forward + send adds to our
-    engine's own copy time (pd_transfer reads it)."""
+    the sender took from its last chunk's queueing (the transfer thread's wait for the chunk,
+    the KV copy and the aux data; SGLang 0.5.17 marks success before it tells the decode, so
+    not that message): what forward + send adds to our engine's own copy time (pd_transfer
+    reads it)."""
     result = original(self, bootstrap_room, status)
     stamps = getattr(self, STAMPS, None)
     if stamps and bootstrap_room in stamps:
