@@ -1,8 +1,12 @@
 """Fixtures shared by the plugin's tests."""
 
 import socket
+import sys
+from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # prefetch_fakes
 
 
 @pytest.fixture(scope="module")

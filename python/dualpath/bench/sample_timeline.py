@@ -14,6 +14,16 @@ COLUMNS = (("t s", "t", "{:>6.1f}"), ("PE rd", "pe_read", "{:>6.2f}"),
            ("DE gpu", "gpu1", "{:>6}"))  # GPU busy, %
 
 
+def _delta(p: dict, r: dict, key: str):
+    """A counter's change between two samples; None where one lacks it (its node's stats
+    timed out)."""
+    return r[key] - p[key] if key in r and key in p else None
+
+
+def _scaled(v, scale: float):  # v / scale; None stays None
+    return None if v is None else v / scale
+
+
 def timeline(run: dict) -> list[dict]:
     """Rows from a run's `samples` (agents: cumulative counters and gauges; gpu: NVML), times
     from each series' first sample (both start with the replay)."""
@@ -26,22 +36,14 @@ def timeline(run: dict) -> list[dict]:
     rows = []
     for (tp, p), (t, r) in zip(agents, agents[1:], strict=False):
         dt = max(t - tp, 1e-9)
-
-        def delta(key, p=p, r=r):  # None where a sample lacks the node (its stats timed out)
-            return r[key] - p[key] if key in r and key in p else None
-
-        def rate(key, dt=dt):
-            d = delta(key)
-            return None if d is None else d / dt / 1e9
-
-        def kilo(key, r=r):
-            return r[key] / 1e3 if key in r else None
-        row = {"t": t - t0, "pe_read": rate("pe_read_bytes"), "de_read": rate("de_read_bytes"),
-               "pe_write": rate("pe_write_bytes"), "de_write": rate("de_write_bytes"),
+        gbps = {k: _scaled(_delta(p, r, k), dt * 1e9) for k in
+                ("pe_read_bytes", "de_read_bytes", "pe_write_bytes", "de_write_bytes")}
+        row = {"t": t - t0, "pe_read": gbps["pe_read_bytes"], "de_read": gbps["de_read_bytes"],
+               "pe_write": gbps["pe_write_bytes"], "de_write": gbps["de_write_bytes"],
                "pf_in_flight": r.get("pe_pf_in_flight_now"),
-               "pf_budget_k": kilo("pe_pf_budget_used_tokens_now"),
-               "host_free_k": kilo("pe_pf_host_free_tokens_now"),
-               "pf_queued": delta("pe_pf_queued")}
+               "pf_budget_k": _scaled(r.get("pe_pf_budget_used_tokens_now"), 1e3),
+               "host_free_k": _scaled(r.get("pe_pf_host_free_tokens_now"), 1e3),
+               "pf_queued": _delta(p, r, "pe_pf_queued")}
         if gpu:  # the NVML sample nearest in time, of this config's prefill and decode GPUs
             _, s = min(gpu, key=lambda x: abs((x[0] - g0) - row["t"]))  # noqa: B023
             row["gpu0"], row["gpu1"] = (s.get(f"gpu{pre}_util"), s.get(f"gpu{dec}_util"))
