@@ -211,6 +211,15 @@ def test_plots(tmp_path):
     assert all(p.stat().st_size > 1000 for p in files)
 
 
+def test_gpu_plot_reads_the_configs_own_gpus():
+    from dualpath.bench.plots import util_series
+
+    rows = [(0.0, {"gpu0_util": 5, "gpu1_util": 6, "gpu2_util": 70, "gpu3_util": 80})]
+    assert util_series({"gpus": [2, 3], "samples": {"gpu": rows}}) == {
+        "prefill": [(0.0, 70)], "decode": [(0.0, 80)]}
+    assert util_series({"samples": {"gpu": rows}})["decode"] == [(0.0, 6)]
+
+
 def test_unknown_config_is_refused(capsys):
     with pytest.raises(SystemExit):
         cmp.main(["--out", "/tmp/x", "--configs", "off,bogus"])

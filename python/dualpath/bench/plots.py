@@ -50,10 +50,8 @@ def plot(result: dict, out: Path) -> list[Path]:
                     ax.plot([t for t, _ in pts], [v for _, v in pts], label=f"{node} node")
                 ax.axhline(result.get("snic_gbps") or 0, color="grey", ls=":", lw=1)
             else:
-                for gpu, label in ((0, "prefill"), (1, "decode")):
-                    ax.plot([t for t, r in rows if f"gpu{gpu}_util" in r],
-                            [r[f"gpu{gpu}_util"] for t, r in rows if f"gpu{gpu}_util" in r],
-                            label=label)
+                for label, pts in util_series(c["offline"]).items():
+                    ax.plot([t for t, _ in pts], [v for _, v in pts], label=label)
             ax.set_title(c["config"], fontsize=8)
             ax.set_ylabel(ylabel, fontsize=7)
             ax.legend(fontsize=7)
@@ -101,6 +99,15 @@ def plot(result: dict, out: Path) -> list[Path]:
                      fontsize=7)
         written.append(_save(fig, out / "sweep.png"))
     return written
+
+
+def util_series(run: dict) -> dict[str, list[tuple[float, float]]]:
+    """(time, GPU %) of the run's own prefill and decode GPUs: `run["gpus"]` (with
+    --parallel-start, config k has GPUs 2k and 2k+1); 0 and 1 for results without it."""
+    pe_gpu, de_gpu = run.get("gpus") or (0, 1)
+    rows = run["samples"]["gpu"]
+    return {label: [(t, r[f"gpu{g}_util"]) for t, r in rows if f"gpu{g}_util" in r]
+            for label, g in (("prefill", pe_gpu), ("decode", de_gpu))}
 
 
 def _save(fig, path: Path) -> Path:
