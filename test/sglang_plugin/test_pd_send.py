@@ -118,3 +118,37 @@ def test_the_sender_logs_its_time_from_the_last_chunk_queued_to_success(caplog):
     assert len(lines) == 1 and lines[0].startswith("pd send room 5: ")
     assert "from the last chunk queued to success" in lines[0]
     assert len(statuses) == 5 and not getattr(mgr, pd_send.STAMPS)
+
+
+def test_the_sender_log_splits_wait_kv_send_and_after(caplog, monkeypatch):
+    """The last chunk's KV send on the reporting thread splits the sender's time into the wait
+    for the transfer thread, the send and what followed; a send from before the chunk was
+    queued (an earlier request's) adds nothing."""
+    import logging
+    import types
+
+    from sglang.srt.disaggregation.base.conn import KVPoll
+
+    from dualpath.bench import pd_transfer
+
+    clock = iter([10.0, 10.004, 10.010, 10.030]).__next__  # queued, send start/end, success
+    monkeypatch.setattr(pd_send.time, "perf_counter", clock)
+    mgr = types.SimpleNamespace(engine=types.SimpleNamespace(accepts_arrays=False))
+    pd_send.stamp_enqueue(lambda *a, **k: None, mgr, 9, [1], slice(0, 1), True, aux_index=0)
+    sent = []
+    original = lambda *a: sent.append(a) or 0  # noqa: E731  (stock path: not vectorisable)
+    idx = np.arange(2, dtype=np.int64)
+    assert send_kvcache_arrays(original, mgr, "p", [1], [2], [8], idx, idx, None) == 0
+    with caplog.at_level(logging.INFO, logger="dualpath.pd_send"):
+        pd_send.report_send(lambda *a: None, mgr, 9, KVPoll.Success)
+    line = caplog.records[-1].getMessage()
+    assert line.endswith("; wait 4.00 ms, kv send 6.00 ms, after 20.00 ms"), line
+    got = pd_transfer.engine_times([line])
+    assert got == {"sender_ms": 30.0, "sender_wait_ms": 4.0, "sender_kv_ms": 6.0,
+                   "sender_after_ms": 20.0}
+    clock = iter([20.0, 20.5]).__next__  # the next room: this thread's send is older
+    monkeypatch.setattr(pd_send.time, "perf_counter", clock)
+    pd_send.stamp_enqueue(lambda *a, **k: None, mgr, 10, [1], slice(0, 1), True, aux_index=0)
+    with caplog.at_level(logging.INFO, logger="dualpath.pd_send"):
+        pd_send.report_send(lambda *a: None, mgr, 10, KVPoll.Success)
+    assert caplog.records[-1].getMessage().endswith("(500.00 ms from the first)")

@@ -36,7 +36,8 @@ ENGINE_RE = re.compile(r"pd engine: (\d+) descriptors, ([\d.]+) MB to \S+: prepa
                        r"copy ([\d.]+) ms")
 
 
-SENDER_RE = re.compile(r"pd send room \S+: ([\d.]+) ms from the last chunk queued to success")
+SENDER_RE = re.compile(r"pd send room \S+: ([\d.]+) ms from the last chunk queued to success"
+                       r"(?:.*; wait ([\d.]+) ms, kv send ([\d.]+) ms, after ([\d.]+) ms)?")
 
 
 def engine_times(lines) -> dict:
@@ -45,8 +46,14 @@ def engine_times(lines) -> dict:
     sender's time from the last chunk queued to success (sglang_plugin/pd_send.py); {} for
     NIXL."""
     rows = [m.groups() for m in map(ENGINE_RE.search, lines) if m]
-    sender = [float(m.group(1)) for m in map(SENDER_RE.search, lines) if m]
-    out = {"sender_ms": round(max(sender), 2)} if sender else {}  # the slowest rank
+    sender = [m for m in map(SENDER_RE.search, lines) if m]
+    out = {}
+    if sender:  # the slowest rank, and where its time went (wait / kv send / after)
+        m = max(sender, key=lambda m: float(m.group(1)))
+        out["sender_ms"] = round(float(m.group(1)), 2)
+        if m.group(2) is not None:
+            out.update(sender_wait_ms=float(m.group(2)), sender_kv_ms=float(m.group(3)),
+                       sender_after_ms=float(m.group(4)))
     if not rows:
         return out
     return {"engine_descriptors": sum(int(r[0]) for r in rows),

@@ -21,6 +21,9 @@ log = logging.getLogger("dualpath.pd_send")
 STAMPS = "_dualpath_send_stamps"  # room -> (first chunk queued, last chunk queued or None)
 STAMPS_KEPT = 4096  # rooms that never end (their server went away) are dropped past it
 _STAMPS_LOCK = threading.Lock()  # the scheduler thread stamps, the transfer threads report
+# (start, end) of the latest KV send on this transfer thread: SGLang's worker sends a chunk's
+# KV, then (last chunk) the aux data, then marks success, all on one thread
+_LAST_SEND = threading.local()
 
 
 def contiguous_runs(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray,
@@ -39,6 +42,21 @@ def send_kvcache_arrays(original, self, mooncake_session_id, src_data_ptrs, dst_
                         dst_layer_ids=None, dst_device_data_indices=None,
                         dst_device_data_ptrs=None):
     """AROUND hook of MooncakeKVManager._send_kvcache_generic (see the module docstring)."""
+    t0 = time.perf_counter()
+    try:
+        return _send_kvcache_arrays(original, self, mooncake_session_id, src_data_ptrs,
+                                    dst_data_ptrs, item_lens, prefill_data_indices,
+                                    dst_data_indices, executor, state_type, force_flat,
+                                    src_layer_ids, dst_layer_ids, dst_device_data_indices,
+                                    dst_device_data_ptrs)
+    finally:
+        _LAST_SEND.span = (t0, time.perf_counter())
+
+
+def _send_kvcache_arrays(original, self, mooncake_session_id, src_data_ptrs, dst_data_ptrs,
+                         item_lens, prefill_data_indices, dst_data_indices, executor,
+                         state_type, force_flat, src_layer_ids, dst_layer_ids,
+                         dst_device_data_indices, dst_device_data_ptrs):
     src = np.asarray(prefill_data_indices, dtype=np.int64).reshape(-1)
     dst = np.asarray(dst_data_indices, dtype=np.int64).reshape(-1)
     simple = (getattr(self.engine, "accepts_arrays", False)
@@ -103,6 +121,17 @@ def report_send(original, self, bootstrap_room, status):
             if status == KVPoll.Success and last is not None:
                 now = time.perf_counter()
                 log.info("pd send room %s: %.2f ms from the last chunk queued to success "
-                         "(%.2f ms from the first)", bootstrap_room, 1e3 * (now - last),
-                         1e3 * (now - first))
+                         "(%.2f ms from the first)%s", bootstrap_room, 1e3 * (now - last),
+                         1e3 * (now - first), _breakdown(last, now))
     return result
+
+
+def _breakdown(queued: float, done: float) -> str:
+    """Where the sender's time went, from this thread's latest KV send when that was the last
+    chunk's (it started after the chunk was queued): the wait for the transfer thread, the KV
+    send (descriptors + engine), and what came after it (aux data, status)."""
+    span = getattr(_LAST_SEND, "span", None)
+    if span is None or not queued <= span[0] <= span[1] <= done:
+        return ""
+    return (f"; wait {1e3 * (span[0] - queued):.2f} ms, kv send {1e3 * (span[1] - span[0]):.2f}"
+            f" ms, after {1e3 * (done - span[1]):.2f} ms")
