@@ -3,6 +3,7 @@ in-process /generate with fake agent stats, SLO attainment, output matching, the
 
 import argparse
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -235,13 +236,10 @@ def test_max_aps_within_slo():
     assert cmp.max_aps_within_slo(runs[2:]) == 0.0 and cmp.max_aps_within_slo([]) is None
 
 
-@pytest.mark.parametrize("parallel", [False, True])
-def test_main_runs_configs_sweep_and_online_end_to_end(monkeypatch, tmp_path, parallel):
-    """main() with the cluster replaced by an in-process /generate: each config's offline run,
-    a cap sweep point (cap set on the agents, caches flushed, store emptied between runs), an
-    online point, result.json saved, the tables printed. --parallel-start: both clusters start
-    (on their own GPU pairs) before the first replay, and the results are the same."""
-    prompts: list = []
+@contextlib.contextmanager
+def fake_clusters(monkeypatch, tmp_path, prompts: list):
+    """compare_1p1d with its clusters replaced by an in-process /generate (fake_server): yields
+    the calls it saw (specs, caps set, flushes, starts)."""
     loop = asyncio.new_event_loop()
     srv = TestServer(fake_server(prompts))
     loop.run_until_complete(srv.start_server())
@@ -280,16 +278,27 @@ def test_main_runs_configs_sweep_and_online_end_to_end(monkeypatch, tmp_path, pa
     monkeypatch.setattr(cmp, "agent_stats", lambda port, timeout=5: {"error": "no agent"})
     monkeypatch.setattr(cmp, "gpu_facts", lambda: {"gpu_name": "fake", "gpus": ["g"] * 4})
     monkeypatch.setattr(cmp, "stop_servers_on_sigterm", lambda: calls.setdefault("sig", True))
-    out = tmp_path / "out"
     try:
+        yield calls
+    finally:
+        asyncio.run_coroutine_threadsafe(srv.close(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_main_runs_configs_sweep_and_online_end_to_end(monkeypatch, tmp_path, parallel):
+    """main() with the cluster replaced by an in-process /generate: each config's offline run,
+    a cap sweep point (cap set on the agents, caches flushed, store emptied between runs), an
+    online point, result.json saved, the tables printed. --parallel-start: both clusters start
+    (on their own GPU pairs) before the first replay, and the results are the same."""
+    prompts: list = []
+    out = tmp_path / "out"
+    with fake_clusters(monkeypatch, tmp_path, prompts) as calls:
         rc = cmp.main(["--out", str(out), "--configs", "stock,on", "--agents", "2",
                        "--max-turns", "2", "--initial", "256", "--scale", "0.02",
                        "--snic-sweep", "3", "--online-aps", "50", "--pd-backend", "dualpath",
                        "--mem-fraction", "0.7", "--store-dir", str(tmp_path / "store")]
                       + (["--parallel-start"] if parallel else []))
-    finally:
-        asyncio.run_coroutine_threadsafe(srv.close(), loop).result(5)
-        loop.call_soon_threadsafe(loop.stop)
     assert rc == 0
     import json
 
@@ -588,3 +597,123 @@ def cmp_report_main(argv):
     from dualpath.bench.compare_report import main
 
     return main(argv)
+
+
+def test_online_only_runs_each_configs_own_rates(monkeypatch, tmp_path):
+    """--no-offline with per-config rates and --online-duration-s: no offline replay, each
+    config runs only its rates, with APS x duration agents; the online table is printed."""
+    prompts: list = []
+    out = tmp_path / "out"
+    with fake_clusters(monkeypatch, tmp_path, prompts):
+        rc = cmp.main(["--out", str(out), "--configs", "off,on", "--no-offline",
+                       "--online-aps", "off=40,on=60/80", "--online-duration-s", "0.05",
+                       "--max-turns", "2", "--initial", "256", "--scale", "0.02",
+                       "--warmup-agents", "0", "--slot", "1",
+                       "--store-dir", str(tmp_path / "store")])
+    assert rc == 0
+    res = json.loads((out / "result.json").read_text())
+    off, on = res["configs"]
+    assert off["offline"] == {} and on["offline"] == {} and not off["sweep"]
+    assert [(o["aps"], o["agents"]) for o in off["online"]] == [(40.0, 2)]
+    assert [(o["aps"], o["agents"]) for o in on["online"]] == [(60.0, 3), (80.0, 4)]
+    assert res["online_duration_s"] == 0.05 and "outputs_match_off" not in on
+    assert len(prompts) == sum(o["turns_ok"] for c in (off, on) for o in c["online"]) > 0
+
+
+def test_online_rates_parse_per_config():
+    assert cmp.parse_aps("0.4,0.8") == {None: [0.4, 0.8]}
+    spec = cmp.parse_aps("off=0.35/0.4,on=0.7,1")
+    assert spec == {"off": [0.35, 0.4], "on": [0.7], None: [1.0]}
+    assert cmp.aps_of(spec, "on") == [1.0, 0.7] and cmp.aps_of(spec, "de") == [1.0]
+    for bad in ("bogus=1", "off=0", "on=-1", "off="):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cmp.parse_aps(bad)
+
+
+def test_no_offline_needs_online_rates(capsys):
+    with pytest.raises(SystemExit):
+        cmp.main(["--out", "/tmp/x", "--no-offline"])
+    assert "--no-offline needs --online-aps" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cmp.main(["--out", "/tmp/x", "--concurrent", "--parallel-start"])
+
+
+def test_concurrent_children_get_their_own_config_slot_and_out():
+    from pathlib import Path
+
+    from dualpath.bench.concurrent import child_argv
+
+    argv = ["--configs", "off,on", "--concurrent", "--out", "/o", "--agents", "24",
+            "--slot=1", "--online-aps", "off=0.4,on=0.7", "--setup-s", "60"]
+    assert child_argv(argv, "on", 2, Path("/o/on")) == [
+        "--agents", "24", "--online-aps", "off=0.4,on=0.7",
+        "--configs", "on", "--slot", "2", "--out", "/o/on"]
+
+
+def test_concurrent_merges_what_the_children_wrote(monkeypatch, tmp_path):
+    """One child per config on its own GPU pair, SIGTERM-safe; their results merged into one
+    comparison with the baseline's outputs compared; a child without a result fails the
+    call but what the others wrote is kept."""
+    import subprocess
+    from pathlib import Path
+
+    started, silent = [], set()
+
+    class FakeChild:
+        def __init__(self, cmd):
+            started.append(cmd)
+            name, out = cmd[cmd.index("--configs") + 1], cmd[cmd.index("--out") + 1]
+            res = synthetic_result()
+            res["ok"] = True
+            res["configs"] = [c for c in res["configs"] if c["config"] == name]
+            for c in res["configs"]:
+                c["offline"]["turn_records"] = [{"agent": 0, "turn": 0, "output_digest": "d"}]
+            (Path(out) / name).mkdir(parents=True)
+            (Path(out) / name / "server_prefill.log").write_text(name)
+            if name not in silent:
+                (Path(out) / "result.json").write_text(json.dumps(res))
+
+        def wait(self):
+            return 0
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", FakeChild)
+    monkeypatch.setattr("dualpath.bench.smoke.gpu_facts", lambda: {"gpus": ["g"] * 4})
+    out = tmp_path / "out"
+    assert cmp.main(["--out", str(out), "--configs", "off,on", "--concurrent"]) == 0
+    assert [c[c.index("--slot") + 1] for c in started] == ["0", "1"]
+    merged = json.loads((out / "result.json").read_text())
+    assert merged["concurrent"] and [c["config"] for c in merged["configs"]] == ["off", "on"]
+    assert merged["configs"][1]["outputs_match_off"] is True
+    import tarfile
+
+    with tarfile.open(out / "logs.tar.xz") as tar:
+        assert sorted(tar.getnames()) == ["off/off/server_prefill.log",
+                                          "on/on/server_prefill.log"]
+    assert cmp.main(["--out", str(tmp_path / "six"), "--configs", "off,on,de",
+                     "--concurrent"]) == 1  # 6 GPUs needed, 4 here
+    silent.add("on")
+    assert cmp.main(["--out", str(tmp_path / "lost"), "--configs", "off,on",
+                     "--concurrent"]) == 1
+    kept = json.loads((tmp_path / "lost" / "result.json").read_text())
+    assert kept["failure"] == "no result from ['on']" and not kept["ok"]
+    assert [c["config"] for c in kept["configs"]] == ["off"]
+
+
+def test_online_table_rows_and_ratio():
+    runs = {"off": [{"aps": 0.4, "agents": 72, "turns_ok": 500, "ttft_s_mean": 5.1,
+                     "ttft_s_p90": 9.0, "tpot_s_mean": 0.011, "stopped_at_s": 80.0,
+                     "within_slo": False},
+                    {"aps": 0.35, "agents": 63, "turns_ok": 1512, "ttft_s_mean": 2.0,
+                     "ttft_s_p90": 3.0, "tpot_s_mean": 0.01, "within_slo": True}],
+            "on": [{"aps": 0.7, "agents": 126, "turns_ok": 3024, "ttft_s_mean": 1.5,
+                    "ttft_s_p90": 2.5, "tpot_s_mean": 0.012, "within_slo": True}]}
+    cfgs = [{"config": k, "online": v, "max_aps_within_slo": cmp.max_aps_within_slo(v)}
+            for k, v in runs.items()]
+    text = report.online_table(cfgs).splitlines()
+    assert text[1].split() == ["off", "0.400", "72", "500", "5.100", "9.000", "0.0110", "80.0",
+                               "no"]
+    assert text[2].split()[-2:] == ["-", "yes"]
+    assert text[-1] == "on: max APS within the SLO 0.7 (2.00x off) (of the rates run)"

@@ -29,6 +29,15 @@ def test_prefill_gets_the_store_and_hicache_defaults():
     assert value(args, "--hicache-storage-prefetch-policy") == "wait_complete"
     assert "--disaggregation-decode-enable-radix-cache" not in args
     assert cfg.prefetch_queue is True
+    assert "capacity_gb" not in extra  # no cap unless asked
+
+
+def test_store_capacity_reaches_the_storage_backend():
+    args, cfg = build(["--disaggregation-mode", "prefill", "--dualpath-store-capacity-gb", "80"])
+    extra = json.loads(value(args, "--hicache-storage-backend-extra-config"))
+    assert cfg.store_capacity_gb == 80 and extra["capacity_gb"] == 80
+    with pytest.raises(ValueError, match="store_capacity_gb"):
+        build(["--disaggregation-mode", "prefill", "--dualpath-store-capacity-gb", "-1"])
 
 
 def test_decode_gets_the_store_only_with_the_flag():

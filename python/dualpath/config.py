@@ -132,6 +132,12 @@ class PluginConfig:
     """Agent port (0 = the server's --port + 1000)."""
     buffer_gb: float = 4.0
     """DE buffer: KV blocks the agent keeps after reading them, in GiB."""
+    store_capacity_gb: float = 0.0
+    """Cap of the store directory in GiB (0 = no cap): past it, this server deletes the least
+    recently used blocks down to 90% (storage/store.py). Each server that writes counts its own
+    writes between rescans, so a store shared by two writers can pass the cap by what the
+    other wrote since its last eviction. For hosts whose store is tmpfs (/dev/shm) and runs
+    that write more than it holds (online runs: every arriving agent adds its context)."""
     forward_mode: ForwardMode = "auto"
     """How the DE writes into the PE: 'shm' = one-sided copy into the PE's host pool mapped from
     shared memory (same host); 'tcp' = one-sided writes into the pool over TCP by the transfer
@@ -206,8 +212,9 @@ class PluginConfig:
         if self.role not in ("", "prefill", "decode"):
             raise ValueError(f"PluginConfig.role must be '', 'prefill' or 'decode', "
                              f"got {self.role!r}")
-        if self.snic_gbps < 0 or self.buffer_gb < 0:
-            raise ValueError("PluginConfig: snic_gbps and buffer_gb must be >= 0")
+        if self.snic_gbps < 0 or self.buffer_gb < 0 or self.store_capacity_gb < 0:
+            raise ValueError("PluginConfig: snic_gbps, buffer_gb and store_capacity_gb must be "
+                             ">= 0")
         if not 0 <= self.agent_port < 65536:
             raise ValueError(f"PluginConfig.agent_port out of range: {self.agent_port}")
         if self.forward_mode not in ("auto", "shm", "tcp", "inline"):

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="agent port (0 = SGLang --port + 1000)")
     ap.add_argument("--dualpath-buffer-gb", type=float, default=d.buffer_gb,
                     help="DE buffer size (GiB)")
+    ap.add_argument("--dualpath-store-capacity-gb", type=float, default=d.store_capacity_gb,
+                    help="cap of the store in GiB; past it the least recently used blocks "
+                         "are deleted (0 = no cap)")
     ap.add_argument("--dualpath-forward-mode", choices=["auto", "shm", "tcp", "inline"],
                     default=d.forward_mode, help="how a DE writes KV into a prefill")
     ap.add_argument("--dualpath-forward-timeout-s", type=float, default=d.forward_timeout_s)
@@ -122,7 +125,8 @@ def sglang_args(ours: argparse.Namespace, rest: list[str]) -> tuple[list[str], P
         enable_dual_path=ours.enable_dual_path, root=ours.dualpath_root,
         node=ours.dualpath_node or socket.gethostname(), snic_gbps=ours.dualpath_snic_gbps,
         agent_host=ours.dualpath_agent_host, agent_port=ours.dualpath_agent_port or port + 1000,
-        buffer_gb=ours.dualpath_buffer_gb, forward_mode=ours.dualpath_forward_mode,
+        buffer_gb=ours.dualpath_buffer_gb, store_capacity_gb=ours.dualpath_store_capacity_gb,
+        forward_mode=ours.dualpath_forward_mode,
         forward_timeout_s=ours.dualpath_forward_timeout_s, io_threads=ours.dualpath_io_threads,
         role=mode if mode != "null" else "", oracle=ours.dualpath_oracle,
         prefetch_io_threads=ours.dualpath_prefetch_io_threads,
@@ -159,6 +163,8 @@ def sglang_args(ours: argparse.Namespace, rest: list[str]) -> tuple[list[str], P
                  "io_threads": cfg.io_threads}
         if cfg.snic_gbps:
             extra["snic_gbps"] = cfg.snic_gbps
+        if cfg.store_capacity_gb:
+            extra["capacity_gb"] = cfg.store_capacity_gb
         if cfg.oracle:
             extra["oracle"] = True
         out += ["--hicache-storage-backend", "dynamic",

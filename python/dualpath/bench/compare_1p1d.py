@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from dualpath.bench import client, gpu_profile
-from dualpath.bench.compare_report import outputs_match, sweep_table, table
+from dualpath.bench.compare_report import online_table, outputs_match, sweep_table, table
 from dualpath.bench.pd_cluster import (
     ClusterSpec,
     PDCluster,
@@ -238,7 +238,8 @@ def make_cluster(name: str, args, out: Path, res: dict, slot: int = 0) -> PDClus
                        decode_cuda_graph_max_bs=args.decode_cuda_graph_max_bs, oracle=oracle,
                        prefill_cuda_graph=args.prefill_cuda_graph,
                        prefetch_queue=queue,
-                       extra=["--dualpath-prefetch-io-threads", str(args.prefetch_io_threads)])
+                       extra=["--dualpath-prefetch-io-threads", str(args.prefetch_io_threads),
+                              "--dualpath-store-capacity-gb", str(args.store_capacity_gb)])
     res.update({"config": name, "dual_path": dual, "read_side": side, "oracle": oracle,
                 "prefetch_queue": queue,
                 "sweep": [], "online": []})
@@ -283,60 +284,103 @@ def run_config(name: str, args, out: Path, trajs, res: dict, save,
     """Fill `res` (already in the result) step by step, calling `save()` after each run. With
     `started`, measure on that running cluster (parallel start) instead of starting one; it
     is stopped afterwards either way."""
-    c = started or make_cluster(name, args, out, res)
-    dual, root = CONFIGS[name][0], c.spec.root
+    c = started or make_cluster(name, args, out, res, slot=args.slot)
+    root = c.spec.root
     try:
         if started is None:
             c.start()
         res["startup_s"] = c.startup_s
         if args.warmup_agents > 0:
             res["warmup_s"] = warm_up(c, root, args)
-        log.info("%s: offline replay of %d agents", name, len(trajs))
-        timer = profile_later(c, out / name / "torch_profile", args)
-        stacks_before = stack_files(out / name) if args.stack_sample else None
-        try:
-            res["offline"] = run_once(c, trajs, False, args.seed, args.snic_gbps,
-                                       args.stall_s or None)
-        finally:
-            if timer is not None:
-                timer.cancel()
-        if stacks_before is not None:
-            stacks_of_replay(out / name, stacks_before)
-        if timer is not None:
-            res["offline"]["gpu_profile"] = profile_summaries(out / name / "torch_profile")
-        if res["offline"].get("stall"):
-            log.error("%s: the replay stalled and was ended; the servers' state is in the "
-                      "result's offline.stall; the config's other runs are skipped (its "
-                      "servers still hold the stuck requests)", name)
-            save()
+        if args.no_offline:
+            res["offline"] = {}
+        elif not offline(name, c, args, out, trajs, res, save):
             return res
-        log.info("%s offline: JCT %s s, errors %d, storage %s", name,
-                 res["offline"]["jct_s"], res["offline"]["errors"],
-                 res["offline"].get("storage_util"))
-        save()
-        for k, cap in enumerate(args.snic_sweep):  # same trace, fresh token ids
-            set_cap(c, dual, cap)
-            fresh(c, root)
-            run = run_once(c, trajs, False, args.seed + 100 + k, cap, args.stall_s or None)
-            res["sweep"].append({"snic_gbps": cap, **run})
-            log.info("%s offline at %.2f GB/s: JCT %s s, errors %d, storage %s", name, cap,
-                     run["jct_s"], run["errors"], run.get("storage_util"))
-            save()
-        if args.snic_sweep:
-            set_cap(c, dual, args.snic_gbps)
-        for k, aps in enumerate(args.online_aps):
-            fresh(c, root)
-            run = run_once(c, make_trace(args, aps, seed=args.seed + 1 + k), True,
-                           args.seed + 1 + k, args.snic_gbps, args.stall_s or None)
-            res["online"].append({"aps": aps, **run, "within_slo": within_slo(run)})
-            res["max_aps_within_slo"] = max_aps_within_slo(res["online"])
-            log.info("%s online %.2f APS: SLO %.2f, TTFT p90 %s", name, aps,
-                     run["slo_attainment"] or 0, run["ttft_s_p90"])
-            save()
+        online_runs(name, c, args, res, save)
     finally:
         c.stop()
         shutil.rmtree(root, ignore_errors=True)  # the store lives in /dev/shm
     return res
+
+
+def offline(name: str, c: PDCluster, args, out: Path, trajs, res: dict, save) -> bool:
+    """The main offline replay, then the cap sweep; False when the replay stalled (the
+    config's other runs are skipped)."""
+    dual, root = CONFIGS[name][0], c.spec.root
+    log.info("%s: offline replay of %d agents", name, len(trajs))
+    timer = profile_later(c, out / name / "torch_profile", args)
+    stacks_before = stack_files(out / name) if args.stack_sample else None
+    try:
+        res["offline"] = run_once(c, trajs, False, args.seed, args.snic_gbps,
+                                   args.stall_s or None)
+    finally:
+        if timer is not None:
+            timer.cancel()
+    if stacks_before is not None:
+        stacks_of_replay(out / name, stacks_before)
+    if timer is not None:
+        res["offline"]["gpu_profile"] = profile_summaries(out / name / "torch_profile")
+    if res["offline"].get("stall"):
+        log.error("%s: the replay stalled and was ended; the servers' state is in the "
+                  "result's offline.stall; the config's other runs are skipped (its "
+                  "servers still hold the stuck requests)", name)
+        save()
+        return False
+    log.info("%s offline: JCT %s s, errors %d, storage %s", name,
+             res["offline"]["jct_s"], res["offline"]["errors"],
+             res["offline"].get("storage_util"))
+    save()
+    for k, cap in enumerate(args.snic_sweep):  # same trace, fresh token ids
+        set_cap(c, dual, cap)
+        fresh(c, root)
+        run = run_once(c, trajs, False, args.seed + 100 + k, cap, args.stall_s or None)
+        res["sweep"].append({"snic_gbps": cap, **run})
+        log.info("%s offline at %.2f GB/s: JCT %s s, errors %d, storage %s", name, cap,
+                 run["jct_s"], run["errors"], run.get("storage_util"))
+        save()
+    if args.snic_sweep:
+        set_cap(c, dual, args.snic_gbps)
+    return True
+
+
+def online_runs(name: str, c: PDCluster, args, res: dict, save) -> None:
+    """The online runs of config `name`: Poisson agent arrivals at each of its APS, a fresh
+    store and token seed per run; with --online-duration-s, arrivals for that long (agents =
+    APS x duration), else --agents agents."""
+    for k, aps in enumerate(aps_of(args.online_aps, name)):
+        fresh(c, c.spec.root)
+        ns = args
+        if args.online_duration_s:
+            ns = argparse.Namespace(**{**vars(args), "agents": max(
+                1, round(aps * args.online_duration_s))})
+        run = run_once(c, make_trace(ns, aps, seed=args.seed + 1 + k), True,
+                       args.seed + 1 + k, args.snic_gbps, args.stall_s or None)
+        res["online"].append({"aps": aps, "agents": ns.agents, **run,
+                              "within_slo": within_slo(run)})
+        res["max_aps_within_slo"] = max_aps_within_slo(res["online"])
+        log.info("%s online %.3f APS (%d agents): TTFT mean %s s, TPOT mean %s s, stopped at "
+                 "%s s, within the SLO: %s", name, aps, ns.agents, run.get("ttft_s_mean"),
+                 run.get("tpot_s_mean"), run.get("stopped_at_s"), within_slo(run))
+        save()
+
+
+def parse_aps(text: str) -> dict[str | None, list[float]]:
+    """--online-aps: '0.4,0.8' (every config) or 'off=0.35/0.4,on=0.7' (per config; a bare
+    number still applies to every config). Rates must be > 0."""
+    out: dict[str | None, list[float]] = {}
+    for tok in filter(None, (t.strip() for t in text.split(","))):
+        name, _, rates = tok.rpartition("=")
+        if name and name not in CONFIGS:
+            raise argparse.ArgumentTypeError(f"unknown config {name!r} in --online-aps")
+        vals = [float(x) for x in rates.split("/") if x]
+        if not vals or min(vals) <= 0:
+            raise argparse.ArgumentTypeError(f"APS must be > 0: {tok!r}")
+        out.setdefault(name or None, []).extend(vals)
+    return out
+
+
+def aps_of(spec: dict[str | None, list[float]], name: str) -> list[float]:
+    return spec.get(None, []) + spec.get(name, [])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,8 +395,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="mean initial context (tokens), overriding the scaled preset's")
     ap.add_argument("--agents", type=int, default=16)
     ap.add_argument("--max-turns", type=int, default=20, help="turns kept per trajectory")
-    ap.add_argument("--online-aps", type=lambda s: [float(x) for x in s.split(",") if x],
-                    default=[], help="comma-separated agent arrival rates for the online sweep")
+    ap.add_argument("--online-aps", type=parse_aps, default={},
+                    help="agent arrival rates (agents/s) of the online runs: '0.4,0.8' for "
+                         "every config, or per config 'off=0.35/0.4,on=0.7'")
+    ap.add_argument("--online-duration-s", type=float, default=0.0,
+                    help="online runs: agents arrive for this long (APS x duration agents, "
+                         "as the simulator's plan); 0 = --agents agents at every rate")
+    ap.add_argument("--no-offline", action="store_true",
+                    help="skip the offline replay (and --snic-sweep): online runs only")
     ap.add_argument("--snic-gbps", type=float, default=6.25,
                     help="storage-NIC cap per node (GB/s) of the main runs")
     ap.add_argument("--snic-sweep", type=lambda s: [float(x) for x in s.split(",") if x],
@@ -420,6 +470,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="decode host pool / device pool (decode HiCache: dual path only)")
     ap.add_argument("--buffer-gb", type=float, default=16.0, help="DE buffer (GiB)")
     ap.add_argument("--store-dir", default="/dev/shm/dualpath-1p1d")
+    ap.add_argument("--store-capacity-gb", type=float, default=0.0,
+                    help="each config's store cap in GiB, least recently used blocks deleted "
+                         "past it (--dualpath-store-capacity-gb; 0 = none): online runs write "
+                         "every arriving agent's context, more than a tmpfs holds")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--health-timeout", type=float, default=400)
     ap.add_argument("--stall-s", type=float, default=STALL_S,
@@ -432,14 +486,34 @@ def main(argv: list[str] | None = None) -> int:
                          "(2 GPUs per config), then run the configs one after another, each "
                          "stopped after its runs: one server start-up (~90 s on H100) instead "
                          "of one per config; the configs waiting for their turn sit idle")
+    ap.add_argument("--concurrent", action="store_true",
+                    help="run the configs at the same time, each in its own process on GPU "
+                         "pair k (2 GPUs per config): one call's wall time for all of them; "
+                         "the host's CPUs and memory are shared while they run "
+                         "(dualpath.bench.concurrent); results merged into OUT/result.json")
+    ap.add_argument("--slot", type=int, default=0,
+                    help="GPU pair and port block of the (first) config: GPUs 2 SLOT, "
+                         "2 SLOT + 1")
     ap.add_argument("--setup-s", type=float)
     args = ap.parse_args(argv)
+    if args.concurrent and args.parallel_start:
+        ap.error("--concurrent and --parallel-start: pick one")
+    if args.slot < 0:
+        ap.error("--slot must be >= 0")
+    if args.online_duration_s < 0:
+        ap.error("--online-duration-s must be >= 0")
+    if args.no_offline and not args.online_aps:
+        ap.error("--no-offline needs --online-aps (nothing would run)")
     unknown = set(args.configs.split(",")) - set(CONFIGS)
     if unknown:
         ap.error(f"unknown configs {sorted(unknown)}")
     if args.prefetch_io_threads < 1:
         ap.error("--prefetch-io-threads must be >= 1")
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.concurrent:
+        from dualpath.bench import concurrent
+
+        return concurrent.run(list(sys.argv[1:] if argv is None else argv), args)
     logging.basicConfig(level=logging.INFO, format="[1p1d %(asctime)s] %(message)s",
                         datefmt="%H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
     trajs = make_trace(args, seed=args.seed)
@@ -463,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
               "refetch_host_hits": args.refetch_host_hits,
               "async_page_indices": args.async_page_indices,
               "prefetch_io_threads": args.prefetch_io_threads,
+              "online_duration_s": args.online_duration_s or None,
+              "store_capacity_gb": args.store_capacity_gb or None,
               "buffer_gb": args.buffer_gb, "slo": {"ttft_s": SLO_TTFT_S,
                                                                      "tpot_s": SLO_TPOT_S},
               "configs": [], "ok": False}
@@ -474,14 +550,16 @@ def main(argv: list[str] | None = None) -> int:
     names = args.configs.split(",")
     started: list[PDCluster | None] = [None] * len(names)
     try:
-        if args.parallel_start and len(result["gpus"]) < 2 * len(names):
-            raise RuntimeError(f"--parallel-start: {len(names)} configs need "
-                               f"{2 * len(names)} GPUs, this host has {len(result['gpus'])}")
+        need = 2 * (args.slot + (len(names) if args.parallel_start else 1))
+        if len(result["gpus"]) < need:
+            raise RuntimeError(f"{len(names)} configs from slot {args.slot} "
+                               f"({'parallel' if args.parallel_start else 'one at a time'}) "
+                               f"need {need} GPUs, this host has {len(result['gpus'])}")
         for k, name in enumerate(names):
             res: dict = {}
             result["configs"].append(res)
             if args.parallel_start:
-                started[k] = make_cluster(name, args, args.out, res, slot=k)
+                started[k] = make_cluster(name, args, args.out, res, slot=args.slot + k)
         if args.parallel_start:
             stop_servers_on_sigterm()  # servers started from threads install no handler
             start_all([c for c in started if c is not None])
@@ -489,13 +567,16 @@ def main(argv: list[str] | None = None) -> int:
             run_config(name, args, args.out, trajs, res, save, started=c)
         base = next((r for r in result["configs"] if r["config"] == "off"), None)
         for r in result["configs"]:
-            if base is not None and r is not base and not r["oracle"]:
+            if base is not None and r is not base and not r["oracle"] and not args.no_offline:
                 r["outputs_match_off"] = outputs_match(base["offline"], r["offline"])
-        result["ok"] = all(r["offline"]["errors"] == 0 and all(
-            x["errors"] == 0 for x in r["sweep"]) for r in result["configs"])
+        result["ok"] = all(r["offline"].get("errors", 0) == 0 and all(
+            x["errors"] == 0 for x in r["sweep"] + r["online"]) for r in result["configs"])
         rc = 0 if result["ok"] else 1
-        print(table(result["configs"]), flush=True)
-        if args.snic_sweep:
+        if not args.no_offline:
+            print(table(result["configs"]), flush=True)
+        if any(r["online"] for r in result["configs"]):
+            print(online_table(result["configs"]), flush=True)
+        if args.snic_sweep and not args.no_offline:
             print(sweep_table(result["configs"], args.snic_gbps), flush=True)
     except (ServerError, OSError, RuntimeError) as e:
         result["failure"] = f"{type(e).__name__}: {e}"

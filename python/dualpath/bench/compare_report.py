@@ -20,6 +20,8 @@ def load_result(path: str | Path) -> dict:
 
 def outputs_match(a: dict, b: dict) -> bool | None:
     """Same greedy outputs turn by turn (digests of the output ids)?"""
+    if "turn_records" not in a or "turn_records" not in b:  # a run without it (--no-offline)
+        return None
     da = {(r["agent"], r["turn"]): r.get("output_digest") for r in a["turn_records"]}
     db = {(r["agent"], r["turn"]): r.get("output_digest") for r in b["turn_records"]}
     common = set(da) & set(db)
@@ -174,6 +176,30 @@ def table(results: list[dict]) -> str:
         lines.append(f"{'JCT speed-up':16}" + "".join(
             f"{base['offline']['jct_s'] / r['offline']['jct_s']:>12.2f}"
             if r["offline"].get("jct_s") else f"{'-':>12}" for r in results))
+    return "\n".join(lines)
+
+
+def online_table(results: list[dict]) -> str:
+    """One row per online run: rate, agents, turns done, TTFT / TPOT means (the SLO's
+    measures: <= 4 s and <= 50 ms), when the stop rule ended it, within the SLO; then each
+    config's max APS within the SLO and its ratio to the baseline's."""
+    lines = [f"{'config':>8}{'APS':>8}{'agents':>8}{'turns':>8}{'TTFT mean':>11}"
+             f"{'TTFT p90':>10}{'TPOT mean':>11}{'stopped s':>11}{'in SLO':>8}"]
+    for r in results:
+        for o in r.get("online") or []:
+            def num(k, f="{:.3f}", o=o):
+                v = o.get(k)
+                return "-" if v is None else f.format(v)
+            lines.append(f"{r['config']:>8}{o['aps']:>8.3f}{o.get('agents', '-')!s:>8}"
+                         f"{num('turns_ok', '{}'):>8}{num('ttft_s_mean'):>11}"
+                         f"{num('ttft_s_p90'):>10}{num('tpot_s_mean', '{:.4f}'):>11}"
+                         f"{num('stopped_at_s', '{:.1f}'):>11}"
+                         f"{'yes' if o.get('within_slo') else 'no':>8}")
+    base = next((r for r in results if r["config"] == "off"), {}).get("max_aps_within_slo")
+    for r in results:
+        m = r.get("max_aps_within_slo")
+        ratio = f" ({m / base:.2f}x off)" if m and base else ""
+        lines.append(f"{r['config']}: max APS within the SLO {m}{ratio} (of the rates run)")
     return "\n".join(lines)
 
 

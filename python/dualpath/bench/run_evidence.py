@@ -116,8 +116,8 @@ def archive_logs(out: Path) -> Path | None:
     copy off a host that returns few (a stalled or failed run's evidence included)."""
     import tarfile
 
-    files = sorted(p for p in out.glob("*/*") if p.is_file()
-                   and p.suffix in (".log", ".txt", ".threads"))
+    files = sorted(p for p in out.rglob("*") if p.is_file()  # --concurrent: OUT/<cfg>/<cfg>/
+                   and p.parent != out and p.suffix in (".log", ".txt", ".threads"))
     if not files:
         return None
     dest = out / "logs.tar.xz"
