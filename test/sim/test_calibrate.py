@@ -99,7 +99,18 @@ def test_validate_simulates_each_measured_run(tmp_path, capsys):
         assert r["simulated_jct_s"] > 0
         assert r["error"] == pytest.approx((r["simulated_jct_s"] - r["measured_jct_s"])
                                            / r["measured_jct_s"], abs=2e-3)
-    assert "measured" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "measured" in text and "PD link 50.00 GB/s: default" in text
+    # a run that measured its KV sends is simulated at its own PD link rate
+    res["configs"][0]["sweep"][0]["stage_records"] = [
+        {"type": "prefill", "transfer_total_mb": mb, "transfer_speed_gbps": g}
+        for mb, g in ((2048, 80.0), (1024, 90.0), (50, 1.0), (4096, 100.0))]
+    path.write_text(json.dumps(res))
+    assert main(["validate", str(path), "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["pd_gbps"] == 90.0 and got["pd_gbps_from"].startswith("the run's own")
+    assert main(["validate", str(path), "--compute-nic-gbps", "12", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["pd_gbps"] == 12.0
 
 
 def test_isolated_prompts_and_the_pd_link_rate(tmp_path):

@@ -175,12 +175,17 @@ def cmd_validate(args) -> int:
     trajs = make_trace(ns, seed=tr.get("seed", 0))
     perf = _perf(args)
     rows = []
+    nic, nic_from = run_pd_gbps(res), "the run's own (its off config's median KV send rate)"
+    if args.compute_nic_gbps:
+        nic, nic_from = args.compute_nic_gbps, "--compute-nic-gbps"
+    elif not nic:
+        nic, nic_from = perf.pd_gbps or 50.0, "the calibration" if perf.pd_gbps else "default"
+    print(f"PD link {nic:.2f} GB/s: {nic_from}", flush=True)
     for cfg in res["configs"]:
         if cfg.get("oracle") or not (cfg.get("offline") or {}).get("jct_s"):
             continue
         runs = [(res["snic_gbps"], cfg["offline"])] + [
             (x["snic_gbps"], x) for x in cfg.get("sweep", []) if x.get("jct_s")]
-        nic = args.compute_nic_gbps or perf.pd_gbps or 50.0
         # the host pool less its mirror of the GPU pool (write-through) stages the loads
         staging = max(0, (res.get("host_pool_tokens") or 0) - (res.get("device_pool_tokens") or 0))
         for cap, run in runs:
@@ -227,8 +232,28 @@ def cmd_validate(args) -> int:
                   f"{rows[-1]['measured_prefill_busy_s']} s measured", flush=True)
     if args.out:
         args.out.write_text(json.dumps({"result": str(args.result), "perf": asdict(perf),
+                                        "pd_gbps": nic, "pd_gbps_from": nic_from,
                                         "rows": rows}, indent=1) + "\n")
     return 0 if rows else 2
+
+
+def run_pd_gbps(res: dict) -> float | None:
+    """The PD link rate the run itself measured: the median of SGLang's KV send rates of its
+    off config's prefills (>= 100 MB each; the DualPath arm sends only new tokens' KV), over
+    all its offline runs; None without such sends. The calibrated rate came from other runs
+    (session 16, 2x H100: 12.4 GB/s) and the link's rate moves with the backend, the card and
+    the load (4x H200, da1f10d: 79-95 GB/s), while at a high storage cap the PD send of every
+    turn's whole context is what an agent's turns wait on."""
+    import statistics
+
+    from dualpath.sim.calibrate import pd_transfer_gbps
+
+    off = next((c for c in res.get("configs", []) if c.get("config") == "off"), None)
+    if off is None:
+        return None
+    rates = [g for run in [off.get("offline") or {}, *off.get("sweep", [])]
+             for g in pd_transfer_gbps(run)]
+    return round(statistics.median(rates), 2) if rates else None
 
 
 def cmd_advise(args) -> int:
@@ -288,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     val.add_argument("--perf", type=Path, help="engine speeds (calibrate's output)")
     val.add_argument("--compute-nic-gbps", type=float,
                      help="GPU-to-GPU KV rate of the host (PD transfer, DE -> PE forward); "
-                          "default: the calibrated pd_gbps, else 50")
+                          "default: the run's own (its off config's median KV send rate), else "
+                          "the calibrated pd_gbps, else 50")
     val.add_argument("--schedule-interval-s", type=float, default=0.02)
     val.add_argument("--hits", choices=["measured", "trace"], default="measured",
                      help="each turn's stored prefix: what the measured turn reused (default) or "
