@@ -6,7 +6,8 @@
 # .cache/pd_transfer).
 #
 #   bash scripts/gpu_pd_transfer.sh [--backends nixl,dualpath] [--lengths 4096,16384,32768]
-#        [--repeats 3] [--cold-repeats N] [--stack-sample] [setup/cache options: scripts/gpu_run.sh]
+#        [--repeats 3] [--cold-repeats N] [--stack-sample] [--gil-monitor]
+#        [setup/cache options: scripts/gpu_run.sh]
 set -euo pipefail
 case " $* " in *" -h "*|*" --help "*) sed -n '2,/^set -e/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 exec bash "$(dirname "$0")/gpu_run.sh" dualpath.bench.pd_transfer "$@"

@@ -717,3 +717,20 @@ def test_online_table_rows_and_ratio():
                                "no"]
     assert text[2].split()[-2:] == ["-", "yes"]
     assert text[-1] == "on: max APS within the SLO 0.7 (2.00x off) (of the rates run)"
+
+
+def test_gil_delta_is_what_a_run_added():
+    from dualpath.bench.run_evidence import gil_delta
+
+    def snap(ticks, s5, stalled, in_gc, gc2, mx):
+        return {"ticks": ticks, "tick_ms": 5.0, "stalls_ge_ms": {"1": s5 + 2, "5": s5},
+                "stalled_s": stalled, "stalls_in_gc": in_gc, "max_ms": mx,
+                "gc": {"0": {"count": 1, "pause_s": 0.001, "max_ms": 1.0},
+                       "2": {"count": 1, "pause_s": gc2, "max_ms": 80.0}},
+                "sites": [["a.py:f:1", 3]]}
+    d = gil_delta(snap(100, 4, 0.2, 1, 0.05, 90.0), snap(300, 10, 0.9, 3, 0.25, 120.0))
+    assert d["ticks"] == 200 and d["stalls_ge_ms"] == {"1": 6, "5": 6}
+    assert d["stalled_s"] == 0.7 and d["stalls_in_gc"] == 2
+    assert d["gc_pause_s"] == {"0": 0.0, "2": 0.2} and d["max_ms_so_far"] == 120.0
+    assert gil_delta(None, snap(5, 0, 0.0, 0, 0.0, 0.0))["ticks"] == 5
+    assert gil_delta({}, None) is None  # the monitor is off

@@ -43,11 +43,12 @@ def test_roles_get_their_pools_gpus_and_backend(tmp_path):
     assert val(stock, "--dualpath-prefetch-queue") == "off"
     assert val(pre, "--mem-fraction-static") == "0.5" and "--dualpath-stack-sample" not in pre
     prof, _ = argv(ClusterSpec(model=Path("m"), root=tmp_path, stack_sample=True,
-                               mem_fraction=0.8), "decode", tmp_path)
+                               gil_monitor=True, mem_fraction=0.8), "decode", tmp_path)
     assert val(prof, "--dualpath-stack-sample") == str(tmp_path / "stacks_decode.txt")
     assert val(prof, "--mem-fraction-static") == "0.8"
     _, cfg = sglang_args(*build_parser().parse_known_args(prof))
-    assert cfg.stack_sample == str(tmp_path / "stacks_decode.txt")
+    assert cfg.stack_sample == str(tmp_path / "stacks_decode.txt") and cfg.gil_monitor
+    assert "--dualpath-gil-monitor" not in pre
     assert "--dualpath-host-cache-tokens" not in pre
     assert "--dualpath-device-cache-tokens" not in pre
     assert "--dualpath-refetch-host-hits" not in pre

@@ -203,6 +203,10 @@ class PluginConfig:
     """Sample the scheduler thread's Python stack into this file (folded stacks; '{pid}' is
     replaced by the process id; '' = off): sglang_plugin/stack_sampler.py."""
     stack_sample_hz: float = 100.0
+    gil_monitor: bool = False
+    """Measure how long this process's threads wait for the GIL (a thread that sleeps 5 ms
+    ticks and times its wake-up; GC pauses and where the scheduler thread was at the end of a
+    stall): sglang_plugin/gil_monitor.py, `gil` in /dualpath/stats."""
     oracle: bool = False
     """Benchmark ceiling only: stored pages are reported loaded without reading them (no storage
     traffic, the pages keep whatever they held), so outputs are meaningless; the paper's

@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sample the scheduler thread's Python stack into FILE (folded stacks, "
                          "'{pid}' = process id; summarize with python -m dualpath.bench.stacks)")
     ap.add_argument("--dualpath-stack-sample-hz", type=float, default=d.stack_sample_hz)
+    ap.add_argument("--dualpath-gil-monitor", action="store_true",
+                    help="measure how long the server's threads wait for the GIL (stalls, GC "
+                         "pauses, the scheduler's place at a stall's end): 'gil' in "
+                         "/dualpath/stats, a log line per stall of 50 ms or more")
     ap.add_argument("--dualpath-oracle", action="store_true",
                     help="benchmark ceiling: skip storage reads, report them done (outputs are "
                          "meaningless)")
@@ -132,6 +136,7 @@ def sglang_args(ours: argparse.Namespace, rest: list[str]) -> tuple[list[str], P
         prefetch_io_threads=ours.dualpath_prefetch_io_threads,
         prefetch_queue=ours.dualpath_prefetch_queue == "on", pd_engine=ours.dualpath_pd_engine,
         stack_sample=ours.dualpath_stack_sample, stack_sample_hz=ours.dualpath_stack_sample_hz,
+        gil_monitor=ours.dualpath_gil_monitor,
         host_cache_tokens=ours.dualpath_host_cache_tokens,
         device_cache_tokens=ours.dualpath_device_cache_tokens,
         switch_interval_ms=ours.dualpath_switch_interval_ms,

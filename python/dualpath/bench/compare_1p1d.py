@@ -43,6 +43,8 @@ from dualpath.bench.replay import replay
 from dualpath.bench.run_evidence import (
     admission_mean,
     archive_logs,
+    gil_delta,
+    gil_snapshots,
     prefill_timeline_or_none,
     profile_summaries,
     router_admission,
@@ -123,9 +125,11 @@ def stall_report(c: PDCluster, log_lines: int = 60) -> dict:
 
 
 def run_once(c: PDCluster, trajs, online: bool, seed: int, cap_gbps: float,
-             stall_s: float | None = None) -> dict:
+             stall_s: float | None = None, gil_monitor: bool = False) -> dict:
     logs = [LogCursor(p.log_path) for p in (c.pre, c.dec)]
     admitted0 = router_admission(c.url)
+    ports = {"pe": c.pre.port, "de": c.dec.port}
+    gil0 = gil_snapshots(ports) if gil_monitor else {}
     gpus = gpu_sampler().start()
     agents = agents_sampler({"pe": lambda: agent_stats(c.pre.port, 2),
                              "de": lambda: agent_stats(c.dec.port, 2)}, path_bytes).start()
@@ -133,6 +137,8 @@ def run_once(c: PDCluster, trajs, online: bool, seed: int, cap_gbps: float,
                                           stop_ttft_s=SLO_TTFT_S,  # the paper's stop rule
                                           stall_s=stall_s, on_stall=lambda: stall_report(c)))
     g_rows, a_rows = gpus.stop(), agents.stop()
+    gil = ({k: gil_delta(gil0.get(k), v) for k, v in gil_snapshots(ports).items()}
+           if gil_monitor else None)
     stages = parse_lines(x for cur in logs for x in cur.new_lines())
     wall = summary["wall_s"]
     out = {**summary, "slo_attainment": slo_attainment(records),
@@ -145,7 +151,7 @@ def run_once(c: PDCluster, trajs, online: bool, seed: int, cap_gbps: float,
            "router_admission_wait_s_mean": admission_mean(admitted0, router_admission(c.url)),
            "turn_breakdown": turn_breakdown([dataclasses.asdict(r) for r in records], stages,
                                             summary["t0_wall"]),
-           "samples": {"gpu": g_rows, "agents": a_rows},
+           "samples": {"gpu": g_rows, "agents": a_rows}, "gil": gil,
            "turn_records": [dataclasses.asdict(r) for r in records]}
     if a_rows:
         first, last = a_rows[0][1], a_rows[-1][1]
@@ -228,6 +234,7 @@ def make_cluster(name: str, args, out: Path, res: dict, slot: int = 0) -> PDClus
                        snic_gbps=args.snic_gbps, max_total_tokens=args.max_total_tokens,
                        mem_fraction=args.mem_fraction, pd_backend=args.pd_backend,
                        stack_sample=args.stack_sample, h2d_kernel=args.h2d_kernel,
+                       gil_monitor=args.gil_monitor,
                        host_cache_tokens=args.host_cache_tokens,
                        device_cache_tokens=args.device_cache_tokens,
                        refetch_host_hits=args.refetch_host_hits,
@@ -312,7 +319,7 @@ def offline(name: str, c: PDCluster, args, out: Path, trajs, res: dict, save) ->
     stacks_before = stack_files(out / name) if args.stack_sample else None
     try:
         res["offline"] = run_once(c, trajs, False, args.seed, args.snic_gbps,
-                                   args.stall_s or None)
+                                   args.stall_s or None, args.gil_monitor)
     finally:
         if timer is not None:
             timer.cancel()
@@ -333,7 +340,8 @@ def offline(name: str, c: PDCluster, args, out: Path, trajs, res: dict, save) ->
     for k, cap in enumerate(args.snic_sweep):  # same trace, fresh token ids
         set_cap(c, dual, cap)
         fresh(c, root)
-        run = run_once(c, trajs, False, args.seed + 100 + k, cap, args.stall_s or None)
+        run = run_once(c, trajs, False, args.seed + 100 + k, cap, args.stall_s or None,
+                       args.gil_monitor)
         res["sweep"].append({"snic_gbps": cap, **run})
         log.info("%s offline at %.2f GB/s: JCT %s s, errors %d, storage %s", name, cap,
                  run["jct_s"], run["errors"], run.get("storage_util"))
@@ -354,7 +362,8 @@ def online_runs(name: str, c: PDCluster, args, res: dict, save) -> None:
             ns = argparse.Namespace(**{**vars(args), "agents": max(
                 1, round(aps * args.online_duration_s))})
         run = run_once(c, make_trace(ns, aps, seed=args.seed + 1 + k), True,
-                       args.seed + 1 + k, args.snic_gbps, args.stall_s or None)
+                       args.seed + 1 + k, args.snic_gbps, args.stall_s or None,
+                       args.gil_monitor)
         res["online"].append({"aps": aps, "agents": ns.agents, **run,
                               "within_slo": within_slo(run)})
         res["max_aps_within_slo"] = max_aps_within_slo(res["online"])
@@ -431,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="profile both schedulers' threads: OUT/<config>/stacks_<role>.txt "
                          "(whole server life) and stacks_<role>_replay.txt (the measured "
                          "replay only); python -m dualpath.bench.stacks FILE")
+    ap.add_argument("--gil-monitor", action="store_true",
+                    help="both servers time their GIL hand-overs (--dualpath-gil-monitor): "
+                         "each run's stalls and GC pauses per node in its 'gil'")
     ap.add_argument("--warmup-agents", type=int, default=4,
                     help="agents of a short unmeasured replay (other token ids) before each "
                          "config's measured one, caches and store emptied after it; 0 = none")

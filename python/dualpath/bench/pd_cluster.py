@@ -52,6 +52,7 @@ class ClusterSpec:
     prefetch_queue: bool = True  # False: SGLang's prefetch admission (drop + recompute)
     h2d_kernel: str = "sglang"  # "ours": HiCache's host -> GPU load on dualpath.ops.copy_kv
     stack_sample: bool = False  # profile both schedulers: out/stacks_<role>.txt
+    gil_monitor: bool = False  # both servers time their GIL hand-overs (/dualpath/stats 'gil')
     host_cache_tokens: int = -1  # prefill: host-only pages kept (-1: no limit)
     device_cache_tokens: int = -1  # prefill: unlocked GPU cache tokens kept (-1: no limit)
     refetch_host_hits: bool = False  # prefill: host-only prefix hits read from storage again
@@ -110,6 +111,8 @@ def server(spec: ClusterSpec, role: str, out: Path) -> ServerProcess:
         flags += ["--dualpath-buffer-gb", str(spec.buffer_gb)]
     if spec.stack_sample:
         flags += ["--dualpath-stack-sample", str(out / f"stacks_{role}.txt")]
+    if spec.gil_monitor:
+        flags.append("--dualpath-gil-monitor")
     if spec.h2d_kernel != "sglang":
         flags += ["--dualpath-h2d-kernel", spec.h2d_kernel]
     if spec.share_gpus:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from dualpath.bench import client
 from dualpath.bench.pd_cluster import ClusterSpec, PDCluster, run_args, start_run
-from dualpath.bench.run_evidence import archive_logs
+from dualpath.bench.run_evidence import archive_logs, gil_delta, gil_snapshots
 from dualpath.bench.servers import ServerError
 from dualpath.bench.smoke import DEFAULT_MODEL, prompt
 from dualpath.bench.stage_stats import LogCursor, parse_lines
@@ -79,7 +79,7 @@ def run_backend(name: str, args, out: Path) -> dict:
     spec = ClusterSpec(model=args.model, root=root, pd_backend=name,
                        max_total_tokens=args.max_total_tokens, snic_gbps=0.0,
                        decode_max_total_tokens=args.max_total_tokens,
-                       stack_sample=args.stack_sample)
+                       stack_sample=args.stack_sample, gil_monitor=args.gil_monitor)
     res: dict = {"backend": name, "requests": []}
     try:
         with PDCluster(spec, out / name, args.health_timeout) as c:
@@ -91,8 +91,12 @@ def run_backend(name: str, args, out: Path) -> dict:
                                  + [("warm", k) for k in range(args.repeats if args.warm else 0)]):
                     seed = 1000 * n + (k if phase == "cold" else 0)  # warm: cold #0 again
                     cur = [LogCursor(p.log_path) for p in (c.pre, c.dec)]
+                    ports = {"pe": c.pre.port, "de": c.dec.port}
+                    gil0 = gil_snapshots(ports) if args.gil_monitor else {}
                     g = client.generate(c.url, prompt(seed, n), args.output_len)
                     time.sleep(0.5)  # the stats lines follow the response
+                    gil = ({k: gil_delta(gil0.get(k), v) for k, v in gil_snapshots(ports).items()}
+                           if args.gil_monitor else None)
                     lines = [x for cu in cur for x in cu.new_lines()]
                     stages = parse_lines(lines)
                     engine = engine_times(lines)
@@ -105,11 +109,16 @@ def run_backend(name: str, args, out: Path) -> dict:
                         "prefill_forward_s": pre.get("forward_s"),
                         "prefill_transfer_s": sglang_transfer_s(pre),
                         "kv_mb": pre.get("transfer_total_mb"),
-                        "decode_transfer_s": dec.get("transfer_s"), **engine})
+                        "decode_transfer_s": dec.get("transfer_s"), **engine, "gil": gil})
                     log.info("%s %d tokens %s #%d: TTFT %.3f s, prefill cached %s, fwd+send %s "
                              "s, decode waited %s s for %s MB", name, n, phase, k, g.ttft_s,
                              pre.get("cached_input_len"), pre.get("forward_s"),
                              dec.get("transfer_s"), pre.get("transfer_total_mb"))
+                    for role, d in (gil or {}).items():
+                        if d:
+                            log.info("  %s GIL: %s stalls >= 5 ms, %.1f ms stalled, %d in a GC",
+                                     role, d["stalls_ge_ms"].get("5"), 1e3 * d["stalled_s"],
+                                     d["stalls_in_gc"])
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return res
@@ -159,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stack-sample", action="store_true",
                     help="sample both schedulers' stacks (all threads), per backend; with the "
                          "servers' logs in OUT/logs.tar.xz")
+    ap.add_argument("--gil-monitor", action="store_true",
+                    help="both servers time their GIL hand-overs (--dualpath-gil-monitor): "
+                         "each request's stalls and GC pauses per server in its 'gil'")
     run_args(ap, "/dev/shm/dualpath-pd-transfer")
     args, head = start_run(ap, argv, "pd-transfer")
     result = {**head, "backends": [], "ok": False}

@@ -130,3 +130,35 @@ def archive_logs(out: Path) -> Path | None:
         return None
     log.info("logs of every config: %s (%.1f MB)", dest, dest.stat().st_size / 1e6)
     return dest
+
+
+def gil_snapshots(ports: dict[str, int]) -> dict[str, dict | None]:
+    """Each server's GIL monitor snapshot ('gil' of its agent's stats; None where the monitor
+    is off or the agent did not answer)."""
+    from dualpath.bench.pd_cluster import agent_stats
+
+    out = {}
+    for role, port in ports.items():
+        try:
+            out[role] = agent_stats(port, 5).get("gil")
+        except Exception:  # noqa: BLE001  (evidence only: a busy agent must not fail a run)
+            out[role] = None
+    return out
+
+
+def gil_delta(before: dict | None, after: dict | None) -> dict | None:
+    """What a run added to a GIL monitor's cumulative counts (sglang_plugin/gil_monitor.py):
+    ticks, stalls per bucket, stalled seconds, stalls in a GC, GC pauses per generation; the
+    largest stall and the stall sites are the server's whole life so far."""
+    if not after:
+        return None
+    b = before or {}
+    gc_b = b.get("gc") or {}
+    return {"ticks": after["ticks"] - b.get("ticks", 0), "tick_ms": after.get("tick_ms"),
+            "stalls_ge_ms": {k: n - (b.get("stalls_ge_ms") or {}).get(k, 0)
+                             for k, n in after["stalls_ge_ms"].items()},
+            "stalled_s": round(after["stalled_s"] - b.get("stalled_s", 0.0), 4),
+            "stalls_in_gc": after["stalls_in_gc"] - b.get("stalls_in_gc", 0),
+            "gc_pause_s": {g: round(r["pause_s"] - (gc_b.get(g) or {}).get("pause_s", 0.0), 4)
+                           for g, r in after["gc"].items()},
+            "max_ms_so_far": after["max_ms"], "sites_so_far": after.get("sites")}

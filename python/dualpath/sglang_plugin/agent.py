@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
 from dualpath.config import PluginConfig
 from dualpath.router.contract import EngineStats
-from dualpath.sglang_plugin import engine_stats, h2d_load, prefetch_queue
+from dualpath.sglang_plugin import engine_stats, gil_monitor, h2d_load, prefetch_queue
 from dualpath.sglang_plugin.block_buffer import BlockBuffer
 from dualpath.sglang_plugin.peer_memory import PeerMemoryError, PeerRegions, RegionDesc
 from dualpath.sglang_plugin.plan import PlanTable, ReadPlan
@@ -327,7 +327,7 @@ class Agent:
                             "read_ops": snap.read_ops, "write_ops": snap.write_ops,
                             "cap_gbps": self.nic.cap_gbps or 0},
                 "paths": extra, "prefetch": prefetch_queue.snapshot(),
-                "h2d": dict(h2d_load.STATS),
+                "h2d": dict(h2d_load.STATS), "gil": gil_monitor.snapshot(),
                 "buffer": self.buffer.stats() if self.buffer else None,
                 "plans": len(self.plans)}
 

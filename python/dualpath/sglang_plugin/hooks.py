@@ -140,6 +140,19 @@ def start_stack_sampler(result, self, *args, **kwargs):
     return result
 
 
+def start_gil_monitor(result, self, *args, **kwargs):
+    """With --dualpath-gil-monitor: time this process's GIL hand-overs, watching this (the
+    scheduler's) thread."""
+    from dualpath.sglang_plugin import launcher_config
+
+    cfg = launcher_config()
+    if cfg is not None and cfg.gil_monitor:
+        from dualpath.sglang_plugin.gil_monitor import start_for_current_thread
+
+        start_for_current_thread()
+    return result
+
+
 def attach_scheduler(result, self, *args, **kwargs):
     """Let the agent read the scheduler's queues and free KV for the router's stats."""
     from dualpath.sglang_plugin.agent import attach_scheduler as attach
@@ -197,6 +210,9 @@ LAUNCHER_HOOKS: tuple[Hook, ...] = (
     Hook("sglang.srt.managers.scheduler.Scheduler.init_disaggregation", "AFTER",
          start_stack_sampler, "--dualpath-stack-sample: profile the scheduler thread (the "
          "thread that builds the scheduler runs its event loop)"),
+    Hook("sglang.srt.managers.scheduler.Scheduler.init_disaggregation", "AFTER",
+         start_gil_monitor, "--dualpath-gil-monitor: how long the server's threads wait for "
+         "the GIL"),
     Hook("sglang.srt.mem_cache.hiradix_cache.HiRadixCache.init_load_back", "AROUND",
          prefetch_queue.count_load_back,
          "count host-pool hits the GPU had no room to load (recomputed instead)"),
