@@ -56,6 +56,32 @@ def test_set_exists_get_round_trip(tmp_path):
     assert c.get_stats().read_ops == 3
 
 
+def test_a_failed_write_is_a_page_not_stored_never_an_exception(tmp_path, monkeypatch, caplog):
+    """A full store (ENOSPC) fails those pages only, logged once, and the backend never raises
+    into SGLang's backup thread (which would die: no later backup, no acknowledgement)."""
+    import errno
+    import logging
+
+    b = DualPathStorage(config(tmp_path), {})
+    b.register_mem_pool_host(FakePageFirstHost())
+    keys = [f"{i:064x}" for i in range(3)]
+    real = b.adapter._set_one
+
+    def full(key, k, v):
+        if key == keys[1]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(key, k, v)
+    monkeypatch.setattr(b.adapter, "_set_one", full)
+    with caplog.at_level(logging.ERROR):
+        assert b.batch_set_v1(keys, torch.arange(8, 20)) == [True, False, True]
+        assert b.batch_set_v1(keys[1:2], torch.arange(12, 16)) == [False]
+    assert b.adapter.write_errors == 2
+    assert sum("No space left" in r.getMessage() for r in caplog.records) == 1  # rate-limited
+    assert b.batch_exists(keys) == 1  # the stored prefix stops at the failed page
+    monkeypatch.setattr(b.adapter, "set_pages", lambda *a: 1 / 0)
+    assert b.batch_set_v1(keys, torch.arange(8, 20)) == [False] * 3
+
+
 def test_incompatible_server_is_refused(tmp_path):
     DualPathStorage(config(tmp_path), {}).register_mem_pool_host(FakePageFirstHost())
     other = DualPathStorage(config(tmp_path, model="other"), {})

@@ -320,7 +320,8 @@ def test_native_writer_skips_stored_and_claimed_keys_and_takes_over_stale_claims
 
 def test_native_writer_error_raises_and_leaves_nothing(tmp_path):
     """A file where the block's directory should be: the errors os.makedirs raises (a file
-    above the directory, then at it), from both writers, and nothing left behind."""
+    above the directory, then at it), from both writers, and nothing left behind; set_pages
+    turns them into pages not stored (SGLang's backup thread must not see an exception)."""
     pytest.importorskip("dualpath._C")
     import os
     store = BlockStore(str(tmp_path), ODD, fingerprint("m", ODD), description={})
@@ -330,9 +331,11 @@ def test_native_writer_error_raises_and_leaves_nothing(tmp_path):
         os.makedirs(os.path.dirname(blocker), exist_ok=True)
         open(blocker, "w").close()
         for native_ in (True, False):
+            a = PageFirstAdapter(store, native=native_)
+            k_ptrs, v_ptrs = odd_ptrs(src, [0])
             with pytest.raises(err, match="storing block" if native_ else None):
-                PageFirstAdapter(store, native=native_).set_pages([key(5)],
-                                                                  *odd_ptrs(src, [0]))
+                a._set_one(key(5), k_ptrs[0], v_ptrs[0])
+            assert a.set_pages([key(5)], k_ptrs, v_ptrs) == [False] and a.write_errors == 1
         assert _files(tmp_path) == [os.path.relpath(blocker, tmp_path)]
         os.unlink(blocker)
 

@@ -131,7 +131,15 @@ class DualPathStorage(HiCacheStorage):
         return de_path.decode_restore(self.agent, self.adapter, keys, k_ptrs, v_ptrs, plan.rid)
 
     def batch_set_v1(self, keys: list[str], host_indices, extra_info=None) -> list[bool]:
-        return self.adapter.set_pages(keys, *self._pages(host_indices))
+        # SGLang's backup thread calls this and dies on an exception (0.5.17 catches only
+        # queue.Empty there): no later backup would be done or acknowledged. A failure is a
+        # page not stored, logged; SGLang then stops that request's backup at the batch
+        try:
+            return self.adapter.set_pages(keys, *self._pages(host_indices))
+        except Exception:
+            log.exception("dualpath storage: storing %d pages failed; reported not stored",
+                          len(keys))
+            return [False] * len(keys)
 
     def exists(self, key: str) -> bool:
         return self.store.exists_prefix([key]) == 1

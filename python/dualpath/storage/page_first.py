@@ -24,6 +24,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -103,6 +104,8 @@ class PageFirstAdapter:
         # 95% busy and a write finished ~2.9 s after its turn, so the next turn found it unstored)
         self._write_pool = ThreadPoolExecutor(io_threads,
                                               thread_name_prefix="dualpath-pagefirst-write")
+        self.write_errors = 0  # pages whose write raised (set_pages: False, not an exception)
+        self._write_error_logged: dict[int | None, float] = {}
 
     def _staging(self) -> np.ndarray:
         buf = getattr(self._local, "buf", None)
@@ -237,9 +240,24 @@ class PageFirstAdapter:
 
     def set_pages(self, keys: Sequence[str], k_ptrs: Sequence[int],
                   v_ptrs: Sequence[int]) -> list[bool]:
-        """Store each page as a Full Block (already stored keys are skipped)."""
+        """Store each page as a Full Block (already stored keys are skipped). A page whose
+        write fails (a full or read-only store: ENOSPC, EROFS, EIO) is False, logged at most
+        once a minute per error; the others are still written."""
         self._check(keys, k_ptrs, v_ptrs)
-        return list(self._write_pool.map(self._set_one, keys, k_ptrs, v_ptrs))
+        return list(self._write_pool.map(self._set_or_fail, keys, k_ptrs, v_ptrs))
+
+    def _set_or_fail(self, key: str, k_ptr: int, v_ptr: int) -> bool:
+        try:
+            return self._set_one(key, k_ptr, v_ptr)
+        except OSError as e:
+            self.write_errors += 1
+            now = time.monotonic()
+            if now - self._write_error_logged.get(e.errno, -60.0) >= 60.0:
+                self._write_error_logged[e.errno] = now
+                log.error("storing blocks in %s fails (%s; %d failed so far): those pages are "
+                          "not stored, later turns recompute them", self.store.root, e,
+                          self.write_errors)
+            return False
 
     @staticmethod
     def _check(keys, k_ptrs, v_ptrs) -> None:
