@@ -734,3 +734,31 @@ def test_gil_delta_is_what_a_run_added():
     assert d["gc_pause_s"] == {"0": 0.0, "2": 0.2} and d["max_ms_so_far"] == 120.0
     assert gil_delta(None, snap(5, 0, 0.0, 0, 0.0, 0.0))["ticks"] == 5
     assert gil_delta({}, None) is None  # the monitor is off
+
+
+def test_the_stores_are_checked_against_their_file_system(monkeypatch, tmp_path):
+    """An online plan whose stores outgrow the tmpfs is named before anything starts, with
+    the cap that would fit; a cap that fits, or a small run, says nothing."""
+    import shutil
+    from pathlib import Path
+
+    from dualpath.bench.run_evidence import kv_bytes_per_token, store_room_warning
+
+    model = Path(__file__).resolve().parents[1] / "configs" / "models" / "llama-3.1-8b-dummy"
+    assert kv_bytes_per_token(model) == 2 * 32 * 8 * 128 * 2 and kv_bytes_per_token(tmp_path) == 0
+    usage = shutil.disk_usage(tmp_path)._replace(free=100e9)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage)
+    msg = store_room_warning(str(tmp_path / "kv" / "deeper"), 2, 0, 60)
+    assert "2 x 60 GB against 100 GB free" in msg and "below 45" in msg
+    assert store_room_warning(str(tmp_path), 2, 40, 60) is None
+    assert store_room_warning(str(tmp_path), 1, 0, 80) is None
+    ns = argparse.Namespace(model=model, no_offline=True, online_aps={"on": [0.5], None: [0.25]},
+                            online_duration_s=100, agents=24)
+    trajs = [types_traj(9000), types_traj(11000)]
+    assert cmp.store_written_gb(ns, trajs) == pytest.approx(50 * 10000 * 131072 / 1e9)
+
+
+def types_traj(final: int):
+    import types
+
+    return types.SimpleNamespace(turns=[(final - 100, 100)], prompt_lengths=lambda: [final - 100])

@@ -45,12 +45,14 @@ from dualpath.bench.run_evidence import (
     archive_logs,
     gil_delta,
     gil_snapshots,
+    kv_bytes_per_token,
     prefill_timeline_or_none,
     profile_summaries,
     router_admission,
     stack_files,
     stacks_of_replay,
     storage_util,
+    store_room_warning,
 )
 from dualpath.bench.samplers import agents_sampler, gpu_sampler, mean_util, rates
 from dualpath.bench.servers import ServerError, stop_servers_on_sigterm
@@ -373,6 +375,19 @@ def online_runs(name: str, c: PDCluster, args, res: dict, save) -> None:
         save()
 
 
+def store_written_gb(args, trajs) -> float:
+    """About how much one config's largest run writes to its store: every agent's final
+    context (offline: the trace; online: APS x duration agents of the trace's mean size)."""
+    per_token = kv_bytes_per_token(args.model) or 131072
+    contexts = [t.prompt_lengths()[-1] + t.turns[-1][1] for t in trajs if t.turns]
+    mean = sum(contexts) / max(1, len(contexts))
+    runs = [] if args.no_offline else [sum(contexts)]
+    for aps in {a for per_config in args.online_aps.values() for a in per_config}:
+        agents = round(aps * args.online_duration_s) if args.online_duration_s else args.agents
+        runs.append(max(1, agents) * mean)
+    return max(runs, default=0.0) * per_token / 1e9
+
+
 def parse_aps(text: str) -> dict[str | None, list[float]]:
     """--online-aps: '0.4,0.8' (every config) or 'off=0.35/0.4,on=0.7' (per config; a bare
     number still applies to every config). Rates must be > 0."""
@@ -555,6 +570,11 @@ def main(argv: list[str] | None = None) -> int:
                                                                      "tpot_s": SLO_TPOT_S},
               "configs": [], "ok": False}
     rc = 1
+    room = store_room_warning(args.store_dir, 1, args.store_capacity_gb,
+                              store_written_gb(args, trajs))
+    if room:
+        log.warning("%s", room)
+        result["warnings"] = [room]
 
     def save() -> None:
         (args.out / "result.json").write_text(json.dumps(result) + "\n")

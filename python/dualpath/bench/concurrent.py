@@ -59,6 +59,13 @@ def run(argv: list[str], args) -> int:
         log.error("FAIL --concurrent: %d configs from slot %d need %d GPUs, this host has %d",
                   len(names), args.slot, need, len(gpus))
         return 1
+    from dualpath.bench.compare_1p1d import make_trace, store_written_gb
+    from dualpath.bench.run_evidence import store_room_warning
+
+    room = store_room_warning(args.store_dir, len(names), args.store_capacity_gb,
+                              store_written_gb(args, make_trace(args, seed=args.seed)))
+    if room:
+        log.warning("%s", room)
     procs = []
     for k, name in enumerate(names):
         cmd = [sys.executable, "-m", "dualpath.bench.compare_1p1d",

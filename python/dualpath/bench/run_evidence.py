@@ -162,3 +162,39 @@ def gil_delta(before: dict | None, after: dict | None) -> dict | None:
             "gc_pause_s": {g: round(r["pause_s"] - (gc_b.get(g) or {}).get("pause_s", 0.0), 4)
                            for g, r in after["gc"].items()},
             "max_ms_so_far": after["max_ms"], "sites_so_far": after.get("sites")}
+
+
+def kv_bytes_per_token(model_dir: Path) -> int:
+    """K and V bytes of one token over all layers, from the model's config.json (MHA/GQA;
+    bf16/fp16 unless the config says float32); 0 when the config cannot be read."""
+    import json
+
+    try:
+        c = json.loads((Path(model_dir) / "config.json").read_text())
+        head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+        heads = c.get("num_key_value_heads") or c["num_attention_heads"]
+        width = 4 if c.get("torch_dtype") == "float32" else 2
+        return 2 * c["num_hidden_layers"] * heads * head_dim * width
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return 0
+
+
+def store_room_warning(store_dir: str, stores_at_once: int, cap_gb: float,
+                       written_gb: float) -> str | None:
+    """Why the stores might not fit the file system under `store_dir` (a tmpfs on the GPU
+    host), or None: `stores_at_once` stores (configs run at the same time), each at most
+    `cap_gb` (0: no cap) and writing about `written_gb`."""
+    import shutil
+
+    path = Path(store_dir)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    free_gb = shutil.disk_usage(path).free / 1e9
+    each = min(cap_gb, written_gb) if cap_gb else written_gb
+    need = stores_at_once * each
+    if need <= 0.9 * free_gb:
+        return None
+    return (f"the stores may not fit {path}: {stores_at_once} x {each:.0f} GB against "
+            f"{free_gb:.0f} GB free (writes past it fail: those pages are not stored and "
+            f"later turns recompute them); set --store-capacity-gb below "
+            f"{0.9 * free_gb / stores_at_once:.0f}")
