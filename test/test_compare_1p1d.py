@@ -210,6 +210,10 @@ def test_plots(tmp_path):
     assert {p.name for p in files} == {"jct.png", "storage.png", "gpu_util.png", "online.png",
                                        "sweep.png"}
     assert all(p.stat().st_size > 1000 for p in files)
+    online_only = synthetic_result()
+    for c in online_only["configs"]:
+        c["offline"], c["sweep"] = {}, []
+    assert {p.name for p in plot(online_only, tmp_path / "online")} == {"online.png"}
 
 
 def test_gpu_plot_reads_the_configs_own_gpus():
@@ -633,9 +637,16 @@ def test_online_rates_parse_per_config():
 def test_no_offline_needs_online_rates(capsys):
     with pytest.raises(SystemExit):
         cmp.main(["--out", "/tmp/x", "--no-offline"])
-    assert "--no-offline needs --online-aps" in capsys.readouterr().err
+    assert "--no-offline needs online rates for every config" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # 'on' would start its servers and run nothing
+        cmp.main(["--out", "/tmp/x", "--no-offline", "--online-aps", "off=0.4"])
+    with pytest.raises(SystemExit):
+        cmp.main(["--out", "/tmp/x", "--configs", "off", "--online-aps", "on=0.4"])
+    assert "names configs not in --configs: ['on']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cmp.main(["--out", "/tmp/x", "--concurrent", "--parallel-start"])
+    with pytest.raises(SystemExit):  # no abbreviations: --conc would reach the children
+        cmp.main(["--out", "/tmp/x", "--conc"])
 
 
 def test_concurrent_children_get_their_own_config_slot_and_out():
@@ -644,10 +655,13 @@ def test_concurrent_children_get_their_own_config_slot_and_out():
     from dualpath.bench.concurrent import child_argv
 
     argv = ["--configs", "off,on", "--concurrent", "--out", "/o", "--agents", "24",
-            "--slot=1", "--online-aps", "off=0.4,on=0.7", "--setup-s", "60"]
+            "--slot=1", "--online-aps", "off=0.4,on=0.7/0.8,1", "--setup-s", "60"]
     assert child_argv(argv, "on", 2, Path("/o/on")) == [
-        "--agents", "24", "--online-aps", "off=0.4,on=0.7",
+        "--agents", "24", "--online-aps", "on=0.7/0.8,1",
         "--configs", "on", "--slot", "2", "--out", "/o/on"]
+    assert child_argv(["--online-aps=off=0.4,on=0.7"], "off", 0, Path("/o"))[0] == \
+        "--online-aps=off=0.4"
+
 
 
 def test_concurrent_merges_what_the_children_wrote(monkeypatch, tmp_path):
@@ -657,7 +671,7 @@ def test_concurrent_merges_what_the_children_wrote(monkeypatch, tmp_path):
     import subprocess
     from pathlib import Path
 
-    started, silent = [], set()
+    started, silent, broken = [], set(), set()
 
     class FakeChild:
         def __init__(self, cmd):
@@ -670,6 +684,11 @@ def test_concurrent_merges_what_the_children_wrote(monkeypatch, tmp_path):
                 c["offline"]["turn_records"] = [{"agent": 0, "turn": 0, "output_digest": "d"}]
             (Path(out) / name).mkdir(parents=True)
             (Path(out) / name / "server_prefill.log").write_text(name)
+            if name in broken:  # its servers failed to start: no offline run, a failure
+                res["failure"] = f"ServerError: {name} did not start"
+                res["ok"] = False
+                for c in res["configs"]:
+                    del c["offline"]
             if name not in silent:
                 (Path(out) / "result.json").write_text(json.dumps(res))
 
@@ -694,12 +713,21 @@ def test_concurrent_merges_what_the_children_wrote(monkeypatch, tmp_path):
                                           "on/on/server_prefill.log"]
     assert cmp.main(["--out", str(tmp_path / "six"), "--configs", "off,on,de",
                      "--concurrent"]) == 1  # 6 GPUs needed, 4 here
+    (tmp_path / "lost" / "on").mkdir(parents=True)
+    (tmp_path / "lost" / "on" / "result.json").write_text("{}")  # a previous call's: not merged
     silent.add("on")
     assert cmp.main(["--out", str(tmp_path / "lost"), "--configs", "off,on",
                      "--concurrent"]) == 1
     kept = json.loads((tmp_path / "lost" / "result.json").read_text())
     assert kept["failure"] == "no result from ['on']" and not kept["ok"]
     assert [c["config"] for c in kept["configs"]] == ["off"]
+    broken.add("off")
+    silent.clear()
+    assert cmp.main(["--out", str(tmp_path / "broken"), "--configs", "off,on",
+                     "--concurrent"]) == 1
+    got = json.loads((tmp_path / "broken" / "result.json").read_text())
+    assert got["failure"] == "ServerError: off did not start" and not got["ok"]
+    assert got["configs"][1]["outputs_match_off"] is None
 
 
 def test_online_table_rows_and_ratio():
@@ -746,16 +774,16 @@ def test_the_stores_are_checked_against_their_file_system(monkeypatch, tmp_path)
 
     model = Path(__file__).resolve().parents[1] / "configs" / "models" / "llama-3.1-8b-dummy"
     assert kv_bytes_per_token(model) == 2 * 32 * 8 * 128 * 2 and kv_bytes_per_token(tmp_path) == 0
-    usage = shutil.disk_usage(tmp_path)._replace(free=100e9)
+    usage = shutil.disk_usage(tmp_path)._replace(free=100 * 2**30)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage)
     msg = store_room_warning(str(tmp_path / "kv" / "deeper"), 2, 0, 60)
-    assert "2 x 60 GB against 100 GB free" in msg and "below 45" in msg
+    assert "2 x 60 GiB against 100 GiB free" in msg and "below 45" in msg
     assert store_room_warning(str(tmp_path), 2, 40, 60) is None
     assert store_room_warning(str(tmp_path), 1, 0, 80) is None
     ns = argparse.Namespace(model=model, no_offline=True, online_aps={"on": [0.5], None: [0.25]},
                             online_duration_s=100, agents=24)
     trajs = [types_traj(9000), types_traj(11000)]
-    assert cmp.store_written_gb(ns, trajs) == pytest.approx(50 * 10000 * 131072 / 1e9)
+    assert cmp.store_written_gb(ns, trajs) == pytest.approx(50 * 10000 * 131072 / 2**30)
 
 
 def types_traj(final: int):

@@ -16,14 +16,29 @@ def test_accounting_buckets_gc_and_sites():
     m.observe(0.0002, time.perf_counter())  # a normal hand-over: no stall
     m.observe(0.003, time.perf_counter())
     now = time.perf_counter()
-    m._gc_spans.append((now - 0.03, now - 0.01))  # a collection inside the next stall
+    m._gc_spans.append((now - 0.03, now - 0.01))  # 20 ms of GC in a 120 ms stall: not its cause
     m.observe(0.12, now)
+    m._gc_spans.append((now - 0.2, now - 0.05))  # 150 of 170 ms: the GC's
+    m.observe(0.17, now)
     s = m.snapshot()
-    assert s["ticks"] == 3 and s["stalls_ge_ms"] == {"1": 2, "5": 1, "20": 1, "100": 1, "500": 0}
-    assert s["max_ms"] == 120.0 and s["stalled_s"] == pytest.approx(0.123)
+    assert s["ticks"] == 4 and s["stalls_ge_ms"] == {"1": 3, "5": 2, "20": 2, "100": 2, "500": 0}
+    assert s["max_ms"] == 170.0 and s["stalled_s"] == pytest.approx(0.293)
     assert s["stalls_in_gc"] == 1
-    (site, n), = s["sites"]
-    assert n == 1 and "test_accounting_buckets_gc_and_sites" in site  # this thread's frame
+    assert sum(n for _, n in s["sites"]) == 2  # this thread's frame at each (two lines)
+    assert all("test_accounting_buckets_gc_and_sites" in site for site, _ in s["sites"])
+
+
+def test_a_collection_inside_snapshot_does_not_deadlock():
+    """The GC callback takes no lock: a collection that starts while this thread holds the
+    monitor's lock (inside snapshot) must not block it (it did: a non-reentrant lock)."""
+    m = GilMonitor(watch_thread=threading.get_ident())
+    gc.callbacks.append(m._on_gc)
+    try:
+        with m._lock:  # as snapshot() holds it while it allocates
+            gc.collect()  # runs the callback on this very thread
+        assert m.snapshot()["gc"]["2"]["count"] == 1
+    finally:
+        gc.callbacks.remove(m._on_gc)
 
 
 def test_a_gil_holding_call_is_a_stall_and_gc_pauses_are_counted():

@@ -146,6 +146,13 @@ def test_the_sender_log_splits_wait_kv_send_and_after(caplog, monkeypatch):
     got = pd_transfer.engine_times([line])
     assert got == {"sender_ms": 30.0, "sender_wait_ms": 4.0, "sender_kv_ms": 6.0,
                    "sender_after_ms": 20.0}
+    clock = iter([15.0, 15.1, 15.2]).__next__  # a state send (SWA etc.) is not the KV's
+    monkeypatch.setattr(pd_send.time, "perf_counter", clock)
+    pd_send.stamp_enqueue(lambda *a, **k: None, mgr, 11, [1], slice(0, 1), True, aux_index=0)
+    send_kvcache_arrays(original, mgr, "p", [1], [2], [8], idx, idx, None, state_type="swa")
+    with caplog.at_level(logging.INFO, logger="dualpath.pd_send"):
+        pd_send.report_send(lambda *a: None, mgr, 11, KVPoll.Success)
+    assert caplog.records[-1].getMessage().endswith("(200.00 ms from the first)")  # no split
     clock = iter([20.0, 20.5]).__next__  # the next room: this thread's send is older
     monkeypatch.setattr(pd_send.time, "perf_counter", clock)
     pd_send.stamp_enqueue(lambda *a, **k: None, mgr, 10, [1], slice(0, 1), True, aux_index=0)

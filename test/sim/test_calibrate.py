@@ -67,8 +67,8 @@ def test_without_stage_records_prefill_falls_back_to_ttft():
 
 def test_the_kv_send_inside_the_forward_time_is_not_compute():
     run = {"stage_records": [{"type": "prefill", "input_len": 8000, "cached_input_len": 7800,
-                              "forward_s": 0.4, "transfer_total_mb": 1000.0,
-                              "transfer_speed_gbps": 4.0}]}
+                              "forward_s": 0.4, "transfer_total_mb": 1024.0,
+                              "transfer_speed_gbps": 4.0}]}  # SGLang: MiB, MiB / 1024 / s
     (miss, n, s), = prefill_samples(run, 131072, 6.25)
     assert (miss, n) == (200, 8000) and s == pytest.approx(0.4 - 0.25)
 
@@ -108,7 +108,8 @@ def test_validate_simulates_each_measured_run(tmp_path, capsys):
     path.write_text(json.dumps(res))
     assert main(["validate", str(path), "--out", str(out)]) == 0
     got = json.loads(out.read_text())
-    assert got["pd_gbps"] == 90.0 and got["pd_gbps_from"].startswith("the run's own")
+    assert got["pd_gbps"] == round(90.0 * 2**30 / 1e9, 2)  # SGLang: GiB/s; the sim: GB/s
+    assert got["pd_gbps_from"].startswith("the run's own")
     assert main(["validate", str(path), "--compute-nic-gbps", "12", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["pd_gbps"] == 12.0
 
@@ -120,13 +121,13 @@ def test_isolated_prompts_and_the_pd_link_rate(tmp_path):
     recs = one_p1d["configs"][0]["offline"]["stage_records"]
     for i, r in enumerate(x for x in recs if x["type"] == "prefill"):
         r.update(transfer_total_mb=50.0 if i % 2 else 500.0, transfer_speed_gbps=4.0 + i % 2)
-        r["forward_s"] += r["transfer_total_mb"] / 1e3 / r["transfer_speed_gbps"]
+        r["forward_s"] += r["transfer_total_mb"] / 1024 / r["transfer_speed_gbps"]
     pd_run = {"backends": [{"backend": "nixl", "requests": [
         {"prompt_len": n, "prefill_forward_s": P[0] + P[1] * n + P[2] * n * n / 1e3}
         for n in (4096, 8192, 16384, 32768)]}]}
     pre, _, rates = samples([one_p1d, pd_run], 131072)
     assert [n for n, _, _ in pre] == [4096, 8192, 16384, 32768]  # the isolated ones win
-    assert rates and set(rates) == {4.0}  # the 50 MB sends are too small to time a link
+    assert rates and set(rates) == {4.0 * 2**30 / 1e9}  # GB/s; 50 MB sends are too small
     paths = []
     for k, res in enumerate((one_p1d, pd_run)):
         paths.append(tmp_path / f"r{k}.json")
@@ -135,7 +136,7 @@ def test_isolated_prompts_and_the_pd_link_rate(tmp_path):
     assert main(["calibrate", *map(str, paths), "--out", str(out)]) == 0
     m = json.loads(out.read_text())
     assert [m["p0"], m["p1"], m["p2"]] == pytest.approx(P, rel=1e-3)
-    assert m["pd_gbps"] == 4.0
+    assert m["pd_gbps"] == round(4.0 * 2**30 / 1e9, 3)
     # without the isolated prompts the per-request records serve, less their KV send
     pre, _, _ = samples([one_p1d], 131072)
     assert len(pre) == 60

@@ -369,6 +369,11 @@ def online_runs(name: str, c: PDCluster, args, res: dict, save) -> None:
         res["online"].append({"aps": aps, "agents": ns.agents, **run,
                               "within_slo": within_slo(run)})
         res["max_aps_within_slo"] = max_aps_within_slo(res["online"])
+        if run.get("stall"):
+            log.error("%s online %.3f APS stalled and was ended; its later rates are skipped "
+                      "(the servers still hold the stuck requests)", name, aps)
+            save()
+            return
         log.info("%s online %.3f APS (%d agents): TTFT mean %s s, TPOT mean %s s, stopped at "
                  "%s s, within the SLO: %s", name, aps, ns.agents, run.get("ttft_s_mean"),
                  run.get("tpot_s_mean"), run.get("stopped_at_s"), within_slo(run))
@@ -376,7 +381,7 @@ def online_runs(name: str, c: PDCluster, args, res: dict, save) -> None:
 
 
 def store_written_gb(args, trajs) -> float:
-    """About how much one config's largest run writes to its store: every agent's final
+    """About how many GiB one config's largest run writes to its store: every agent's final
     context (offline: the trace; online: APS x duration agents of the trace's mean size)."""
     per_token = kv_bytes_per_token(args.model) or 131072
     contexts = [t.prompt_lengths()[-1] + t.turns[-1][1] for t in trajs if t.turns]
@@ -385,7 +390,7 @@ def store_written_gb(args, trajs) -> float:
     for aps in {a for per_config in args.online_aps.values() for a in per_config}:
         agents = round(aps * args.online_duration_s) if args.online_duration_s else args.agents
         runs.append(max(1, agents) * mean)
-    return max(runs, default=0.0) * per_token / 1e9
+    return max(runs, default=0.0) * per_token / 2**30  # GiB, as --store-capacity-gb
 
 
 def parse_aps(text: str) -> dict[str | None, list[float]]:
@@ -408,7 +413,8 @@ def aps_of(spec: dict[str | None, list[float]], name: str) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # no abbreviations: --concurrent rewrites its children's options by their full names
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--configs", default="off,on", help=f"from {sorted(CONFIGS)}")
@@ -529,8 +535,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--slot must be >= 0")
     if args.online_duration_s < 0:
         ap.error("--online-duration-s must be >= 0")
-    if args.no_offline and not args.online_aps:
-        ap.error("--no-offline needs --online-aps (nothing would run)")
+    names = args.configs.split(",")
+    if args.no_offline and not all(aps_of(args.online_aps, n) for n in names):
+        ap.error("--no-offline needs online rates for every config in --configs (a config "
+                 "without them would start its servers and run nothing)")
+    stray = set(args.online_aps) - {None, *names}
+    if stray:
+        ap.error(f"--online-aps names configs not in --configs: {sorted(stray)}")
     unknown = set(args.configs.split(",")) - set(CONFIGS)
     if unknown:
         ap.error(f"unknown configs {sorted(unknown)}")

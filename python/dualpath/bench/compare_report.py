@@ -253,10 +253,15 @@ def merge(results: list[dict]) -> dict:
     if len(set(names)) != len(names):
         raise ValueError(f"a config appears twice: {names}")
     base = next((c for c in merged["configs"] if c["config"] == "off"), None)
-    for c in merged["configs"]:
+    for c in merged["configs"]:  # a config whose run failed early has no offline run
         if base is not None and c is not base and not c.get("oracle"):
-            c["outputs_match_off"] = outputs_match(base["offline"], c["offline"])
+            c["outputs_match_off"] = outputs_match(base.get("offline") or {},
+                                                   c.get("offline") or {})
     merged["ok"] = all(r.get("ok") for r in results)
+    failures = [r["failure"] for r in results if r.get("failure")]
+    if failures:
+        merged["failure"] = "; ".join(failures)
+    merged["warnings"] = [w for r in results for w in r.get("warnings") or []]
     return merged
 
 

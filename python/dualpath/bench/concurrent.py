@@ -30,18 +30,34 @@ _OWN = {"--concurrent": 0, "--configs": 1, "--out": 1, "--slot": 1, "--setup-s":
 
 def child_argv(argv: list[str], name: str, slot: int, out: Path) -> list[str]:
     """The parent's options with --concurrent dropped and this child's config, slot and
-    output directory (both `--opt value` and `--opt=value` spellings)."""
-    kept, skip = [], 0
+    output directory (both `--opt value` and `--opt=value` spellings); --online-aps keeps the
+    rates of every config and this config's own (a child refuses other configs' rates)."""
+    kept, skip, aps_next = [], 0, False
     for a in argv:
         if skip:
             skip -= 1
+            continue
+        if aps_next:
+            kept.append(_own_rates(a, name))
+            aps_next = False
             continue
         key = a.split("=", 1)[0]
         if key in _OWN:
             skip = _OWN[key] if "=" not in a else 0
             continue
+        if key == "--online-aps":
+            if "=" in a:
+                kept.append("--online-aps=" + _own_rates(a.split("=", 1)[1], name))
+            else:
+                kept.append(a)
+                aps_next = True
+            continue
         kept.append(a)
     return kept + ["--configs", name, "--slot", str(slot), "--out", str(out)]
+
+
+def _own_rates(spec: str, name: str) -> str:
+    return ",".join(t for t in spec.split(",") if "=" not in t or t.split("=")[0] == name)
 
 
 def run(argv: list[str], args) -> int:
@@ -68,6 +84,7 @@ def run(argv: list[str], args) -> int:
         log.warning("%s", room)
     procs = []
     for k, name in enumerate(names):
+        (args.out / name / "result.json").unlink(missing_ok=True)  # no stale result merged
         cmd = [sys.executable, "-m", "dualpath.bench.compare_1p1d",
                *child_argv(argv, name, args.slot + k, args.out / name)]
         if args.setup_s is not None:
@@ -80,14 +97,12 @@ def run(argv: list[str], args) -> int:
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
-    old = signal.signal(signal.SIGTERM, forward)
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         codes = [p.wait() for p in procs]
-    except KeyboardInterrupt:
-        forward(signal.SIGINT, None)
-        codes = [p.wait() for p in procs]
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, h in old.items():
+            signal.signal(s, h)
     results, missing = [], []
     for name in names:
         f = args.out / name / "result.json"
@@ -99,14 +114,17 @@ def run(argv: list[str], args) -> int:
     if results:
         try:
             merged = merge(results)
-        except ValueError as e:
-            log.error("FAIL could not merge the configs' results: %s", e)
+        except (ValueError, KeyError) as e:
+            log.error("FAIL could not merge the configs' results: %s: %s", type(e).__name__, e)
     if merged is not None:
         merged["concurrent"] = True
         merged["child_exit_codes"] = dict(zip(names, codes, strict=True))
         if missing:
-            merged["failure"] = f"no result from {missing}"
+            merged["failure"] = "; ".join(filter(None, [merged.get("failure"),
+                                                        f"no result from {missing}"]))
             merged["ok"] = False
+        if room:
+            merged["warnings"] = [room, *merged.get("warnings", [])]
         (args.out / "result.json").write_text(json.dumps(merged) + "\n")
         cfgs = merged["configs"]
         if all(c.get("offline") for c in cfgs):

@@ -32,17 +32,23 @@ def plot(result: dict, out: Path) -> list[Path]:
                f"x{tr.get('scale')}")
     written = []
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    names = [c["config"] for c in cfgs]
-    ax.bar(names, [c["offline"].get("jct_s") or 0 for c in cfgs], color="tab:blue")
-    ax.set_ylabel("offline JCT (s)")
-    ax.set_title(caption, fontsize=7)
-    written.append(_save(fig, out / "jct.png"))
+    if any((c.get("offline") or {}).get("jct_s") for c in cfgs):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        names = [c["config"] for c in cfgs]
+        ax.bar(names, [(c.get("offline") or {}).get("jct_s") or 0 for c in cfgs],
+               color="tab:blue")
+        ax.set_ylabel("offline JCT (s)")
+        ax.set_title(caption, fontsize=7)
+        written.append(_save(fig, out / "jct.png"))
 
+    sampled = [c for c in cfgs if (c.get("offline") or {}).get("samples")]  # --no-offline: none
     for key, fname, ylabel in (("agents", "storage.png", "storage read (GB/s)"),
                                ("gpu", "gpu_util.png", "GPU utilisation (%)")):
-        fig, axes = plt.subplots(len(cfgs), 1, figsize=(6, 2.2 * len(cfgs)), squeeze=False)
-        for ax, c in zip(axes[:, 0], cfgs, strict=True):
+        if not sampled:
+            break
+        fig, axes = plt.subplots(len(sampled), 1, figsize=(6, 2.2 * len(sampled)),
+                                 squeeze=False)
+        for ax, c in zip(axes[:, 0], sampled, strict=True):
             rows = [(t, r) for t, r in c["offline"]["samples"][key]]
             if key == "agents":
                 for node in ("pe", "de"):

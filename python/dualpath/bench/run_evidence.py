@@ -183,18 +183,18 @@ def store_room_warning(store_dir: str, stores_at_once: int, cap_gb: float,
                        written_gb: float) -> str | None:
     """Why the stores might not fit the file system under `store_dir` (a tmpfs on the GPU
     host), or None: `stores_at_once` stores (configs run at the same time), each at most
-    `cap_gb` (0: no cap) and writing about `written_gb`."""
+    `cap_gb` GiB (0: no cap; the store's own unit) and writing about `written_gb` GiB."""
     import shutil
 
     path = Path(store_dir)
     while not path.exists() and path != path.parent:
         path = path.parent
-    free_gb = shutil.disk_usage(path).free / 1e9
+    free_gb = shutil.disk_usage(path).free / 2**30
     each = min(cap_gb, written_gb) if cap_gb else written_gb
     need = stores_at_once * each
     if need <= 0.9 * free_gb:
         return None
-    return (f"the stores may not fit {path}: {stores_at_once} x {each:.0f} GB against "
-            f"{free_gb:.0f} GB free (writes past it fail: those pages are not stored and "
+    return (f"the stores may not fit {path}: {stores_at_once} x {each:.0f} GiB against "
+            f"{free_gb:.0f} GiB free (writes past it fail: those pages are not stored and "
             f"later turns recompute them); set --store-capacity-gb below "
             f"{0.9 * free_gb / stores_at_once:.0f}")

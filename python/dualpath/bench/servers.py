@@ -30,6 +30,9 @@ class ServerError(RuntimeError):
 
 
 def _exit_on_sigterm(signum, frame):
+    # once: a second SIGTERM (a watchdog's `pkill -f` plus a parent forwarding its own) must not
+    # interrupt the `finally`s that are stopping the servers
+    signal.signal(signum, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 

@@ -52,7 +52,11 @@ class GilMonitor:
         self.sites: collections.Counter[str] = collections.Counter()  # stalls >= 20 ms
         self.gc = {g: [0, 0.0, 0.0] for g in (0, 1, 2)}  # gen -> [count, pause s, max s]
         self._gc_start: float | None = None
-        self._gc_spans: collections.deque[tuple[float, float]] = collections.deque(maxlen=64)
+        # the GC callback takes no lock (a collection can start on a thread that holds ours,
+        # inside snapshot(): a non-reentrant lock would deadlock it): it only appends here
+        # (deque.append is atomic); the ticking thread and snapshot() fold them in
+        self._gc_done: collections.deque[tuple[int, float, float]] = collections.deque()
+        self._gc_spans: collections.deque[tuple[float, float]] = collections.deque(maxlen=256)
         self._last_log = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True,
@@ -78,15 +82,22 @@ class GilMonitor:
         if phase == "start":
             self._gc_start = now
         elif self._gc_start is not None:
-            took, self._gc_start = now - self._gc_start, None
-            self._gc_spans.append((now - took, now))
-            gen = info.get("generation", 2)
-            with self._lock:
-                row = self.gc.setdefault(gen, [0, 0.0, 0.0])
-                row[0] += 1
-                row[1] += took
-                row[2] = max(row[2], took)
-            GC_PAUSE.labels(str(gen)).inc(took)
+            start, self._gc_start = self._gc_start, None
+            self._gc_spans.append((start, now))
+            self._gc_done.append((info.get("generation", 2), start, now))
+
+    def _fold_gc(self) -> None:
+        """Account the collections the callback saw (call with self._lock held)."""
+        while True:
+            try:
+                gen, start, end = self._gc_done.popleft()
+            except IndexError:
+                return
+            row = self.gc.setdefault(gen, [0, 0.0, 0.0])
+            row[0] += 1
+            row[1] += end - start
+            row[2] = max(row[2], end - start)
+            GC_PAUSE.labels(str(gen)).inc(end - start)
 
     # ---- the ticking thread ----
     def observe(self, late_s: float, woke_at: float) -> None:
@@ -96,9 +107,9 @@ class GilMonitor:
         if late_s >= 0.02 and self.watch is not None:
             frame = sys._current_frames().get(self.watch)
             where = fold(frame, 6) if frame is not None else None
-        gc_hit = late_s >= 0.005 and any(s < woke_at and e > woke_at - late_s
-                                         for s, e in list(self._gc_spans))
+        gc_hit = late_s >= 0.005 and 2 * self.gc_overlap(woke_at - late_s, woke_at) >= late_s
         with self._lock:
+            self._fold_gc()
             self.ticks += 1
             if late_s >= BUCKETS_S[0]:
                 self.stalled_s += late_s
@@ -116,6 +127,11 @@ class GilMonitor:
             log.warning("GIL stall %.1f ms%s; the scheduler thread then at %s", 1e3 * late_s,
                         " (a garbage collection ran)" if gc_hit else "", where or "?")
 
+    def gc_overlap(self, t0: float, t1: float) -> float:
+        """Seconds of [t0, t1] spent in collections (a stall counts as the GC's when they
+        cover half of it: a busy process runs a 0.1 ms gen-0 collection every few ms)."""
+        return sum(max(0.0, min(e, t1) - max(s, t0)) for s, e in list(self._gc_spans))
+
     def _run(self) -> None:
         while not self._stop.is_set():
             t0 = time.perf_counter()
@@ -125,6 +141,7 @@ class GilMonitor:
 
     def snapshot(self) -> dict:
         with self._lock:
+            self._fold_gc()
             return {"ticks": self.ticks, "tick_ms": 1e3 * self.tick_s,
                     "stalls_ge_ms": {f"{1e3 * b:g}": n for b, n in zip(BUCKETS_S, self.stalls,
                                                                      strict=True)},

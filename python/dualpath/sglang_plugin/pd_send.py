@@ -50,7 +50,8 @@ def send_kvcache_arrays(original, self, mooncake_session_id, src_data_ptrs, dst_
                                     src_layer_ids, dst_layer_ids, dst_device_data_indices,
                                     dst_device_data_ptrs)
     finally:
-        _LAST_SEND.span = (t0, time.perf_counter())
+        if state_type is None and not force_flat:  # the KV, not a model's extra state
+            _LAST_SEND.span = (t0, time.perf_counter())
 
 
 def _send_kvcache_arrays(original, self, mooncake_session_id, src_data_ptrs, dst_data_ptrs,
@@ -129,8 +130,12 @@ def report_send(original, self, bootstrap_room, status):
 def _breakdown(queued: float, done: float) -> str:
     """Where the sender's time went, from this thread's latest KV send when that was the last
     chunk's (it started after the chunk was queued): the wait for the transfer thread, the KV
-    send (descriptors + engine), and what came after it (aux data, status)."""
+    send (descriptors + engine), and what came after it (aux data, status). A last chunk
+    without pages sends no KV: then an earlier request's send on this thread that started
+    after this chunk was queued (a backlog) would be taken for it; rare, and only the split
+    is wrong, not the total."""
     span = getattr(_LAST_SEND, "span", None)
+    _LAST_SEND.span = None  # each send explains one request at most
     if span is None or not queued <= span[0] <= span[1] <= done:
         return ""
     return (f"; wait {1e3 * (span[0] - queued):.2f} ms, kv send {1e3 * (span[1] - span[0]):.2f}"

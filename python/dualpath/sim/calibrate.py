@@ -26,7 +26,7 @@ def transfer_s(rec: dict) -> float:
     """The KV send inside a prefill's forward time (SGLang counts forward entry to KV sent; the
     simulator models the PD transfer as its own stage): its size over its measured speed."""
     mb, gbps = rec.get("transfer_total_mb"), rec.get("transfer_speed_gbps")
-    return mb / 1e3 / gbps if mb and gbps else 0.0
+    return mb / 1024 / gbps if mb and gbps else 0.0  # SGLang 0.5.17: MiB, and MiB / 1024 / s
 
 
 def prefill_samples(run: dict, kv_bytes_per_token: int, cap_gbps: float) -> list[tuple]:
@@ -76,8 +76,12 @@ def isolated_prefill_samples(res: dict) -> list[tuple]:
 
 
 def pd_transfer_gbps(run: dict) -> list[float]:
-    """SGLang's measured PD KV transfer rates of a run's prefills that sent >= 100 MB."""
-    return [r["transfer_speed_gbps"] for r in run.get("stage_records") or []
+    """SGLang's measured PD KV transfer rates of a run's prefills that sent >= 100 MB, in GB/s
+    (1e9, the simulator's unit: SGLang 0.5.17 reports MiB / 1024 per second, GiB/s; perf files
+    calibrated before 2026-11-28's session 20, e.g. session 16's 12.37, hold GiB/s). SGLang
+    divides all of a request's chunks by the last chunk's latency, which overstates a chunked
+    prefill's rate."""
+    return [r["transfer_speed_gbps"] * 2**30 / 1e9 for r in run.get("stage_records") or []
             if r.get("type") == "prefill" and r.get("transfer_speed_gbps")
             and (r.get("transfer_total_mb") or 0) >= 100]
 

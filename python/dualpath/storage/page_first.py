@@ -106,6 +106,7 @@ class PageFirstAdapter:
                                               thread_name_prefix="dualpath-pagefirst-write")
         self.write_errors = 0  # pages whose write raised (set_pages: False, not an exception)
         self._write_error_logged: dict[int | None, float] = {}
+        self._write_error_lock = threading.Lock()
 
     def _staging(self) -> np.ndarray:
         buf = getattr(self._local, "buf", None)
@@ -250,10 +251,13 @@ class PageFirstAdapter:
         try:
             return self._set_one(key, k_ptr, v_ptr)
         except OSError as e:
-            self.write_errors += 1
             now = time.monotonic()
-            if now - self._write_error_logged.get(e.errno, -60.0) >= 60.0:
-                self._write_error_logged[e.errno] = now
+            with self._write_error_lock:  # the write pool's threads fail together
+                self.write_errors += 1
+                say = now - self._write_error_logged.get(e.errno, -60.0) >= 60.0
+                if say:
+                    self._write_error_logged[e.errno] = now
+            if say:
                 log.error("storing blocks in %s fails (%s; %d failed so far): those pages are "
                           "not stored, later turns recompute them", self.store.root, e,
                           self.write_errors)
