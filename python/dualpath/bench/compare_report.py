@@ -112,7 +112,7 @@ def table(results: list[dict]) -> str:
     stages = [("PE hit tok mean", "prefill", "cached_input_len", "mean"),  # not recomputed
               ("PE queue p50 s", "prefill", "queue_s"),  # includes the storage prefetch wait
               ("PE fwd+xfer p50", "prefill", "forward_s"),
-              ("KV xfer GB/s p50", "prefill", "transfer_speed_gbps"),
+              ("KV GiB/s p50", "prefill", "transfer_speed_gbps"),  # SGLang reports GiB/s
               ("DE xfer p50 s", "decode", "transfer_s"), ("DE fwd p50 s", "decode", "forward_s")]
     head = f"{'':16}" + "".join(f"{r['config']:>12}" for r in results)
     lines = [head]
