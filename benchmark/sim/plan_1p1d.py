@@ -47,7 +47,7 @@ def floats(s: str) -> list[float]:
 
 def cluster(args, nic: float, pool: int, cap: float, policy: str, side: str) -> SimCluster:
     return SimCluster(1, 1, gpus_per_node=1, compute_nic_gbps=nic, storage_ratio=cap / nic,
-                      decode_kv_tokens=10_000_000, prefill_kv_tokens=pool,
+                      decode_kv_tokens=args.decode_pool, prefill_kv_tokens=pool,
                       prefill_staging_tokens=int(pool * args.hicache_ratio) - pool,
                       prefill_loads=args.prefill_loads,
                       read_batch_bytes=int(args.read_batch_mib * 2**20),
@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
                          "(mean TTFT <= 4 s, TPOT <= 50 ms) off and on, arrivals for "
                          "--duration-s (the APS points an online GPU sweep should bracket)")
     ap.add_argument("--duration-s", type=float, default=300.0)
+    ap.add_argument("--decode-pool", type=int, default=10_000_000,
+                    help="decode KV pool (tokens); the GPU runs use 300000 "
+                         "(bench_1p1d --decode-max-total-tokens)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     if args.online:
