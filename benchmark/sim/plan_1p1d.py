@@ -13,6 +13,7 @@ recomputed). The decode pool is sized to hold every agent's context, as the runs
   python benchmark/sim/plan_1p1d.py [--perf benchmark/results/2026-11-27_sim-perf_2xH100.json]
       [--agents 16,32,48,64] [--scales 0.125,0.25] [--caps 3,6.25] [--pools 32768,65536]
       [--max-turns 8] [--out FILE.jsonl]
+      [--online [--duration-s 180] | --at-rates off=0.38/0.42,on=0.76] [--decode-pool 300000]
 
 Caveat (README of benchmark/results, session 14): at 6.25 GB/s the simulator put the measured
 `on` runs 17-27% too fast and `off` 5-8% too slow, so read the ratios as upper bounds.
@@ -86,6 +87,34 @@ def online(args) -> int:
     return 0
 
 
+def at_rates(args) -> int:
+    """Each config at the given rates (no search): mean TTFT / TPOT, within the SLO, and when
+    the run's last turn ends (what a device call must hold), per rate."""
+    from dualpath.bench.compare_1p1d import aps_of, parse_aps
+
+    perf = PerfModel.load(args.perf) if args.perf and args.perf.exists() else PerfModel()
+    nic = args.pd_gbps or perf.pd_gbps or 50.0
+    spec = parse_aps(args.at_rates)
+    scale = floats(args.scales)[0]
+    initial = args.initial or int(8192 * scale / 0.25)
+    pool = int(args.pools.split(",")[0])
+    cap = floats(args.caps)[0]
+    print(f"perf: {args.perf} (PD link {nic} GB/s); scale {scale}, initial {initial}, pool "
+          f"{pool}, cap {cap} GB/s, arrivals for {args.duration_s:.0f} s, {args.max_turns} turns")
+    for name, policy, side in (("off", "basic", "pe"), ("on", "dualpath", "shorter")):
+        c = cluster(args, nic, pool, cap, policy, side)
+        for aps in aps_of(spec, name):
+            ns = argparse.Namespace(preset=args.preset, scale=scale, initial=initial,
+                                    agents=max(1, round(aps * args.duration_s)),
+                                    max_turns=args.max_turns)
+            r = simulate(c, perf, make_trace(ns, aps, seed=0), online=True)
+            print(f"{name:>4} {aps:6.3f} APS {ns.agents:4d} agents: TTFT mean {r.ttft_mean:5.2f}"
+                  f" s, TPOT mean {1e3 * r.tpot_mean:5.1f} ms, within the SLO "
+                  f"{within_slo(r.ttft_mean, r.tpot_mean)!s:5}, last turn ends at "
+                  f"{r.jct_s:4.0f} s", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--perf", type=Path, default=DEFAULT_PERF)
@@ -114,11 +143,17 @@ def main(argv: list[str] | None = None) -> int:
                          "(mean TTFT <= 4 s, TPOT <= 50 ms) off and on, arrivals for "
                          "--duration-s (the APS points an online GPU sweep should bracket)")
     ap.add_argument("--duration-s", type=float, default=300.0)
+    ap.add_argument("--at-rates", metavar="RATES",
+                    help="instead of the search: these rates (compare_1p1d's --online-aps "
+                         "syntax, e.g. 'off=0.38/0.42,on=0.76'), each run's TTFT, TPOT and "
+                         "when its last turn ends; first scale, pool and cap only")
     ap.add_argument("--decode-pool", type=int, default=10_000_000,
                     help="decode KV pool (tokens); the GPU runs use 300000 "
                          "(bench_1p1d --decode-max-total-tokens)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
+    if args.at_rates:
+        return at_rates(args)
     if args.online:
         return online(args)
     perf = PerfModel.load(args.perf) if args.perf and args.perf.exists() else PerfModel()
