@@ -52,6 +52,10 @@
 namespace dualpath::transfer {
 
 enum class Priority : int { kLatency = 0, kBulk = 1 };
+
+// Which pieces the cuda backend moves with its batched kernel and which with the copy engines
+// ("cuda", "cuda:memcpy", "cuda:kernel": backends/cuda/cuda_backend.cu).
+enum class CudaCopyMode : int { kAuto = 0, kMemcpy = 1, kKernel = 2 };
 enum class Status : int { kPending = 0, kDone = 1, kFailed = 2, kCanceled = 3 };
 
 // A remote engine reached by a network backend; each backend derives its own (and only ever

@@ -122,6 +122,15 @@ NATIVE_IO = EnvVar(
     "and bytes; one GIL hand-over per system call).",
 )
 
+PD_CUDA_BACKEND = EnvVar(
+    "DUALPATH_PD_CUDA_BACKEND", "cuda", choice("cuda", "cuda:kernel", "cuda:memcpy"),
+    "The transfer backend our PD engine (--dualpath-pd-engine) moves device KV with: 'cuda' "
+    "(pieces under 1 MiB by the batched kernel, larger ones by the copy engines), "
+    "'cuda:kernel' (every piece by the kernel: SMs over NVLink, no copy engine) or "
+    "'cuda:memcpy' (every piece by a copy engine). An experiment knob: 1 GB sends ran at "
+    "48-61 instead of ~310 GB/s now and then on 2x H200 (8cde10f).",
+)
+
 # ---- test time (read by scripts/run_tests.sh) ----
 TEST_SGLANG = EnvVar(
     "DUALPATH_TEST_SGLANG", "1", parse_bool,
@@ -131,4 +140,4 @@ TEST_SGLANG = EnvVar(
 )
 
 ALL: tuple[EnvVar, ...] = (BUILD_CUDA, CUDA_ARCHS, BUILD_TYPE, BUILD_JOBS, GIT_SHA, LOG_LEVEL,
-                           PLUGIN_CONFIG, NATIVE_IO, TEST_SGLANG)
+                           PLUGIN_CONFIG, NATIVE_IO, PD_CUDA_BACKEND, TEST_SGLANG)

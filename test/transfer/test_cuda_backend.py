@@ -157,7 +157,7 @@ def _write_into_owner(length, owner_gpu, backend, src_device, seed):
 
 
 @gpu
-@pytest.mark.parametrize("backend", ["cuda", "cuda:memcpy"])
+@pytest.mark.parametrize("backend", ["cuda", "cuda:memcpy", "cuda:kernel"])
 @pytest.mark.parametrize("owner_gpu", [0, 1])  # the other process's memory on our GPU / a peer
 @pytest.mark.parametrize("length", [70001, (3 << 20) + 1])  # batched kernel / copy engines
 def test_write_into_another_process_through_cuda_ipc(length, owner_gpu, backend):

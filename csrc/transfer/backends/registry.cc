@@ -8,8 +8,8 @@ namespace dualpath::transfer {
 std::unique_ptr<Backend> make_host_backend();
 std::unique_ptr<Backend> make_tcp_backend();
 #ifdef DUALPATH_WITH_CUDA
-std::unique_ptr<Backend> make_cuda_backend(bool use_kernel);
-#define DUALPATH_CUDA_NAMES ", cuda, cuda:memcpy"
+std::unique_ptr<Backend> make_cuda_backend(CudaCopyMode mode);
+#define DUALPATH_CUDA_NAMES ", cuda, cuda:memcpy, cuda:kernel"
 #else
 #define DUALPATH_CUDA_NAMES ""
 #endif
@@ -25,10 +25,11 @@ std::unique_ptr<Backend> make_backend(const std::string& name) {
   if (name == "host") return make_host_backend();
   if (name == "tcp") return make_tcp_backend();
 #ifdef DUALPATH_WITH_CUDA
-  if (name == "cuda") return make_cuda_backend(true);
-  if (name == "cuda:memcpy") return make_cuda_backend(false);
+  if (name == "cuda") return make_cuda_backend(CudaCopyMode::kAuto);
+  if (name == "cuda:memcpy") return make_cuda_backend(CudaCopyMode::kMemcpy);
+  if (name == "cuda:kernel") return make_cuda_backend(CudaCopyMode::kKernel);
 #else
-  if (name == "cuda" || name == "cuda:memcpy")
+  if (name == "cuda" || name == "cuda:memcpy" || name == "cuda:kernel")
     throw std::invalid_argument("the cuda transfer backend is not built into this module "
                                 "(build with CUDA: DUALPATH_BUILD_CUDA=on); built: " DUALPATH_BACKENDS);
 #endif

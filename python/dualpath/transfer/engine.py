@@ -58,11 +58,11 @@ class TransferEngine:
 
     def register_array(self, arr) -> int:
         """Register a numpy array or a torch tensor (kept alive until deregistered). A CUDA
-        tensor is a 'device' region (the cuda and cuda:memcpy backends only)."""
+        tensor is a 'device' region (the cuda backends only: cuda, cuda:memcpy, cuda:kernel)."""
         if hasattr(arr, "data_ptr"):  # torch
             if arr.device.type not in ("cpu", "cuda"):
                 raise ValueError(f"cannot register {arr.device.type} memory")
-            if arr.device.type == "cuda" and self.backend not in ("cuda", "cuda:memcpy"):
+            if arr.device.type == "cuda" and not self.backend.startswith("cuda"):
                 raise ValueError(f"the {self.backend} backend registers host memory only; "
                                  "CUDA tensors need TransferEngine('cuda')")
             if not arr.is_contiguous():  # an expanded/strided view spans other memory

@@ -28,6 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 
+from dualpath import env
 from dualpath.transfer import cuda_ipc
 from dualpath.transfer.engine import TransferBatch, TransferEngine
 
@@ -76,7 +77,8 @@ class DualPathPDEngine:
                  num_workers: int = 4):
         self.hostname, self.gpu_id, self.ib_device = hostname, gpu_id or 0, ""
         try:
-            self._cuda = TransferEngine("cuda", num_workers=num_workers, slice_bytes=16 << 20)
+            self._cuda = TransferEngine(env.PD_CUDA_BACKEND.get(), num_workers=num_workers,
+                                        slice_bytes=16 << 20)
         except (ValueError, RuntimeError) as e:  # no CUDA build or no GPU: host memory only
             log.info("pd engine without the cuda backend (%s)", e)
             self._cuda = None
@@ -93,7 +95,7 @@ class DualPathPDEngine:
                          name="dualpath-pd-engine").start()
         self.session_id = f"{hostname}:{self._http.server_address[1]}"
         log.info("dualpath pd engine %s (cuda %s, tcp port %d)", self.session_id,
-                 "on" if self._cuda else "off", self._tcp_port)
+                 self._cuda.backend if self._cuda else "off", self._tcp_port)
 
     # ---- serving our range table ----
     def _handler(self):

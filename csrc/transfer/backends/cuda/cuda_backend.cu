@@ -85,9 +85,12 @@ struct Lane {
 
 class CudaBackend final : public Backend {
  public:
-  // use_kernel false ("cuda:memcpy"): every piece goes to the copy engines, one cudaMemcpyAsync
-  // each (the baseline the batched kernel is measured against)
-  explicit CudaBackend(bool use_kernel) : use_kernel_(use_kernel) {
+  // kAuto ("cuda"): pieces under kEngineCopyBytes to the batched kernel, larger ones to the
+  // copy engines; kMemcpy ("cuda:memcpy"): every piece to the copy engines, one cudaMemcpyAsync
+  // each (the baseline the batched kernel is measured against); kKernel ("cuda:kernel"): every
+  // piece the kernel can reach to the kernel, whatever its size (SMs over NVLink instead of a
+  // copy engine another transfer may hold: an experiment for the PD sender's slow copies)
+  explicit CudaBackend(CudaCopyMode mode) : mode_(mode) {
     int n = 0;
     const cudaError_t e = cudaGetDeviceCount(&n);
     if (e != cudaSuccess || n == 0)
@@ -111,7 +114,10 @@ class CudaBackend final : public Backend {
     cudaGetLastError();
   }
 
-  std::string name() const override { return use_kernel_ ? "cuda" : "cuda:memcpy"; }
+  std::string name() const override {
+    return mode_ == CudaCopyMode::kAuto ? "cuda"
+           : mode_ == CudaCopyMode::kMemcpy ? "cuda:memcpy" : "cuda:kernel";
+  }
   bool batched() const override { return true; }
 
   std::string check_region(Region& r) override {
@@ -206,8 +212,9 @@ class CudaBackend final : public Backend {
     for (uint64_t i : idx) {
       const Resolved& r = ptrs[i];
       const uint64_t n = pieces[i].length;
-      bool kernel_ok = use_kernel_ && n < kEngineCopyBytes && r.src_region->gpu_accessible &&
-                       r.dst_region->gpu_accessible;
+      bool kernel_ok = mode_ != CudaCopyMode::kMemcpy &&
+                       (mode_ == CudaCopyMode::kKernel || n < kEngineCopyBytes) &&
+                       r.src_region->gpu_accessible && r.dst_region->gpu_accessible;
       for (const Region* other : {r.src_region, r.dst_region})
         if (kernel_ok && other->device >= 0 && other->device != dev)
           kernel_ok = peer_access(dev, other->device);  // else the copy engines stage it
@@ -297,14 +304,14 @@ class CudaBackend final : public Backend {
     return ok;
   }
 
-  const bool use_kernel_;
+  const CudaCopyMode mode_;
   std::mutex mu_;
   std::map<std::tuple<int, int, int>, Lane> lanes_;  // (worker, device, class)
   std::map<std::pair<int, int>, bool> peers_;
 };
 
-std::unique_ptr<Backend> make_cuda_backend(bool use_kernel) {
-  return std::make_unique<CudaBackend>(use_kernel);
+std::unique_ptr<Backend> make_cuda_backend(CudaCopyMode mode) {
+  return std::make_unique<CudaBackend>(mode);
 }
 
 }  // namespace dualpath::transfer
