@@ -56,6 +56,17 @@ def cluster(args, nic: float, pool: int, cap: float, policy: str, side: str) -> 
                       read_side=side)
 
 
+ARMS = (("off", "basic", "pe"), ("on", "dualpath", "shorter"))  # (config, policy, read side)
+
+
+def online_run(args, c: SimCluster, perf: PerfModel, scale: float, initial: int, aps: float):
+    """One simulated online run: agents arriving at `aps` for --duration-s."""
+    ns = argparse.Namespace(preset=args.preset, scale=scale, initial=initial,
+                            agents=max(1, round(aps * args.duration_s)),
+                            max_turns=args.max_turns)
+    return ns.agents, simulate(c, perf, make_trace(ns, aps, seed=0), online=True)
+
+
 def online(args) -> int:
     perf = PerfModel.load(args.perf) if args.perf and args.perf.exists() else PerfModel()
     nic = args.pd_gbps or perf.pd_gbps or 50.0
@@ -68,14 +79,11 @@ def online(args) -> int:
                 row = {"online": True, "scale": scale, "initial": initial, "prefill_pool": pool,
                        "cap_gbps": cap, "max_turns": args.max_turns,
                        "duration_s": args.duration_s}
-                for name, policy, side in (("off", "basic", "pe"), ("on", "dualpath", "shorter")):
+                for name, policy, side in ARMS:
                     c = cluster(args, nic, pool, cap, policy, side)
 
                     def within(aps, c=c, scale=scale, initial=initial):
-                        ns = argparse.Namespace(preset=args.preset, scale=scale, initial=initial,
-                                                agents=max(1, round(aps * args.duration_s)),
-                                                max_turns=args.max_turns)
-                        r = simulate(c, perf, make_trace(ns, aps, seed=0), online=True)
+                        _, r = online_run(args, c, perf, scale, initial, aps)
                         return within_slo(r.ttft_mean, r.tpot_mean)
                     row[name] = round(max_aps(within, 0.5), 3)
                 row["ratio"] = round(row["on"] / row["off"], 2) if row["off"] else None
@@ -101,14 +109,11 @@ def at_rates(args) -> int:
     cap = floats(args.caps)[0]
     print(f"perf: {args.perf} (PD link {nic} GB/s); scale {scale}, initial {initial}, pool "
           f"{pool}, cap {cap} GB/s, arrivals for {args.duration_s:.0f} s, {args.max_turns} turns")
-    for name, policy, side in (("off", "basic", "pe"), ("on", "dualpath", "shorter")):
+    for name, policy, side in ARMS:
         c = cluster(args, nic, pool, cap, policy, side)
         for aps in aps_of(spec, name):
-            ns = argparse.Namespace(preset=args.preset, scale=scale, initial=initial,
-                                    agents=max(1, round(aps * args.duration_s)),
-                                    max_turns=args.max_turns)
-            r = simulate(c, perf, make_trace(ns, aps, seed=0), online=True)
-            print(f"{name:>4} {aps:6.3f} APS {ns.agents:4d} agents: TTFT mean {r.ttft_mean:5.2f}"
+            agents, r = online_run(args, c, perf, scale, initial, aps)
+            print(f"{name:>4} {aps:6.3f} APS {agents:4d} agents: TTFT mean {r.ttft_mean:5.2f}"
                   f" s, TPOT mean {1e3 * r.tpot_mean:5.1f} ms, within the SLO "
                   f"{within_slo(r.ttft_mean, r.tpot_mean)!s:5}, last turn ends at "
                   f"{r.jct_s:4.0f} s", flush=True)
@@ -175,8 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                            "prefill_pool": pool, "staging": staging, "cap_gbps": cap,
                            "max_turns": args.max_turns}
                     t0 = time.perf_counter()
-                    for name, policy, side in (("off", "basic", "pe"),
-                                               ("on", "dualpath", "shorter")):
+                    for name, policy, side in ARMS:
                         c = cluster(args, nic, pool, cap, policy, side)
                         r = simulate(c, perf, trajs)
                         row[name] = {"jct_s": round(r.jct_s, 2),

@@ -380,11 +380,17 @@ def online_runs(name: str, c: PDCluster, args, res: dict, save) -> None:
         save()
 
 
+def final_contexts(trajs) -> list[int]:
+    """Each agent's context after its last turn (its prompt plus that turn's output): what it
+    leaves in the store."""
+    return [t.prompt_lengths()[-1] + t.turns[-1][1] for t in trajs if t.turns]
+
+
 def store_written_gb(args, trajs) -> float:
     """About how many GiB one config's largest run writes to its store: every agent's final
     context (offline: the trace; online: APS x duration agents of the trace's mean size)."""
     per_token = kv_bytes_per_token(args.model) or 131072
-    contexts = [t.prompt_lengths()[-1] + t.turns[-1][1] for t in trajs if t.turns]
+    contexts = final_contexts(trajs)
     mean = sum(contexts) / max(1, len(contexts))
     runs = [] if args.no_offline else [sum(contexts)]
     for aps in {a for per_config in args.online_aps.values() for a in per_config}:
@@ -542,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     stray = set(args.online_aps) - {None, *names}
     if stray:
         ap.error(f"--online-aps names configs not in --configs: {sorted(stray)}")
-    unknown = set(args.configs.split(",")) - set(CONFIGS)
+    unknown = set(names) - set(CONFIGS)
     if unknown:
         ap.error(f"unknown configs {sorted(unknown)}")
     if args.prefetch_io_threads < 1:
@@ -556,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S", handlers=[logging.StreamHandler(sys.stdout)])
     trajs = make_trace(args, seed=args.seed)
     shape = describe(trajs)
-    working_set = sum(t.prompt_lengths()[-1] + t.turns[-1][1] for t in trajs if t.turns)
+    working_set = sum(final_contexts(trajs))
     result = {"date": time.strftime("%Y-%m-%d"), "git_sha": git_sha(), **gpu_facts(),
               "model": args.model.name, "setup_s": args.setup_s, "snic_gbps": args.snic_gbps,
               "trace": {"preset": args.preset, "scale": args.scale, "initial": args.initial,
@@ -590,7 +596,6 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         (args.out / "result.json").write_text(json.dumps(result) + "\n")
 
-    names = args.configs.split(",")
     started: list[PDCluster | None] = [None] * len(names)
     try:
         need = 2 * (args.slot + (len(names) if args.parallel_start else 1))
